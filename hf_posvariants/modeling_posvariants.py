@@ -1,0 +1,449 @@
+"""The shared core of the posvariants family: one block, one base model, the task heads, and the
+thin family classes over them.
+
+Position information is computed once per forward by `config.position_encoding` and passed down:
+added to the embeddings, rotated into queries/keys, or added to the attention scores.
+This file imports only torch and transformers: it travels with remote-code checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention import ATTENTION_VARIANTS, PosVarAttention
+from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from .position_encodings import PositionEncoding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like transformers' Llama."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+def build_norm(config: PosVarConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: act(x·W_up)·W_down, or with `mlp_type="gated"` the GLU form
+    (act(x·W_gate) ⊙ x·W_up)·W_down (Shazeer, "GLU Variants Improve Transformer", 2020)."""
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if config.mlp_type == "gated" else None
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PosVarBlock(GradientCheckpointingLayer):
+    """Attention then feed-forward, each in a residual with its norm before (pre) or after (post) the sum.
+
+    The norms keep Llama's names: `input_layernorm` belongs to the attention sublayer,
+    `post_attention_layernorm` to the feed-forward one, whichever side of the residual they sit on.
+    """
+
+    def __init__(self, config: PosVarConfig, layer_idx: int, is_causal: bool):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.self_attn = ATTENTION_VARIANTS[config.attention_variant](config, layer_idx, is_causal)
+        self.mlp = FeedForward(config)
+        self.input_layernorm = build_norm(config)
+        self.post_attention_layernorm = build_norm(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def residual(self, hidden_states: torch.Tensor, sublayer, norm: nn.Module) -> torch.Tensor:
+        if self.pre_norm:
+            return hidden_states + self.dropout(sublayer(norm(hidden_states)))
+        return norm(hidden_states + self.dropout(sublayer(hidden_states)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_bias: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(x, attention_mask, position_embeddings, position_bias, past_key_values, **kwargs)[0]
+
+        hidden_states = self.residual(hidden_states, attend, self.input_layernorm)
+        return self.residual(hidden_states, self.mlp, self.post_attention_layernorm)
+
+
+class PosVarPreTrainedModel(PreTrainedModel):
+    config: PosVarConfig
+    config_class = PosVarConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PosVarBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True  # refused per position encoding by `check_attention_backend`
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": PosVarBlock, "attentions": PosVarAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PositionEncoding):
+            for name, value in module.initial_buffers().items():
+                init.copy_(getattr(module, name), value)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, query_slots: torch.LongTensor, batch_size: int
+) -> torch.LongTensor:
+    """Position of each query token, counting only real tokens, so left padding does not shift them."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return query_slots.unsqueeze(0).expand(batch_size, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions[:, query_slots]
+
+
+class PosVarModel(PosVarPreTrainedModel):
+    """The bare stack: embeddings, position encoding, blocks, final norm (pre-norm only).
+
+    Causal or bidirectional according to `config.is_decoder`, unless a head decides (`is_causal`).
+    """
+
+    def __init__(self, config: PosVarConfig, is_causal: bool | None = None):
+        super().__init__(config)
+        self.is_causal = config.is_decoder if is_causal is None else is_causal
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
+        self.position_encoding = config.position_encoding_class(config, self.is_causal)
+        self.layers = nn.ModuleList(
+            [PosVarBlock(config, layer_idx, self.is_causal) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = build_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def build_mask(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+        if self.is_causal:
+            return create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+        return create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        self.config.check_attention_backend()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache and self.is_causal
+        if use_cache and not self.position_encoding.cacheable:
+            raise ValueError(
+                f"position_encoding={self.config.position_encoding!r} changes earlier tokens' encodings as the "
+                "sequence grows, so a KV cache would be stale; call with use_cache=False."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch_size, query_length = inputs_embeds.shape[:2]
+        query_slots = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, query_slots, batch_size)
+        mask = self.build_mask(inputs_embeds, attention_mask, past_key_values, position_ids)
+
+        encoding = self.position_encoding
+        hidden_states = encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
+        hidden_states = self.dropout(hidden_states)
+        position_embeddings = encoding.rotary_embeddings(hidden_states, position_ids)
+        key_slots = torch.arange(past_length + query_length, device=inputs_embeds.device)
+        position_bias = encoding.attention_bias(query_slots, key_slots)
+        if position_bias is not None:
+            position_bias = position_bias.to(hidden_states.dtype)
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_bias=position_bias,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
+    """Causal language model: always causal, with a KV cache and `generate()`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__(config)
+        self.model = PosVarModel(config, is_causal=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not self.model.position_encoding.cacheable:
+            self.generation_config.use_cache = False
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class PosVarForMaskedLM(PosVarPreTrainedModel):
+    """Masked language model (Devlin et al., "BERT", 2019): always bidirectional."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__(config)
+        self.model = PosVarModel(config, is_causal=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T, D) → (B, D): the first token, the last real token (either padding side), or the mean of real tokens."""
+    if pooling == "first":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        return hidden_states[:, -1] if pooling == "last" else hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.device)
+    if pooling == "last":
+        slots = torch.arange(mask.shape[-1], device=mask.device)
+        last = (slots * mask.long()).argmax(-1)
+        return hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last]
+    weights = mask.to(hidden_states.dtype)[..., None]
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class PosVarForSequenceClassification(PosVarPreTrainedModel):
+    """Sequence classification or regression over a pooled token (`config.classifier_pooling`)."""
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PosVarModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.pooling = config.classifier_pooling or ("last" if self.model.is_causal else "first")
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        pooled = pool(outputs.last_hidden_state, attention_mask, self.pooling)
+        logits = self.score(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class PosVarForTokenClassification(PosVarPreTrainedModel):
+    """Per-token classification (tagging) on the last hidden states."""
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PosVarModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# The families: the shared heads bound to each family's config, nothing else.
+class PosVarTransformerModel(PosVarModel):
+    config_class = PosVarTransformerConfig
+
+
+class PosVarTransformerForCausalLM(PosVarForCausalLM):
+    config_class = PosVarTransformerConfig
+
+
+class PosVarTransformerForMaskedLM(PosVarForMaskedLM):
+    config_class = PosVarTransformerConfig
+
+
+class PosVarTransformerForSequenceClassification(PosVarForSequenceClassification):
+    config_class = PosVarTransformerConfig
+
+
+class PosVarTransformerForTokenClassification(PosVarForTokenClassification):
+    config_class = PosVarTransformerConfig
+
+
+class PosVarLlamaModel(PosVarModel):
+    config_class = PosVarLlamaConfig
+
+
+class PosVarLlamaForCausalLM(PosVarForCausalLM):
+    config_class = PosVarLlamaConfig
+
+
+class PosVarLlamaForMaskedLM(PosVarForMaskedLM):
+    config_class = PosVarLlamaConfig
+
+
+class PosVarLlamaForSequenceClassification(PosVarForSequenceClassification):
+    config_class = PosVarLlamaConfig
+
+
+class PosVarLlamaForTokenClassification(PosVarForTokenClassification):
+    config_class = PosVarLlamaConfig

@@ -1,0 +1,321 @@
+"""Position encodings: one small module per scheme, selected by `config.position_encoding`.
+
+Every encoding declares its *kind*, which says where position enters the network:
+
+- ``absolute``: a vector per position is added to the token embeddings (Vaswani et al. 2017 and the
+  schemes before it);
+- ``rotary``: queries and keys are rotated by a position-dependent angle (Su et al. 2021);
+- ``bias``: an additive per-head bias on the attention scores that depends on the distance between
+  query and key (Raffel et al. 2020; Press et al. 2022);
+- ``none``: no position signal at all (Kazemnejad et al. 2023).
+
+The model computes position information once per forward through three hooks, of which each
+encoding overrides the one its kind needs, and passes it down to every layer.
+This file imports only torch and transformers: it travels with remote-code checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+PositionKind = Literal["absolute", "rotary", "bias", "none"]
+
+POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
+
+
+def register_position_encoding(name: str) -> Callable[[type[PositionEncoding]], type[PositionEncoding]]:
+    """Class decorator that makes an encoding selectable as ``config.position_encoding = name``."""
+
+    def add(cls: type[PositionEncoding]) -> type[PositionEncoding]:
+        cls.name = name
+        POSITION_ENCODINGS[name] = cls
+        return cls
+
+    return add
+
+
+class PositionEncoding(nn.Module):
+    """Base class: the three hooks are no-ops, so an encoding overrides only the one of its kind.
+
+    Class attributes declare capabilities, read by the single validation step of the config:
+    ``bounded`` (a finite table of ``max_position_embeddings`` positions), ``cacheable`` (a token's
+    encoding does not depend on tokens after it, so a KV cache stays valid).
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[PositionKind]
+    bounded: ClassVar[bool] = False
+    cacheable: ClassVar[bool] = True
+
+    def __init__(self, config, is_causal: bool):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+
+    def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        return inputs_embeds
+
+    def rotary_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor | None:
+        """Additive bias of shape (1, heads, queries, keys); slots are indices in the (cached) sequence."""
+        return None
+
+    def initial_buffers(self) -> dict[str, torch.Tensor]:
+        """Values of non-persistent buffers, recomputed when a model is built on the meta device."""
+        return {}
+
+    def check_positions(self, position_ids: torch.LongTensor) -> None:
+        if not self.bounded or torch.compiler.is_compiling():
+            return
+        largest = int(position_ids.max())
+        if largest >= self.max_positions:
+            raise ValueError(
+                f"position_encoding={self.name!r} has a table of max_position_embeddings={self.max_positions} "
+                f"positions, but position {largest} was requested; allowed positions are 0..{self.max_positions - 1}. "
+                "Use shorter sequences or a larger max_position_embeddings."
+            )
+
+
+def sinusoid_table(position_ids: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
+    """PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)), interleaved as in the paper."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim)
+    angles = position_ids[..., None].float() * inv_freq  # (..., ceil(d/2))
+    table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (..., 2*ceil(d/2))
+    return table[..., :dim]
+
+
+@register_position_encoding("sinusoidal")
+class SinusoidalPositionEncoding(PositionEncoding):
+    """Fixed sin/cos table added to the embeddings (Vaswani et al., "Attention Is All You Need", 2017)."""
+
+    kind = "absolute"
+
+    def add_to_embeddings(self, inputs_embeds, position_ids):
+        return inputs_embeds + sinusoid_table(position_ids, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+
+
+@register_position_encoding("learned")
+class LearnedPositionEncoding(PositionEncoding):
+    """A trained table of one vector per position (BERT, Devlin et al. 2019; GPT-2, Radford et al. 2019)."""
+
+    kind = "absolute"
+    bounded = True
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def add_to_embeddings(self, inputs_embeds, position_ids):
+        self.check_positions(position_ids)
+        return inputs_embeds + self.embeddings(position_ids)
+
+
+@register_position_encoding("index")
+class IndexPositionEncoding(PositionEncoding):
+    """The raw position index added to every channel: the naive scheme whose magnitude grows without bound."""
+
+    kind = "absolute"
+    bounded = True
+
+    def add_to_embeddings(self, inputs_embeds, position_ids):
+        self.check_positions(position_ids)
+        return inputs_embeds + position_ids[..., None].to(inputs_embeds.dtype)
+
+
+@register_position_encoding("normalized_index")
+class NormalizedIndexPositionEncoding(PositionEncoding):
+    """Position divided by the sequence length, so values lie in [0, 1).
+
+    The same position gets a different code in sequences of different lengths, and a token's code
+    changes when the sequence grows: that is the failure mode this scheme is kept to measure. It also
+    means a KV cache goes stale, so generation recomputes the whole sequence (``cacheable = False``).
+    """
+
+    kind = "absolute"
+    cacheable = False
+
+    def add_to_embeddings(self, inputs_embeds, position_ids):
+        lengths = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): padding positions are 0
+        return inputs_embeds + (position_ids / lengths)[..., None].to(inputs_embeds.dtype)
+
+
+@register_position_encoding("binary")
+class BinaryPositionEncoding(PositionEncoding):
+    """The binary code of the position, as ±1 in the first ceil(log2(max_position_embeddings)) channels."""
+
+    kind = "absolute"
+    bounded = True
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.num_bits = binary_width(config.max_position_embeddings)
+
+    def add_to_embeddings(self, inputs_embeds, position_ids):
+        self.check_positions(position_ids)
+        bit_values = 2 ** torch.arange(self.num_bits, device=position_ids.device)
+        bits = (position_ids[..., None] & bit_values).ne(0).to(inputs_embeds.dtype) * 2 - 1  # (B, T, bits)
+        padding = inputs_embeds.shape[-1] - self.num_bits
+        return inputs_embeds + nn.functional.pad(bits, (0, padding))
+
+
+def binary_width(max_positions: int) -> int:
+    return max(1, math.ceil(math.log2(max_positions)))
+
+
+@register_position_encoding("nope")
+class NoPositionEncoding(PositionEncoding):
+    """No position information (Kazemnejad et al., "The Impact of Positional Encoding on Length
+    Generalization in Transformers", 2023): a causal mask alone lets a decoder infer order."""
+
+    kind = "none"
+
+
+def default_rope_parameters(config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+    """Unscaled RoPE frequencies theta^(-2i/d) over the rotated part of the head."""
+    rope = config.rope_parameters
+    rotary_dim = int(config.head_dim * rope.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / rotary_dim
+    return 1.0 / (rope["rope_theta"] ** exponents), 1.0
+
+
+@register_position_encoding("rope")
+class RotaryPositionEncoding(PositionEncoding):
+    """Rotary position embedding (Su et al., "RoFormer", 2021) in transformers' half-split layout.
+
+    ``config.rope_parameters`` selects theta, the partial rotary factor and any scaling type that
+    transformers implements (linear, dynamic, yarn, llama3, longrope); their frequency functions are
+    transformers' own, so a scaled checkpoint matches transformers' models exactly.
+    """
+
+    kind = "rotary"
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        # Attribute names below are the ones transformers' `dynamic_rope_update` reads.
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.frequency_function(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @property
+    def frequency_function(self) -> Callable[..., tuple[torch.Tensor, float]]:
+        return ROPE_INIT_FUNCTIONS.get(self.rope_type, default_rope_parameters)
+
+    def initial_buffers(self):
+        inv_freq, _ = self.frequency_function(self.config)
+        return {"inv_freq": inv_freq, "original_inv_freq": inv_freq}
+
+    def rotary_embeddings(self, hidden_states, position_ids):
+        return self.cos_sin(hidden_states, position_ids)
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def cos_sin(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, rotary_dim), half-split layout
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first ``cos.shape[-1]`` channels of (B, H, T, D) queries and keys; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim)
+    rotary_dim = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        if rotary_dim == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucketing of ``key - query``: exact buckets for small distances, logarithmic ones up to
+    ``max_distance``, one last bucket beyond. Bidirectional bucketing spends half the buckets on
+    keys after the query; causal bucketing spends all of them on keys before it."""
+    if bidirectional:
+        num_buckets //= 2
+        offset = (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        offset = torch.zeros_like(relative)
+        distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    log_bucket = (exact + log_ratio * (num_buckets - exact)).long().clamp(max=num_buckets - 1)
+    return offset + torch.where(distance < exact, distance, log_bucket)
+
+
+@register_position_encoding("t5_bias")
+class T5RelativeBias(PositionEncoding):
+    """Learned scalar bias per head and log-spaced distance bucket, shared by all layers
+    (Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+    Transformer", 2020)."""
+
+    kind = "bias"
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.bidirectional = not is_causal
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    def attention_bias(self, query_slots, key_slots):
+        relative = key_slots[None, :] - query_slots[:, None]  # (Q, K)
+        buckets = t5_relative_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Q, K)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The paper's geometric slopes 2^(-8i/n); for a head count that is not a power of two, the slopes
+    of the nearest lower power of two followed by every other slope of the next power of two."""
+
+    def geometric(n: int) -> list[float]:
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    lower = 2 ** math.floor(math.log2(num_heads))
+    extra = geometric(2 * lower)[0::2][: num_heads - lower]
+    return torch.tensor(geometric(lower) + extra, dtype=torch.float32)
+
+
+@register_position_encoding("alibi")
+class ALiBiBias(PositionEncoding):
+    """Attention with Linear Biases (Press et al., "Train Short, Test Long", 2022): score -= m_h·|i - j|.
+
+    The symmetric form |i - j| serves bidirectional models; under a causal mask only j <= i is seen,
+    where it equals the paper's causal form m_h·(i - j).
+    """
+
+    kind = "bias"
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.num_heads = config.num_attention_heads
+        self.slopes = nn.Buffer(alibi_slopes(self.num_heads), persistent=False)
+
+    def initial_buffers(self):
+        return {"slopes": alibi_slopes(self.num_heads)}
+
+    def attention_bias(self, query_slots, key_slots):
+        distance = (query_slots[:, None] - key_slots[None, :]).abs().float()  # (Q, K)
+        return -(self.slopes[:, None, None] * distance).unsqueeze(0)  # (1, H, Q, K)

@@ -1,0 +1,43 @@
+"""Tiny configs shared by the tests: every family × every registered position encoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_posvariants  # noqa: F401  (registers the families with the Auto classes)
+from hf_posvariants import FAMILIES, POSITION_ENCODINGS
+
+VOCAB = 61
+FAMILY_CONFIGS = list(FAMILIES)
+ENCODINGS = sorted(POSITION_ENCODINGS)
+
+
+def tiny_config(config_class, position_encoding: str, **overrides):
+    """A two-layer model small enough that a forward takes milliseconds on one CPU core."""
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        position_encoding=position_encoding,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return config_class(**fields)
+
+
+def build(model_class_or_auto, config, attn_implementation: str = "eager"):
+    torch.manual_seed(0)
+    return model_class_or_auto.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield
