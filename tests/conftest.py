@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -32,8 +34,10 @@ def tiny_config(config_class, position_encoding: str, **overrides):
     return config_class(**fields)
 
 
-def build(model_class_or_auto, config, attn_implementation: str = "eager"):
-    torch.manual_seed(0)
+def build(model_class_or_auto, config, attn_implementation: str = "eager", seed: int = 0):
+    """A model in eval mode; the config is copied because `from_config` writes the backend into it."""
+    torch.manual_seed(seed)
+    config = copy.deepcopy(config)
     return model_class_or_auto.from_config(config, attn_implementation=attn_implementation).eval()
 
 
