@@ -93,6 +93,8 @@ class PosVarConfig(PreTrainedConfig):
         if encoding is not None and not encoding.cacheable:
             self.use_cache = False  # the encoding of earlier tokens changes as the sequence grows
         super().__post_init__(**kwargs)
+        # Run our checks here too, so users get a plain ValueError rather than strict's wrapper.
+        self.validate_architecture()
 
     @property
     def position_encoding_class(self):
@@ -134,6 +136,11 @@ class PosVarConfig(PreTrainedConfig):
                 raise ValueError(f"{field}={getattr(self, field)} must lie in [0, 1).")
         self._validate_position_encoding()
         self.check_attention_backend()
+
+    def validate_rope(self):
+        """transformers' RoPE checks, only where RoPE is used (its parameters are kept for every encoding)."""
+        if self.position_encoding == "rope":
+            super().validate_rope()
 
     def _validate_position_encoding(self):
         encoding = self.position_encoding

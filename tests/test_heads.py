@@ -1,0 +1,104 @@
+"""Classification heads, outputs and the HF conveniences every family inherits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILY_CONFIGS, VOCAB, build, tiny_config
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from hf_posvariants import FAMILIES
+
+FAMILY_IDS = [c.model_type for c in FAMILY_CONFIGS]
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_every_auto_class_resolves_to_the_family_class(config_class):
+    config = tiny_config(config_class, "rope")
+    for auto_class, model_class in FAMILIES[config_class].items():
+        assert type(auto_class.from_config(config)) is model_class
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+@pytest.mark.parametrize("is_decoder", [True, False], ids=["causal", "bidirectional"])
+def test_sequence_classification_pools_the_same_token_with_and_without_padding(config_class, is_decoder):
+    config = tiny_config(config_class, "rope", num_labels=3, is_decoder=is_decoder)
+    model = build(AutoModelForSequenceClassification, config, "sdpa")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones_like(ids)
+    if is_decoder:
+        mask[1, :3] = 0  # causal models pool the last real token: pad on the left
+    else:
+        mask[1, 5:] = 0  # bidirectional models pool the first token: pad on the right
+    labels = torch.tensor([0, 2])
+    output = model(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask, labels=labels)
+    assert output.logits.shape == (2, 3) and torch.isfinite(output.loss)
+    alone = ids[1][mask[1].bool()].unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(output.logits[1], model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_and_regression():
+    config = tiny_config(FAMILY_CONFIGS[0], "alibi", num_labels=1, classifier_pooling="mean", problem_type="regression")
+    model = build(AutoModelForSequenceClassification, config, "sdpa")
+    ids, mask = torch.randint(3, VOCAB, (2, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    output = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0.5, -1.0]))
+    assert output.logits.shape == (2, 1)
+    torch.testing.assert_close(output.loss, torch.nn.functional.mse_loss(output.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_token_classification_ignores_padding_labels(config_class):
+    model = build(AutoModelForTokenClassification, tiny_config(config_class, "t5_bias", num_labels=5), "sdpa")
+    ids = torch.randint(3, VOCAB, (2, 7))
+    labels = torch.randint(0, 5, (2, 7))
+    labels[1, 4:] = -100
+    output = model(input_ids=ids, labels=labels)
+    assert output.logits.shape == (2, 7, 5)
+    expected = torch.nn.functional.cross_entropy(output.logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_transformer_family_ties_and_llama_family_unties_embeddings():
+    tied = build(AutoModelForMaskedLM, tiny_config(FAMILY_CONFIGS[0], "sinusoidal"))
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    untied = build(AutoModelForCausalLM, tiny_config(FAMILY_CONFIGS[1], "rope"))
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_hidden_states_and_attentions_are_recorded(config_class):
+    model = build(AutoModelForCausalLM, tiny_config(config_class, "alibi"), "eager")
+    output = model(input_ids=torch.randint(3, VOCAB, (1, 6)), output_hidden_states=True, output_attentions=True)
+    assert len(output.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(output.attentions) == model.config.num_hidden_layers
+    weights = output.attentions[0]
+    assert weights.shape == (1, 4, 6, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 6))
+    assert weights[0, :, 0, 1:].abs().max() == 0  # causal
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_gradient_checkpointing_gives_the_same_gradients(config_class):
+    ids = torch.randint(3, VOCAB, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = build(AutoModelForCausalLM, tiny_config(config_class, "rope"), "sdpa").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_pre_norm_transformer_has_a_final_norm_and_post_norm_has_none():
+    post = build(AutoModel, tiny_config(FAMILY_CONFIGS[0], "sinusoidal"))
+    pre = build(AutoModel, tiny_config(FAMILY_CONFIGS[0], "sinusoidal", norm_position="pre"))
+    assert not any("model.norm" in name or name.startswith("norm.") for name, _ in post.named_parameters())
+    assert any(name.startswith("norm.") for name, _ in pre.named_parameters())
