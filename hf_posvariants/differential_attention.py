@@ -93,10 +93,15 @@ class DifferentialAttention(PosVarAttention):
             init.normal_(vector, mean=0.0, std=self.lambda_std)
 
     def differential_lambda(self) -> torch.Tensor:
-        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a scalar per layer, computed in fp32."""
-        first = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-        second = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
-        return first - second + self.lambda_init
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a scalar per layer.
+
+        Computed in fp64: besides the precision, the cast copies the vectors to fresh memory, and fp32 dot
+        products on CPU vary in the last bit with the address alignment of their operands (a model loaded
+        from safetensors then differed from the one saved).
+        """
+        first = torch.exp(torch.dot(self.lambda_q1.double(), self.lambda_k1.double()))
+        second = torch.exp(torch.dot(self.lambda_q2.double(), self.lambda_k2.double()))
+        return (first - second + self.lambda_init).float()
 
     def split_pair(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, ...) → the first and second member of every head pair, each (B, H/2, ...)."""
