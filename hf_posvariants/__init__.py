@@ -13,7 +13,15 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .configuration_differential import PosVarDiffConfig
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from .modeling_differential import (
+    PosVarDiffForCausalLM,
+    PosVarDiffForMaskedLM,
+    PosVarDiffForSequenceClassification,
+    PosVarDiffForTokenClassification,
+    PosVarDiffModel,
+)
 from .modeling_posvariants import (
     PosVarForCausalLM,
     PosVarForMaskedLM,
@@ -52,6 +60,13 @@ FAMILIES: dict[type[PosVarConfig], dict[type, type[PosVarPreTrainedModel]]] = {
         AutoModelForSequenceClassification: PosVarLlamaForSequenceClassification,
         AutoModelForTokenClassification: PosVarLlamaForTokenClassification,
     },
+    PosVarDiffConfig: {
+        AutoModel: PosVarDiffModel,
+        AutoModelForCausalLM: PosVarDiffForCausalLM,
+        AutoModelForMaskedLM: PosVarDiffForMaskedLM,
+        AutoModelForSequenceClassification: PosVarDiffForSequenceClassification,
+        AutoModelForTokenClassification: PosVarDiffForTokenClassification,
+    },
 }
 
 
@@ -72,6 +87,12 @@ __all__ = [
     "POSITION_ENCODINGS",
     "PositionEncoding",
     "PosVarConfig",
+    "PosVarDiffConfig",
+    "PosVarDiffForCausalLM",
+    "PosVarDiffForMaskedLM",
+    "PosVarDiffForSequenceClassification",
+    "PosVarDiffForTokenClassification",
+    "PosVarDiffModel",
     "PosVarForCausalLM",
     "PosVarForMaskedLM",
     "PosVarForSequenceClassification",

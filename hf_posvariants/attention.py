@@ -95,6 +95,13 @@ class PosVarAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
 
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Refuse settings this variant cannot run (called by the config's validation); none here."""
+
+    def init_variant_weights(self) -> None:
+        """Initialise parameters beyond the projections (called by `_init_weights`); none here."""
+
     def project(
         self,
         hidden_states: torch.Tensor,

@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 from .attention import ATTENTION_VARIANTS
+from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
 from .position_encodings import POSITION_ENCODINGS, binary_width
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -46,6 +47,12 @@ class PosVarConfig(PreTrainedConfig):
         relative_attention_num_buckets / relative_attention_max_distance (`int`): T5 bias bucketing.
         classifier_pooling (`str`, *optional*): "first", "last" or "mean"; by default "last" for
             causal models and "first" for bidirectional ones.
+        differential_head_layout (`str`): with attention_variant="differential", which heads pair up:
+            "pairs" (2i, 2i+1; the paper's code) or "halves" (i, i + H/2; transformers' diffllama).
+        differential_norm_affine (`bool`): a learned weight in the per-head RMSNorm of differential attention.
+        differential_lambda_init (`float`, *optional*): a constant λ_init in [0, 1); None for the paper's
+            depth schedule 0.8 − 0.6·exp(−0.3·(l − 1)).
+        differential_lambda_std (`float`): standard deviation of the initial λ vectors.
     """
 
     model_type = "posvar"
@@ -83,6 +90,10 @@ class PosVarConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
+    differential_head_layout: str = "pairs"
+    differential_norm_affine: bool = True
+    differential_lambda_init: float | None = None
+    differential_lambda_std: float = 0.1
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -134,6 +145,7 @@ class PosVarConfig(PreTrainedConfig):
         for field in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"{field}={getattr(self, field)} must lie in [0, 1).")
+        ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
         self._validate_position_encoding()
         self.check_attention_backend()
 

@@ -125,6 +125,8 @@ class PosVarPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, PosVarAttention):
+            module.init_variant_weights()
         if isinstance(module, PositionEncoding):
             for name, value in module.initial_buffers().items():
                 init.copy_(getattr(module, name), value)

@@ -1,0 +1,159 @@
+"""Differential attention (Ye et al., "Differential Transformer", ICLR 2025), a variant of the shared core.
+
+Every differential head owns two query/key groups and one value of width 2d; it subtracts two softmax maps
+    DiffAttn(X) = (softmax(Q1·K1ᵀ/√d) − λ·softmax(Q2·K2ᵀ/√d))·V,  λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init,
+then normalises its output with a per-head RMSNorm ("GroupNorm") and scales it by the fixed (1 − λ_init).
+
+`config.num_attention_heads` counts softmax maps, so a model has num_attention_heads / 2 differential heads:
+with the baseline's head count, projections and parameters equal the baseline's, and the differential heads
+are half as many as the baseline's heads, which is how the paper matches parameters.
+
+Two head layouts say which projected heads form a pair (`config.differential_head_layout`):
+- "pairs" (the reference code): query heads 2i and 2i+1 are the two maps of differential head i, KV heads
+  2m and 2m+1 are its two keys and the two halves of its value;
+- "halves" (transformers' `diffllama`): query head i and head i + H/2 are the two maps, KV heads m and
+  m + H_kv/2 the two keys and value halves.
+An additive position bias has one slice per softmax map, in the layout's own head order.
+
+The kernels are transformers' attention interface, called twice (once per value half, each call computing
+both maps), so eager, SDPA, flex and flash all work, with grouped KV heads and every position encoding.
+This file imports only torch and transformers: it travels with remote-code checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+
+from .attention import PosVarAttention, attention_function, register_attention_variant
+
+HEAD_LAYOUTS = ("pairs", "halves")
+
+
+def depth_lambda_init(layer_idx: int) -> float:
+    """The paper's λ_init = 0.8 − 0.6·exp(−0.3·(l − 1)) for the 1-based layer l = layer_idx + 1."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+@register_attention_variant("differential")
+class DifferentialAttention(PosVarAttention):
+    """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
+    maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
+
+    def __init__(self, config, layer_idx: int, is_causal: bool):
+        super().__init__(config, layer_idx, is_causal)
+        self.head_layout = config.differential_head_layout
+        self.lambda_std = config.differential_lambda_std
+        if config.differential_lambda_init is None:
+            self.lambda_init = depth_lambda_init(layer_idx)
+        else:
+            self.lambda_init = config.differential_lambda_init
+        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
+        self.groupnorm = nn.RMSNorm(
+            2 * self.head_dim, eps=config.norm_eps, elementwise_affine=config.differential_norm_affine
+        )
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.differential_head_layout not in HEAD_LAYOUTS:
+            raise ValueError(
+                f"differential_head_layout={config.differential_head_layout!r} is not supported; "
+                f"allowed values are {list(HEAD_LAYOUTS)}."
+            )
+        for field in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(config, field) % 2:
+                raise ValueError(
+                    f"{field}={getattr(config, field)} must be even for attention_variant='differential': "
+                    "each differential head takes two query heads and two key/value heads."
+                )
+        if config.attention_dropout:
+            raise ValueError(
+                f"attention_dropout={config.attention_dropout} is not supported with attention_variant="
+                "'differential'; allowed value is 0.0. The two softmax maps are computed by two kernel calls "
+                "that cannot share a dropout mask, and the paper defines none; use hidden_dropout instead."
+            )
+        lambda_init = config.differential_lambda_init
+        if lambda_init is not None and not 0.0 <= lambda_init < 1.0:
+            raise ValueError(
+                f"differential_lambda_init={lambda_init} must lie in [0, 1) (the output is scaled by "
+                "1 − λ_init), or be None for the paper's depth schedule 0.8 − 0.6·exp(−0.3·(l − 1))."
+            )
+        if config.differential_lambda_std < 0:
+            raise ValueError(f"differential_lambda_std={config.differential_lambda_std} must be non-negative.")
+
+    def init_variant_weights(self) -> None:
+        for vector in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            init.normal_(vector, mean=0.0, std=self.lambda_std)
+
+    def differential_lambda(self) -> torch.Tensor:
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a scalar per layer.
+
+        Computed in fp64: besides the precision, the cast copies the vectors to fresh memory, and fp32 dot
+        products on CPU vary in the last bit with the address alignment of their operands (a model loaded
+        from safetensors then differed from the one saved).
+        """
+        first = torch.exp(torch.dot(self.lambda_q1.double(), self.lambda_k1.double()))
+        second = torch.exp(torch.dot(self.lambda_q2.double(), self.lambda_k2.double()))
+        return (first - second + self.lambda_init).float()
+
+    def split_pair(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, ...) → the first and second member of every head pair, each (B, H/2, ...)."""
+        if self.head_layout == "halves":
+            return states.chunk(2, dim=1)
+        pairs = states.unflatten(1, (-1, 2))  # (B, H/2, 2, ...)
+        return pairs[:, :, 0], pairs[:, :, 1]
+
+    def maps_first(self, states: torch.Tensor) -> torch.Tensor:
+        """Reorder heads as [all first maps, all second maps], so that the kernels' grouped-KV rule
+        (query head j reads KV head j // groups) pairs each map with its own key."""
+        if self.head_layout == "halves":
+            return states
+        return torch.cat(self.split_pair(states), dim=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_bias: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query, key, value = self.project(hidden_states, position_embeddings, past_key_values)
+        query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
+        if position_bias is not None:
+            kwargs["position_bias"] = self.maps_first(position_bias.expand(query.shape[0], -1, -1, -1))
+        attend = attention_function(self)
+        halves, weights = [], None
+        for value_half in self.split_pair(value):  # each (B, H_kv/2, K, d)
+            # Both maps of a KV pair read this value half: tile it over the first- and second-map KV heads.
+            output, map_weights = attend(
+                self,
+                query,
+                key,
+                torch.cat((value_half, value_half), dim=1),
+                attention_mask,
+                dropout=0.0,
+                scaling=self.scaling,
+                **kwargs,
+            )
+            first, second = output.chunk(2, dim=2)  # (B, Q, H/2, d) each: first and second maps
+            halves.append((first, second))
+            if weights is None and map_weights is not None:
+                weights = map_weights  # (B, H, Q, K), identical for both value halves
+        first = torch.cat([first for first, _ in halves], dim=-1)  # (B, Q, H/2, 2d)
+        second = torch.cat([second for _, second in halves], dim=-1)
+        lam = self.differential_lambda().to(first.dtype)
+        output = self.groupnorm(first - lam * second) * (1.0 - self.lambda_init)
+        output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
+        if weights is not None:
+            first_map, second_map = weights.chunk(2, dim=1)
+            weights = first_map - lam * second_map  # (B, H/2, Q, K): the differential map
+        return output, weights

@@ -1,0 +1,365 @@
+"""Differential attention (Ye et al., ICLR 2025): parity with transformers' DiffLlama, the paper's maths,
+backends, causality, cache, padding, the bidirectional MLM, Auto round trips and config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, tiny_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DiffLlamaConfig,
+    DiffLlamaForCausalLM,
+)
+
+from hf_posvariants import POSITION_ENCODINGS, PosVarDiffConfig, PosVarLlamaConfig
+from hf_posvariants.differential_attention import DifferentialAttention
+from hf_posvariants.diffllama_conversion import config_from_diffllama, convert_diffllama_state_dict, from_diffllama
+
+CACHEABLE = [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
+LAYOUTS = ["pairs", "halves"]
+
+
+def diff_config(encoding: str = "rope", **overrides) -> PosVarDiffConfig:
+    return tiny_config(PosVarDiffConfig, encoding, **overrides)
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def padded_batch(left: bool, lengths=(9, 6)) -> tuple[torch.LongTensor, torch.LongTensor]:
+    width = max(lengths)
+    ids, mask = random_ids(len(lengths), width), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, slice(width - length, width) if left else slice(0, length)] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def randomise_lambdas_and_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Initial λ vectors are small and norm weights are ones; make both matter to the comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DifferentialAttention):
+                for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                    vector.copy_(torch.randn(vector.shape, generator=generator) * 0.3)
+                if module.groupnorm.weight is not None:
+                    module.groupnorm.weight.copy_(1 + 0.5 * torch.randn(module.groupnorm.weight.shape, generator=generator))
+
+
+# --- parity with transformers' DiffLlamaForCausalLM ------------------------------------------------------
+
+
+def random_diffllama(attn_implementation: str, tie_word_embeddings: bool = False) -> DiffLlamaForCausalLM:
+    config = DiffLlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        lambda_std_dev=0.3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    return DiffLlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied):
+    reference = random_diffllama(attn_implementation, tied)
+    converted = from_diffllama(reference).eval()
+    assert converted.config._attn_implementation == attn_implementation
+    ids, mask = padded_batch(left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # DiffLlama counts padding unless told; ours never does
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        actual = converted(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert expected[real].std() > 0.1  # a random model whose logits vary, not a flat one
+    torch.testing.assert_close(actual[real], expected[real], rtol=0, atol=1e-5)
+
+
+def test_converted_diffllama_greedy_generation_under_cache_is_equal():
+    reference = random_diffllama("sdpa")
+    converted = from_diffllama(reference).eval()
+    ids, mask = padded_batch(left=True)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    expected = reference.generate(ids, **settings)
+    actual = converted.generate(ids, **settings)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert len(set(expected[0, ids.shape[1] :].tolist())) > 1  # not a single repeated token
+
+
+def test_diffllama_config_maps_to_halves_layout_without_affine():
+    config = config_from_diffllama(random_diffllama("eager").config)
+    assert (config.differential_head_layout, config.differential_norm_affine) == ("halves", False)
+    assert config.differential_lambda_init is None and config.differential_lambda_std == 0.3
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 4, 4)
+
+
+def test_converter_refuses_foreign_state_dict():
+    reference = random_diffllama("eager")
+    config = config_from_diffllama(reference.config)
+    state_dict = dict(reference.state_dict())
+    state_dict["model.layers.0.self_attn.subln.weight"] = torch.ones(8)
+    del state_dict["model.layers.1.self_attn.lambda_q2"]
+    with pytest.raises(ValueError, match="missing keys .*lambda_q2.*unknown keys .*subln"):
+        convert_diffllama_state_dict(state_dict, config)
+
+
+# --- the paper's maths, written out -------------------------------------------------------------------
+
+
+def paper_differential_attention(module: DifferentialAttention, x: torch.Tensor, layer_number: int) -> torch.Tensor:
+    """Ye et al., eq. 1–3, per differential head in the reference code's layout, one loop at a time.
+
+    Head i takes query heads 2i, 2i+1; its KV pair m = i // (heads per KV pair) takes key heads 2m, 2m+1 and the
+    value columns [2m·d, 2m·d + 2d).
+    """
+    d = module.head_dim
+    pairs, kv_pairs = module.num_heads // 2, module.config.num_key_value_heads // 2
+    lambda_init = 0.8 - 0.6 * math.exp(-0.3 * (layer_number - 1))
+    lam = (
+        torch.exp((module.lambda_q1 * module.lambda_k1).sum())
+        - torch.exp((module.lambda_q2 * module.lambda_k2).sum())
+        + lambda_init
+    )
+    q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)  # (T, ·)
+    heads = []
+    for i in range(pairs):
+        m = i // (pairs // kv_pairs)
+        q1, q2 = q[:, 2 * i * d : (2 * i + 1) * d], q[:, (2 * i + 1) * d : (2 * i + 2) * d]
+        k1, k2 = k[:, 2 * m * d : (2 * m + 1) * d], k[:, (2 * m + 1) * d : (2 * m + 2) * d]
+        value = v[:, 2 * m * d : (2 * m + 2) * d]
+        map1 = torch.softmax(q1 @ k1.T / math.sqrt(d), dim=-1)
+        map2 = torch.softmax(q2 @ k2.T / math.sqrt(d), dim=-1)
+        head = (map1 - lam * map2) @ value  # (T, 2d)
+        head = head / torch.sqrt(head.pow(2).mean(-1, keepdim=True) + module.config.norm_eps)
+        if module.groupnorm.weight is not None:
+            head = head * module.groupnorm.weight
+        heads.append(head * (1 - lambda_init))
+    return module.o_proj(torch.cat(heads, dim=-1))
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2], ids=["mha", "gqa2", "gqa4"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_attention_matches_paper_maths_in_reference_layout(kv_heads, affine):
+    config = diff_config(
+        "nope", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=kv_heads, differential_norm_affine=affine
+    )
+    model = build(AutoModel, config)
+    randomise_lambdas_and_norms(model)
+    x = torch.randn(1, 6, 32)
+    for layer_number, layer in enumerate(model.layers, start=1):
+        attention = layer.self_attn
+        assert attention.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * (layer_number - 1)))
+        with torch.no_grad():
+            actual, _ = attention(x, attention_mask=None)  # eager without a mask: full attention
+            expected = paper_differential_attention(attention, x[0], layer_number)
+        torch.testing.assert_close(actual[0], expected, rtol=0, atol=1e-5)
+
+
+def test_constant_lambda_init_option():
+    model = build(AutoModel, diff_config("nope", num_hidden_layers=3, differential_lambda_init=0.5))
+    assert [layer.self_attn.lambda_init for layer in model.layers] == [0.5, 0.5, 0.5]
+    assert build(AutoModel, diff_config("nope", num_hidden_layers=3)).layers[2].self_attn.lambda_init == pytest.approx(
+        0.8 - 0.6 * math.exp(-0.6)
+    )
+
+
+def test_eager_returns_the_differential_map():
+    model = build(AutoModelForCausalLM, diff_config())
+    randomise_lambdas_and_norms(model)
+    with torch.no_grad():
+        attentions = model(input_ids=random_ids(2, 7), output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (2, 2, 7, 7)  # four maps → two differential heads
+    lam = model.model.layers[0].self_attn.differential_lambda()
+    torch.testing.assert_close(attentions[0].sum(-1), torch.full((2, 2, 7), 1 - lam.item()), rtol=0, atol=1e-5)
+
+
+# --- backends, causality, cache, padding, MLM ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("auto_class", [AutoModelForCausalLM, AutoModelForMaskedLM], ids=["clm", "mlm"])
+def test_eager_matches_sdpa_with_padding(encoding, layout, auto_class):
+    config = diff_config(encoding, differential_head_layout=layout)
+    eager, sdpa = build(auto_class, config, "eager"), build(auto_class, config, "sdpa")
+    randomise_lambdas_and_norms(eager), randomise_lambdas_and_norms(sdpa)
+    ids, mask = padded_batch(left=auto_class is AutoModelForCausalLM)
+    with torch.no_grad():
+        expected = eager(input_ids=ids, attention_mask=mask).logits
+        actual = sdpa(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
+
+
+@pytest.mark.flex
+def test_eager_matches_flex_with_bias_and_gqa():
+    config = diff_config("alibi")
+    eager, flex = build(AutoModelForCausalLM, config, "eager"), build(AutoModelForCausalLM, config, "flex_attention")
+    ids, mask = padded_batch(left=True)
+    with torch.no_grad():
+        expected = eager(input_ids=ids, attention_mask=mask).logits
+        actual = flex(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias", "learned"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_causal_lm_is_causal(encoding, attn_implementation):
+    model = build(AutoModelForCausalLM, diff_config(encoding), attn_implementation)
+    ids = random_ids(1, 8)
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1 - 3) % (VOCAB - 3) + 3
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(after[:, :5], before[:, :5], rtol=0, atol=1e-6)
+    assert (after[:, 5:] - before[:, 5:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "sinusoidal"])
+def test_masked_lm_is_bidirectional(encoding):
+    model = build(AutoModelForMaskedLM, diff_config(encoding))
+    ids = random_ids(1, 8)
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] + 1 - 3) % (VOCAB - 3) + 3
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert (after[:, :6] - before[:, :6]).abs().amax(-1).min() > 1e-5  # every earlier token sees the change
+
+
+@pytest.mark.parametrize("encoding", CACHEABLE)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cache_matches_no_cache(encoding, layout):
+    model = build(AutoModelForCausalLM, diff_config(encoding, differential_head_layout=layout), "sdpa")
+    randomise_lambdas_and_norms(model)
+    ids, mask = padded_batch(left=True)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        prefix = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache = prefix.past_key_values
+        steps = [prefix.logits]
+        for slot in range(6, ids.shape[1]):
+            step = model(input_ids=ids[:, slot : slot + 1], attention_mask=mask[:, : slot + 1], past_key_values=cache)
+            steps.append(step.logits)
+    incremental = torch.cat(steps, dim=1)
+    torch.testing.assert_close(incremental[mask.bool()], full[mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_with_and_without_cache_agree():
+    model = build(AutoModelForCausalLM, diff_config("rope", initializer_range=0.2), "sdpa")
+    ids, mask = padded_batch(left=True)
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, use_cache=True, **settings)
+    torch.testing.assert_close(with_cache, model.generate(ids, use_cache=False, **settings), rtol=0, atol=0)
+    assert len(set(with_cache[0, ids.shape[1] :].tolist())) > 1
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias", "learned"])
+@pytest.mark.parametrize("auto_class", [AutoModelForCausalLM, AutoModelForMaskedLM], ids=["clm", "mlm"])
+def test_padding_does_not_change_real_tokens(encoding, auto_class):
+    model = build(auto_class, diff_config(encoding), "sdpa")
+    left = auto_class is AutoModelForCausalLM
+    ids, mask = padded_batch(left=left, lengths=(9, 6))
+    real = ids[1, 3:] if left else ids[1, :6]
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits[1]
+        alone = model(input_ids=real[None]).logits[0]
+    torch.testing.assert_close(batched[3:] if left else batched[:6], alone, rtol=0, atol=1e-5)
+
+
+# --- families, heads, presets, save/load ----------------------------------------------------------------
+
+HEADS = [
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+]
+
+
+@pytest.mark.parametrize("auto_class", HEADS, ids=lambda cls: cls.__name__)
+def test_every_head_round_trips_through_auto_classes(tmp_path, auto_class):
+    model = build(auto_class, diff_config("alibi", num_labels=3))
+    randomise_lambdas_and_norms(model)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "posvar_diff"
+    loaded = auto_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(loaded) is type(model)
+    ids, mask = padded_batch(left=False)
+    with torch.no_grad():
+        expected, actual = model(input_ids=ids, attention_mask=mask), loaded(input_ids=ids, attention_mask=mask)
+    key = "last_hidden_state" if auto_class is AutoModel else "logits"
+    torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=lambda cls: cls.model_type)
+def test_differential_is_one_config_change_in_every_family(config_class):
+    standard = build(AutoModelForCausalLM, tiny_config(config_class, "rope", attention_variant="standard"))
+    differential = build(
+        AutoModelForCausalLM, tiny_config(config_class, "rope", attention_variant="differential")
+    ).train()
+    assert all(isinstance(layer.self_attn, DifferentialAttention) for layer in differential.model.layers)
+    assert not any(isinstance(layer.self_attn, DifferentialAttention) for layer in standard.model.layers)
+    extra = sum(p.numel() for p in differential.parameters()) - sum(p.numel() for p in standard.parameters())
+    head_dim, layers = 8, 2
+    assert extra == layers * (4 * head_dim + 2 * head_dim)  # λ vectors and the affine per-head norm
+    ids = random_ids(2, 7)
+    loss = differential(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in differential.parameters())
+
+
+def test_matched_preset_has_baseline_projections_and_half_the_heads():
+    baseline = tiny_config(PosVarLlamaConfig, "rope", num_attention_heads=8, num_key_value_heads=4)
+    matched = PosVarDiffConfig.matched_to(baseline, differential_norm_affine=False)
+    assert (matched.attention_variant, matched.model_type) == ("differential", "posvar_diff")
+    assert (matched.num_attention_heads, matched.head_dim, matched.intermediate_size) == (8, 4, 48)
+    plain, twin = build(AutoModel, baseline), build(AutoModel, matched)
+    assert twin.layers[0].self_attn.num_heads // 2 == 4  # differential heads: half the baseline's eight
+    extra = sum(p.numel() for p in twin.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * 4 * 4  # only the λ vectors: 2 layers × 4 vectors × head_dim 4
+
+
+# --- configuration errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(differential_head_layout="interleaved"), r"differential_head_layout='interleaved'.*\['pairs', 'halves'\]"),
+        (dict(num_attention_heads=2, num_key_value_heads=1), r"num_key_value_heads=1 must be even"),
+        (dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=3), r"num_key_value_heads=3 must be even"),
+        (dict(num_attention_heads=1, num_key_value_heads=1), r"num_attention_heads=1 must be even"),
+        (dict(attention_dropout=0.1), r"attention_dropout=0.1 is not supported.*allowed value is 0.0"),
+        (dict(differential_lambda_init=1.2), r"differential_lambda_init=1.2 must lie in \[0, 1\)"),
+        (dict(differential_lambda_std=-1.0), r"differential_lambda_std=-1.0 must be non-negative"),
+    ],
+)
+def test_config_errors_name_field_value_and_allowed(overrides, message):
+    # The strict config dataclass wraps the ValueError of `validate_architecture`, message intact.
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
+        diff_config(**overrides)
+
+
+def test_standard_variant_ignores_differential_fields():
+    config = tiny_config(PosVarLlamaConfig, "rope", num_key_value_heads=1, attention_dropout=0.1)
+    assert config.attention_variant == "standard"
