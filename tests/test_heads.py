@@ -79,8 +79,9 @@ def test_hidden_states_and_attentions_are_recorded(config_class):
     assert len(output.hidden_states) == model.config.num_hidden_layers + 1
     assert len(output.attentions) == model.config.num_hidden_layers
     weights = output.attentions[0]
-    assert weights.shape == (1, 4, 6, 6)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 6))
+    assert weights.shape[0] == 1 and weights.shape[-2:] == (6, 6)
+    if model.config.attention_variant == "standard":  # a differential map is a difference of two softmaxes
+        torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 6))
     assert weights[0, :, 0, 1:].abs().max() == 0  # causal
 
 
