@@ -13,7 +13,14 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .configuration_deberta import PosVarDebertaConfig
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from .modeling_deberta import (
+    PosVarDebertaForMaskedLM,
+    PosVarDebertaForSequenceClassification,
+    PosVarDebertaForTokenClassification,
+    PosVarDebertaModel,
+)
 from .modeling_posvariants import (
     PosVarForCausalLM,
     PosVarForMaskedLM,
@@ -52,6 +59,12 @@ FAMILIES: dict[type[PosVarConfig], dict[type, type[PosVarPreTrainedModel]]] = {
         AutoModelForSequenceClassification: PosVarLlamaForSequenceClassification,
         AutoModelForTokenClassification: PosVarLlamaForTokenClassification,
     },
+    PosVarDebertaConfig: {
+        AutoModel: PosVarDebertaModel,
+        AutoModelForMaskedLM: PosVarDebertaForMaskedLM,
+        AutoModelForSequenceClassification: PosVarDebertaForSequenceClassification,
+        AutoModelForTokenClassification: PosVarDebertaForTokenClassification,
+    },
 }
 
 
@@ -72,6 +85,11 @@ __all__ = [
     "POSITION_ENCODINGS",
     "PositionEncoding",
     "PosVarConfig",
+    "PosVarDebertaConfig",
+    "PosVarDebertaForMaskedLM",
+    "PosVarDebertaForSequenceClassification",
+    "PosVarDebertaForTokenClassification",
+    "PosVarDebertaModel",
     "PosVarForCausalLM",
     "PosVarForMaskedLM",
     "PosVarForSequenceClassification",
