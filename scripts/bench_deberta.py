@@ -40,7 +40,9 @@ def build(name: str, args: argparse.Namespace) -> torch.nn.Module:
     relative = dict(pos_att_type=["c2p", "p2c"], position_buckets=args.buckets, max_relative_positions=args.seq,
                     share_att_key=True, norm_rel_ebd="layer_norm")
     if name.startswith("posvar_deberta"):
-        config = PosVarDebertaConfig(**shared, **relative, emd_layers=2 if name.endswith("emd") else 0)
+        # transformers' DeBERTa and BERT default to dropout 0.1 everywhere; ours must pay for it too.
+        dropout = dict(hidden_dropout=0.1, attention_dropout=0.1)
+        config = PosVarDebertaConfig(**shared, **relative, **dropout, emd_layers=2 if name.endswith("emd") else 0)
         return PosVarDebertaForMaskedLM._from_config(config, attn_implementation="sdpa")
     if name == "transformers_debertav2":
         config = DebertaV2Config(**shared, **relative, relative_attention=True, position_biased_input=False)

@@ -277,3 +277,21 @@ def test_trains_with_trainer_and_mlm_collator(tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.model.rel_embeddings.weight)
+
+
+def test_convert_script_round_trip(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    reference = randomise(DebertaV2ForMaskedLM(reference_config(["c2p", "p2c"], True, 8)))
+    reference.save_pretrained(tmp_path / "deberta")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_deberta.py"
+    monkeypatch.setattr("sys.argv", ["convert_deberta.py", str(tmp_path / "deberta"), str(tmp_path / "posvar")])
+    runpy.run_path(str(script), run_name="__main__")
+    converted = AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval()
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=attention_mask).logits
+        logits = converted(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=0)
