@@ -41,7 +41,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import PosVarAttention, attention_function
+from .attention import PosVarAttention
 from .configuration_deberta import PosVarDebertaConfig
 from .modeling_posvariants import (
     PosVarBlock,
@@ -134,17 +134,7 @@ class DisentangledAttention(PosVarAttention):
         value = self.v_proj(source).view(*source.shape[:-1], -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.position_terms:
             kwargs["position_bias"] = self.position_bias(query, key, relative)
-        output, weights = attention_function(self)(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1)), weights
+        return self.attend(query, key, value, attention_mask, **kwargs)
 
 
 class DebertaLayer(PosVarBlock):

@@ -1,9 +1,9 @@
 """Training-step time and peak memory of posvar_deberta (SDPA) against transformers' DebertaV2ForMaskedLM
 (eager-only) and BertForMaskedLM (SDPA), at one shared config, in one run.
 
-Each model runs in its own subprocess so peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`,
-on CPU the growth of the process's peak resident set (`ru_maxrss`) from after the model is built to
-after the timed steps (activations, gradients, AdamW state).
+Step time (fwd + bwd + AdamW) is the median over interleaved steps in one process. Peak memory is measured
+per model in its own subprocess: on CUDA `torch.cuda.max_memory_allocated`, on CPU the growth of the
+process's peak resident set (`ru_maxrss`) from after the model is built over two training steps.
 
     python scripts/bench_deberta.py                     # CPU default: hidden 256, 4 layers, batch 4, seq 512
     python scripts/bench_deberta.py --device cuda --hidden 768 --layers 12 --batch 8
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,47 +51,58 @@ def build(name: str, args: argparse.Namespace) -> torch.nn.Module:
     return BertForMaskedLM._from_config(BertConfig(**shared), attn_implementation="sdpa")
 
 
-def worker(name: str, args: argparse.Namespace) -> dict:
-    """Time `args.steps` training steps after `args.warmup` untimed ones; report seconds/step and the peak
-    memory above the built model (MiB)."""
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    model = build(name, args).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    input_ids = torch.randint(5, args.vocab, (args.batch, args.seq), device=device)
-    labels = torch.where(torch.rand(input_ids.shape, device=device) < 0.15, input_ids, -100)
-    attention_mask = torch.ones_like(input_ids)
+class Trainee:
+    """One model with its AdamW optimizer and a fixed masked-LM batch; `step()` is fwd + bwd + update."""
 
-    def step() -> None:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, name: str, args: argparse.Namespace):
+        torch.manual_seed(0)
+        self.device = torch.device(args.device)
+        self.model = build(name, args).to(self.device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.input_ids = torch.randint(5, args.vocab, (args.batch, args.seq), device=self.device)
+        self.labels = torch.where(torch.rand(self.input_ids.shape, device=self.device) < 0.15, self.input_ids, -100)
+        self.attention_mask = torch.ones_like(self.input_ids)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
+    def step(self) -> float:
+        """Seconds for one training step."""
+        start = time.perf_counter()
+        self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-    # Peak memory counts from here: gradients, AdamW state and activations of every step, warm-up included
-    # (on CPU the peak resident set is a high-water mark, so it cannot be restarted after warm-up).
-    if device.type == "cuda":
+
+def peak_memory(name: str, args: argparse.Namespace) -> float:
+    """MiB of peak memory above the built model over two training steps (gradients, AdamW state, activations).
+
+    On CPU the peak resident set is a high-water mark that cannot be reset, hence one process per model.
+    """
+    trainee = Trainee(name, args)
+    if trainee.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    for _ in range(args.warmup):
-        step()
-    synchronize()
-    start = time.perf_counter()
+    for _ in range(2):
+        trainee.step()
+    if trainee.device.type == "cuda":
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 2**10
+
+
+def step_times(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per step, the models' steps interleaved round by round so that a shared machine's
+    changing load falls on all of them alike."""
+    trainees = {name: Trainee(name, args) for name in MODELS}
+    for trainee in trainees.values():
+        for _ in range(args.warmup):
+            trainee.step()
+    times = {name: [] for name in MODELS}
     for _ in range(args.steps):
-        step()
-    synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    if device.type == "cuda":
-        peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 2**10
-    return {"model": name, "seconds_per_step": seconds, "peak_mib": peak_mib,
-            "parameters": sum(p.numel() for p in model.parameters())}
+        for name, trainee in trainees.items():
+            times[name].append(trainee.step())
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,7 +115,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--buckets", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -112,24 +124,22 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+        print(json.dumps(peak_memory(args.worker, args)))
         return
-    forwarded = sys.argv[1:]
-    results = {}
+    memory = {}
     for name in MODELS:
-        output = subprocess.run([sys.executable, __file__, *forwarded, "--worker", name], stdout=subprocess.PIPE, text=True,
-                                check=True).stdout
-        results[name] = json.loads(output.strip().splitlines()[-1])
+        command = [sys.executable, __file__, *sys.argv[1:], "--worker", name]
+        memory[name] = json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout.split()[-1])
+    seconds = step_times(args)
     print(f"device={args.device} hidden={args.hidden} layers={args.layers} heads={args.heads} batch={args.batch} "
-          f"seq={args.seq} buckets={args.buckets} steps={args.steps}")
-    print(f"{'model':26s} {'s/step':>8s} {'peak MiB':>9s} {'params':>10s}")
-    for name, result in results.items():
-        print(f"{name:26s} {result['seconds_per_step']:8.3f} {result['peak_mib']:9.1f} {result['parameters']:10d}")
-    ours, deberta, bert = (results[n] for n in ("posvar_deberta", "transformers_debertav2", "transformers_bert"))
+          f"seq={args.seq} buckets={args.buckets} timed steps={args.steps} (median, interleaved)")
+    print(f"{'model':24s} {'s/step':>8s} {'peak MiB':>9s}")
+    for name in MODELS:
+        print(f"{name:24s} {seconds[name]:8.3f} {memory[name]:9.1f}")
     ratios = {
-        "time vs DebertaV2": ours["seconds_per_step"] / deberta["seconds_per_step"],
-        "time vs BERT": ours["seconds_per_step"] / bert["seconds_per_step"],
-        "memory vs DebertaV2": ours["peak_mib"] / deberta["peak_mib"],
+        "time vs DebertaV2": seconds["posvar_deberta"] / seconds["transformers_debertav2"],
+        "time vs BERT": seconds["posvar_deberta"] / seconds["transformers_bert"],
+        "memory vs DebertaV2": memory["posvar_deberta"] / memory["transformers_debertav2"],
     }
     for label, ratio in ratios.items():
         verdict = "meets" if ratio <= TARGETS[label] else "misses"

@@ -66,6 +66,19 @@ def reference_config(pos_att_type, share_att_key, position_buckets, **overrides)
     return DebertaV2Config(**fields)
 
 
+def assert_matches_reference(ours, reference, padded: bool = True) -> None:
+    """Same logits (or hidden states) within 1e-4 on real tokens: padded query rows are meaningless, and
+    transformers masks them as queries too."""
+    input_ids, attention_mask = batch()
+    if not padded:
+        input_ids, attention_mask = input_ids.clamp(min=3), None
+    with torch.no_grad():
+        expected = first_output(reference(input_ids, attention_mask=attention_mask))
+        result = first_output(ours(input_ids, attention_mask=attention_mask))
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    torch.testing.assert_close(result[real], expected[real], atol=1e-4, rtol=0)
+
+
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial values everywhere (init leaves biases at 0 and norms at 1, which hides misplaced weights)."""
     torch.manual_seed(0)
@@ -87,27 +100,15 @@ def test_masked_lm_matches_transformers_debertav2(pos_att_type, share_att_key, p
     reference = randomise(DebertaV2ForMaskedLM(config))
     ours = convert_deberta(reference).eval()
     assert ours.config.emd_layers == 0
-    input_ids, attention_mask = batch()
-    with torch.no_grad():
-        for mask in (None, attention_mask):
-            expected = reference(input_ids, attention_mask=mask).logits
-            for backend in ("eager", "sdpa"):
-                ours.set_attn_implementation(backend)
-                logits = ours(input_ids, attention_mask=mask).logits
-                # Padded query rows are meaningless (transformers masks them as queries too): compare real tokens.
-                real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-                torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=0)
+    for backend in ("eager", "sdpa"):
+        ours.set_attn_implementation(backend)
+        assert_matches_reference(ours, reference, padded=True)
+        assert_matches_reference(ours, reference, padded=False)
 
 
 def test_base_model_matches_transformers_debertav2_model():
     reference = randomise(DebertaV2Model(reference_config(["c2p", "p2c"], False, 8)))
-    ours = convert_deberta(reference).eval()
-    input_ids, attention_mask = batch()
-    with torch.no_grad():
-        expected = reference(input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden = ours(input_ids, attention_mask=attention_mask).last_hidden_state
-    real = attention_mask.bool()
-    torch.testing.assert_close(hidden[real], expected[real], atol=1e-4, rtol=0)
+    assert_matches_reference(convert_deberta(reference).eval(), reference)
 
 
 def test_log_bucket_matches_reference():
@@ -288,10 +289,4 @@ def test_convert_script_round_trip(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "scripts" / "convert_deberta.py"
     monkeypatch.setattr("sys.argv", ["convert_deberta.py", str(tmp_path / "deberta"), str(tmp_path / "posvar")])
     runpy.run_path(str(script), run_name="__main__")
-    converted = AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval()
-    input_ids, attention_mask = batch()
-    with torch.no_grad():
-        expected = reference(input_ids, attention_mask=attention_mask).logits
-        logits = converted(input_ids, attention_mask=attention_mask).logits
-    real = attention_mask.bool()
-    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=0)
+    assert_matches_reference(AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval(), reference)
