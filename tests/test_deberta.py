@@ -290,3 +290,30 @@ def test_convert_script_round_trip(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["convert_deberta.py", str(tmp_path / "deberta"), str(tmp_path / "posvar")])
     runpy.run_path(str(script), run_name="__main__")
     assert_matches_reference(AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval(), reference)
+
+
+@pytest.mark.slow
+def test_loads_as_remote_code_without_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    model = build(AutoModelForMaskedLM, deberta_config(emd_layers=1))
+    model.save_pretrained(tmp_path)
+    input_ids, attention_mask = batch()
+    torch.save((input_ids, attention_mask), tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(model(input_ids, attention_mask=attention_mask).logits, tmp_path / "expected.pt")
+    # A fresh process where importing the package fails: only the checkpoint's own files may be used.
+    script = f"""
+import sys, torch
+sys.modules["hf_posvariants"] = None
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, attn_implementation="eager").eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+input_ids, attention_mask = torch.load({str(tmp_path / "batch.pt")!r})
+with torch.no_grad():
+    logits = model(input_ids, attention_mask=attention_mask).logits
+torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
