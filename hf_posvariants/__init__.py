@@ -22,6 +22,13 @@ from .modeling_differential import (
     PosVarDiffForTokenClassification,
     PosVarDiffModel,
 )
+from .configuration_deberta import PosVarDebertaConfig
+from .modeling_deberta import (
+    PosVarDebertaForMaskedLM,
+    PosVarDebertaForSequenceClassification,
+    PosVarDebertaForTokenClassification,
+    PosVarDebertaModel,
+)
 from .modeling_posvariants import (
     PosVarForCausalLM,
     PosVarForMaskedLM,
@@ -67,6 +74,12 @@ FAMILIES: dict[type[PosVarConfig], dict[type, type[PosVarPreTrainedModel]]] = {
         AutoModelForSequenceClassification: PosVarDiffForSequenceClassification,
         AutoModelForTokenClassification: PosVarDiffForTokenClassification,
     },
+    PosVarDebertaConfig: {
+        AutoModel: PosVarDebertaModel,
+        AutoModelForMaskedLM: PosVarDebertaForMaskedLM,
+        AutoModelForSequenceClassification: PosVarDebertaForSequenceClassification,
+        AutoModelForTokenClassification: PosVarDebertaForTokenClassification,
+    },
 }
 
 
@@ -93,6 +106,11 @@ __all__ = [
     "PosVarDiffForSequenceClassification",
     "PosVarDiffForTokenClassification",
     "PosVarDiffModel",
+    "PosVarDebertaConfig",
+    "PosVarDebertaForMaskedLM",
+    "PosVarDebertaForSequenceClassification",
+    "PosVarDebertaForTokenClassification",
+    "PosVarDebertaModel",
     "PosVarForCausalLM",
     "PosVarForMaskedLM",
     "PosVarForSequenceClassification",

@@ -132,6 +132,12 @@ class PosVarAttention(nn.Module):
         if position_bias is not None:
             # Flex indexes the bias per batch row, so it needs the full batch (a free view).
             kwargs["position_bias"] = position_bias.expand(query.shape[0], -1, -1, -1)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backend's kernel on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
         output, weights = attention_function(self)(
             self,
             query,
@@ -142,5 +148,5 @@ class PosVarAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
+        output = self.o_proj(output.reshape(*output.shape[:2], -1))
         return output, weights

@@ -45,8 +45,9 @@ def family_rows() -> list[str]:
 
 def variant_table() -> str:
     note = (
-        f"Every encoding works in every family, with `{AutoModelForMaskedLM.__name__}` (bidirectional) and "
-        f"`{AutoModelForCausalLM.__name__}` (causal, `generate()`). Flash backends ({', '.join(BIASLESS_BACKENDS)}) "
+        f"Every encoding works in every family that has `{AutoModelForCausalLM.__name__}` (causal, `generate()`), "
+        f"with it and with `{AutoModelForMaskedLM.__name__}` (bidirectional); `posvar_deberta` takes absolute "
+        "encodings (or `nope`) for its input positions beside its own relative ones. Flash backends ({', '.join(BIASLESS_BACKENDS)}) "
         "have no place for a score bias, so bias encodings refuse them with a ValueError."
     )
     return "\n".join([*family_rows(), "", *encoding_rows(), "", note])

@@ -83,11 +83,15 @@ class PosVarBlock(GradientCheckpointingLayer):
     def __init__(self, config: PosVarConfig, layer_idx: int, is_causal: bool):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.self_attn = ATTENTION_VARIANTS[config.attention_variant](config, layer_idx, is_causal)
+        self.self_attn = self.build_attention(config, layer_idx, is_causal)
         self.mlp = FeedForward(config)
         self.input_layernorm = build_norm(config)
         self.post_attention_layernorm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def build_attention(self, config: PosVarConfig, layer_idx: int, is_causal: bool) -> nn.Module:
+        """The attention sublayer; a family with its own attention (DeBERTa) overrides this."""
+        return ATTENTION_VARIANTS[config.attention_variant](config, layer_idx, is_causal)
 
     def residual(self, hidden_states: torch.Tensor, sublayer, norm: nn.Module) -> torch.Tensor:
         if self.pre_norm:
@@ -337,10 +341,12 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooli
 class PosVarForSequenceClassification(PosVarPreTrainedModel):
     """Sequence classification or regression over a pooled token (`config.classifier_pooling`)."""
 
+    base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
+
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = PosVarModel(config)
+        self.model = self.base_model_class(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.pooling = config.classifier_pooling or ("last" if self.model.is_causal else "first")
@@ -377,10 +383,12 @@ class PosVarForSequenceClassification(PosVarPreTrainedModel):
 class PosVarForTokenClassification(PosVarPreTrainedModel):
     """Per-token classification (tagging) on the last hidden states."""
 
+    base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
+
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = PosVarModel(config)
+        self.model = self.base_model_class(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()

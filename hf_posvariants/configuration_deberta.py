@@ -1,0 +1,131 @@
+"""Configuration of posvar_deberta: DeBERTa's disentangled attention over the shared posvariants core.
+
+The DeBERTa-specific keys carry the names of transformers' `DebertaV2Config` (relative_attention,
+pos_att_type, position_buckets, max_relative_positions, share_att_key, norm_rel_ebd) with the same
+meaning, so a DeBERTa-v2/v3 config translates key by key (see `convert_deberta.py`).
+This file imports only torch and transformers: it travels with remote-code checkpoints.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+
+from .configuration_posvariants import BIASLESS_BACKENDS, PosVarConfig, _choice_error
+from .position_encodings import POSITION_ENCODINGS
+
+POSITION_TERMS = ("c2p", "p2c")
+REL_EMBEDDING_NORMS = ("none", "layer_norm")
+# Where position enters the input embeddings (DeBERTa-v2's `position_biased_input`): a learned table
+# ("learned", v1/v2) or nothing ("nope", v3); any other absolute scheme of the registry also fits.
+INPUT_POSITION_KINDS = ("absolute", "none")
+
+
+@strict
+class PosVarDebertaConfig(PosVarConfig):
+    r"""
+    DeBERTa (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention", ICLR 2021).
+    Defaults follow DeBERTa-v3: no absolute positions at the input, 256 log buckets, shared keys.
+
+    Args:
+        relative_attention (`bool`): add the disentangled position terms to the attention scores.
+        pos_att_type (`list[str]` or `str`): the position terms, any subset of ["c2p", "p2c"]
+            (content→position, position→content); "c2p|p2c" strings are accepted as in transformers.
+        max_relative_positions (`int`): clip relative distances at k = this value; -1 means
+            max_position_embeddings.
+        position_buckets (`int`): when > 0, log-bucket distances into this many buckets per side
+            (the span k becomes `position_buckets`); -1 keeps exact distances clipped at k.
+        share_att_key (`bool`): project the relative embeddings with the content q/k projections
+            instead of separate `pos_key_proj` / `pos_query_proj`.
+        norm_rel_ebd (`str`): "layer_norm" normalises the shared relative-embedding table, "none" not.
+        emd_layers (`int`): how many times the Enhanced Mask Decoder re-applies the last encoder layer
+            in the masked-LM head; 0 turns the decoder off.
+        position_encoding (`str`): absolute positions added at the input: "nope" (DeBERTa-v3,
+            `position_biased_input=False`) or "learned" (v2, `position_biased_input=True`).
+    """
+
+    model_type = "posvar_deberta"
+
+    vocab_size: int = 128100
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    position_encoding: str = "nope"
+    norm_eps: float = 1e-7
+    scale_embeddings: bool = False
+    pad_token_id: int | None = 0
+    relative_attention: bool = True
+    pos_att_type: str | list[str] = "c2p|p2c"
+    max_relative_positions: int = -1
+    position_buckets: int = 256
+    share_att_key: bool = True
+    norm_rel_ebd: str = "layer_norm"
+    emd_layers: int = 2
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.pos_att_type, str):
+            self.pos_att_type = [term.strip() for term in self.pos_att_type.lower().split("|") if term.strip()]
+        super().__post_init__(**kwargs)
+
+    @property
+    def position_terms(self) -> list[str]:
+        """The active position terms, in a fixed order; none without relative attention."""
+        return [term for term in POSITION_TERMS if term in self.pos_att_type] if self.relative_attention else []
+
+    @property
+    def relative_span(self) -> int:
+        """k: relative indices run over [0, 2k); the shared table has 2k rows."""
+        return self.position_buckets if self.position_buckets > 0 else self.effective_max_relative_positions
+
+    @property
+    def effective_max_relative_positions(self) -> int:
+        return self.max_relative_positions if self.max_relative_positions > 0 else self.max_position_embeddings
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        unknown = [term for term in self.pos_att_type if term not in POSITION_TERMS]
+        if unknown:
+            raise _choice_error("pos_att_type", unknown, POSITION_TERMS)
+        if self.norm_rel_ebd not in REL_EMBEDDING_NORMS:
+            raise _choice_error("norm_rel_ebd", self.norm_rel_ebd, REL_EMBEDDING_NORMS)
+        if self.position_encoding_class.kind not in INPUT_POSITION_KINDS:
+            allowed = [name for name, cls in POSITION_ENCODINGS.items() if cls.kind in INPUT_POSITION_KINDS]
+            raise _choice_error("position_encoding", self.position_encoding, allowed)
+        if self.attention_variant != "standard":
+            raise _choice_error("attention_variant", self.attention_variant, ["standard"])
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads="
+                f"{self.num_attention_heads} for posvar_deberta: the position terms pair every query head "
+                "with its own key head."
+            )
+        if self.emd_layers < 0:
+            raise ValueError(f"emd_layers={self.emd_layers} must be 0 (decoder off) or a positive integer.")
+        if self.max_relative_positions == 0 or self.max_relative_positions < -1:
+            raise ValueError(
+                f"max_relative_positions={self.max_relative_positions} must be a positive integer, or -1 for "
+                f"max_position_embeddings={self.max_position_embeddings}."
+            )
+        self._validate_buckets()
+
+    def _validate_buckets(self):
+        buckets, span = self.position_buckets, self.effective_max_relative_positions
+        if buckets == -1:
+            return
+        # The logarithmic buckets grow from buckets//2 up to max_relative_positions - 1, which must lie beyond.
+        if buckets < 2 or buckets > span or buckets // 2 >= span - 1:
+            raise ValueError(
+                f"position_buckets={buckets} does not fit the relative span max_relative_positions={span}: "
+                f"allowed values are -1 (no buckets) or 2..{span} with position_buckets // 2 < {span - 1}."
+            )
+
+    def check_attention_backend(self, implementation: str | None = None):
+        """The position terms are a score bias: refuse backends that would drop it."""
+        super().check_attention_backend(implementation)
+        implementation = implementation or self._attn_implementation
+        if self.position_terms and implementation in BIASLESS_BACKENDS:
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot add the disentangled position terms "
+                f"pos_att_type={self.pos_att_type!r}; allowed backends are 'eager', 'sdpa' and 'flex_attention'."
+            )

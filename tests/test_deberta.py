@@ -1,0 +1,319 @@
+"""posvar_deberta: parity with transformers' DebertaV2, backends, the Enhanced Mask Decoder, errors, training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DataCollatorForLanguageModeling,
+    DebertaV2Config,
+    DebertaV2ForMaskedLM,
+    DebertaV2Model,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+from conftest import VOCAB, build, tiny_config
+from hf_posvariants import PosVarDebertaConfig
+from hf_posvariants.convert_deberta import convert_deberta
+from hf_posvariants.modeling_deberta import log_bucket
+
+LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised
+
+
+def deberta_config(**overrides) -> PosVarDebertaConfig:
+    fields = dict(num_key_value_heads=4, position_encoding="nope", position_buckets=8, max_relative_positions=-1)
+    fields.update(overrides)
+    return tiny_config(PosVarDebertaConfig, **fields)
+
+
+def batch(length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences, the second right-padded after 15 tokens."""
+    input_ids = torch.randint(3, VOCAB, (2, length))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 15:] = 0
+    input_ids[1, 15:] = 0
+    return input_ids, attention_mask
+
+
+def reference_config(pos_att_type, share_att_key, position_buckets, **overrides) -> DebertaV2Config:
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        relative_attention=True,
+        pos_att_type=pos_att_type,
+        share_att_key=share_att_key,
+        position_buckets=position_buckets,
+        max_relative_positions=8 if position_buckets < 0 else -1,
+        norm_rel_ebd="layer_norm",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    fields.update(overrides)
+    return DebertaV2Config(**fields)
+
+
+def assert_matches_reference(ours, reference, padded: bool = True) -> None:
+    """Same logits (or hidden states) within 1e-4 on real tokens: padded query rows are meaningless, and
+    transformers masks them as queries too."""
+    input_ids, attention_mask = batch()
+    if not padded:
+        input_ids, attention_mask = input_ids.clamp(min=3), None
+    with torch.no_grad():
+        expected = first_output(reference(input_ids, attention_mask=attention_mask))
+        result = first_output(ours(input_ids, attention_mask=attention_mask))
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    torch.testing.assert_close(result[real], expected[real], atol=1e-4, rtol=0)
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial values everywhere (init leaves biases at 0 and norms at 1, which hides misplaced weights)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("pos_att_type", [["c2p"], ["p2c"], ["c2p", "p2c"]])
+@pytest.mark.parametrize("share_att_key", [True, False])
+@pytest.mark.parametrize("position_buckets", [-1, 8])
+def test_masked_lm_matches_transformers_debertav2(pos_att_type, share_att_key, position_buckets):
+    # Both head layouts and both input-position settings are covered across the grid.
+    legacy = position_biased_input = share_att_key
+    config = reference_config(
+        pos_att_type, share_att_key, position_buckets, legacy=legacy, position_biased_input=position_biased_input
+    )
+    reference = randomise(DebertaV2ForMaskedLM(config))
+    ours = convert_deberta(reference).eval()
+    assert ours.config.emd_layers == 0
+    for backend in ("eager", "sdpa"):
+        ours.set_attn_implementation(backend)
+        assert_matches_reference(ours, reference, padded=True)
+        assert_matches_reference(ours, reference, padded=False)
+
+
+def test_base_model_matches_transformers_debertav2_model():
+    reference = randomise(DebertaV2Model(reference_config(["c2p", "p2c"], False, 8)))
+    assert_matches_reference(convert_deberta(reference).eval(), reference)
+
+
+def test_log_bucket_matches_reference():
+    relative = torch.arange(-300, 301)[None, :]
+    for buckets, max_position in ((8, 64), (256, 512), (32, 17)):
+        expected = make_log_bucket_position(relative, buckets, max_position).long()
+        assert torch.equal(log_bucket(relative, buckets, max_position), expected)
+
+
+CONFIGS = {
+    "both-shared-buckets": dict(),
+    "c2p-separate-clipped": dict(pos_att_type="c2p", share_att_key=False, position_buckets=-1, max_relative_positions=6),
+    "p2c-learned-positions": dict(pos_att_type="p2c", position_encoding="learned", norm_rel_ebd="none"),
+    "pre-norm": dict(norm_position="pre"),
+}
+HEADS = (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification)
+
+
+def first_output(outputs) -> torch.Tensor:
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs.logits
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.__name__)
+def test_eager_matches_sdpa(overrides, head):
+    config = deberta_config(**overrides)
+    eager, sdpa = build(head, config, "eager"), build(head, config, "sdpa")
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        expected = first_output(eager(input_ids, attention_mask=attention_mask))
+        result = first_output(sdpa(input_ids, attention_mask=attention_mask))
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+
+
+def test_eager_matches_sdpa_gradients():
+    config = deberta_config(hidden_dropout=0.0)
+    input_ids, attention_mask = batch()
+    gradients = []
+    for backend in ("eager", "sdpa"):
+        model = build(AutoModelForMaskedLM, config, backend)
+        model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    assert "model.rel_embeddings.weight" in gradients[0]
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.flex
+def test_flex_matches_eager():
+    config = deberta_config()
+    input_ids, attention_mask = batch(length=32)
+    eager, flex = build(AutoModelForMaskedLM, config, "eager"), build(AutoModelForMaskedLM, config, "flex_attention")
+    with torch.no_grad():
+        expected = eager(input_ids, attention_mask=attention_mask).logits
+        result = flex(input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+
+
+def test_position_terms_change_scores():
+    """Positions matter: permuting tokens changes the outputs, unlike c2c-only attention without positions."""
+    input_ids, _ = batch()
+    permuted = input_ids.flip(-1)
+    for overrides, position_sensitive in ((dict(), True), (dict(relative_attention=False), False)):
+        model = build(AutoModel, deberta_config(**overrides))
+        with torch.no_grad():
+            straight = model(input_ids).last_hidden_state
+            flipped = model(permuted).last_hidden_state.flip(1)
+        assert torch.allclose(straight, flipped, atol=1e-5) != position_sensitive
+
+
+def test_save_load_round_trip(tmp_path):
+    for head in HEADS:
+        model = build(head, deberta_config())
+        model.save_pretrained(tmp_path / head.__name__)
+        loaded = head.from_pretrained(tmp_path / head.__name__, attn_implementation="eager").eval()
+        assert type(loaded) is type(model)
+        input_ids, attention_mask = batch()
+        with torch.no_grad():
+            expected = first_output(model(input_ids, attention_mask=attention_mask))
+            torch.testing.assert_close(first_output(loaded(input_ids, attention_mask=attention_mask)), expected)
+    assert loaded.config.pos_att_type == ["c2p", "p2c"]
+
+
+def test_enhanced_mask_decoder_changes_only_the_head():
+    with_emd = build(AutoModelForMaskedLM, deberta_config(emd_layers=2))
+    without = AutoModelForMaskedLM.from_config(copy.deepcopy(deberta_config(emd_layers=0)), attn_implementation="eager")
+    missing, unexpected = without.load_state_dict(with_emd.state_dict(), strict=False)
+    assert unexpected == ["emd.position_embeddings.weight"] and not missing
+    without.eval()
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        encoder_with = with_emd.model(input_ids, attention_mask=attention_mask)
+        encoder_without = without.model(input_ids, attention_mask=attention_mask)
+        assert torch.equal(encoder_with.last_hidden_state, encoder_without.last_hidden_state)
+        logits_with = with_emd(input_ids, attention_mask=attention_mask).logits
+        logits_without = without(input_ids, attention_mask=attention_mask).logits
+        assert not torch.allclose(logits_with, logits_without, atol=1e-3)
+        torch.testing.assert_close(logits_without, without.lm_head(without.transform(encoder_without.last_hidden_state)))
+
+        # The decoder by definition: the last layer twice, query = its input + absolute positions.
+        model = with_emd.model
+        last_layer, kv = model.layers[-1], encoder_with.last_layer_input
+        mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        relative = model.relative_positions(input_ids.shape[1], input_ids.device)
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        query = kv + with_emd.emd.position_embeddings(positions)
+        for _ in range(2):
+            query = last_layer(kv, attention_mask=mask, relative=relative, query_states=query)
+        torch.testing.assert_close(logits_with, with_emd.lm_head(with_emd.transform(query)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(pos_att_type=["c2p", "p2p"]), "pos_att_type"),
+        (dict(pos_att_type="c2p|bogus"), "pos_att_type"),
+        (dict(position_buckets=128, max_relative_positions=64), "position_buckets"),
+        (dict(position_buckets=1), "position_buckets"),
+        (dict(max_relative_positions=0), "max_relative_positions"),
+        (dict(norm_rel_ebd="batch_norm"), "norm_rel_ebd"),
+        (dict(position_encoding="rope"), "position_encoding"),
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(emd_layers=-1), "emd_layers"),
+        (dict(attention_variant="differential"), "attention_variant"),
+    ],
+)
+def test_impossible_settings_are_refused(overrides, field):
+    # huggingface_hub's strict dataclasses wrap the ValueError of `validate_architecture`.
+    with pytest.raises(StrictDataclassClassValidationError, match=field) as raised:
+        deberta_config(**overrides)
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_flash_backend_is_refused():
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        deberta_config().check_attention_backend("flash_attention_2")
+    deberta_config(relative_attention=False).check_attention_backend("flash_attention_2")
+
+
+def test_decoder_setting_is_refused():
+    with pytest.raises(ValueError, match="is_decoder"):
+        build(AutoModel, deberta_config(is_decoder=True))
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    symbols = ["[PAD]", "[UNK]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz ")
+    tokenizer = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+
+
+def test_trains_with_trainer_and_mlm_collator(tmp_path):
+    tokenizer = character_tokenizer()
+    texts = ["war and peace", "the quick brown fox jumps", "over the lazy dog", "a tale of two cities"] * 2
+    dataset = [{"input_ids": tokenizer(text)["input_ids"]} for text in texts]
+    model = AutoModelForMaskedLM.from_config(deberta_config(vocab_size=len(tokenizer), pad_token_id=0))
+    before = model.model.rel_embeddings.weight.detach().clone()
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.3)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, use_cpu=True,
+        logging_steps=1, save_strategy="no", report_to="none",
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.model.rel_embeddings.weight)
+
+
+def test_convert_script_round_trip(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    reference = randomise(DebertaV2ForMaskedLM(reference_config(["c2p", "p2c"], True, 8)))
+    reference.save_pretrained(tmp_path / "deberta")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_deberta.py"
+    monkeypatch.setattr("sys.argv", ["convert_deberta.py", str(tmp_path / "deberta"), str(tmp_path / "posvar")])
+    runpy.run_path(str(script), run_name="__main__")
+    assert_matches_reference(AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval(), reference)
+
+
+@pytest.mark.slow
+def test_loads_as_remote_code_without_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    model = build(AutoModelForMaskedLM, deberta_config(emd_layers=1))
+    model.save_pretrained(tmp_path)
+    input_ids, attention_mask = batch()
+    torch.save((input_ids, attention_mask), tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(model(input_ids, attention_mask=attention_mask).logits, tmp_path / "expected.pt")
+    # A fresh process where importing the package fails: only the checkpoint's own files may be used.
+    script = f"""
+import sys, torch
+sys.modules["hf_posvariants"] = None
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, attn_implementation="eager").eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+input_ids, attention_mask = torch.load({str(tmp_path / "batch.pt")!r})
+with torch.no_grad():
+    logits = model(input_ids, attention_mask=attention_mask).logits
+torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
