@@ -158,3 +158,6 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
                 "block_size or more data."
             )
     return packed
+
+
+IGNORE_INDEX = -100  # label of positions that take no part in the loss (PyTorch's and transformers' convention)
