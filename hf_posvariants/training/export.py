@@ -53,11 +53,16 @@ def export_for_remote_code(model, folder: str | Path, tokenizer=None) -> Path:
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    complete_auto_map(folder, type(model.config))
+    return make_remote_loadable(folder, type(model.config))
+
+
+def make_remote_loadable(folder: str | Path, config_class: type) -> Path:
+    """Complete `auto_map` in a folder written by `save_pretrained` and check the code files are there."""
+    complete_auto_map(folder, config_class)
     missing = missing_source_files(folder)
     if missing:
-        raise RuntimeError(f"export to {folder} lacks the model source files {missing}.")
-    return folder
+        raise RuntimeError(f"{folder} lacks the model source files {missing} named in its auto_map.")
+    return Path(folder)
 
 
 class RemoteCodeCheckpointCallback(TrainerCallback):
@@ -72,7 +77,7 @@ class RemoteCodeCheckpointCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return control
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        complete_auto_map(folder, self.config_class)
+        make_remote_loadable(folder, self.config_class)
         if self.publish is not None:
             self.publish(folder, f"Training checkpoint at step {state.global_step}")
         return control

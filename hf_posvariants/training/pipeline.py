@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import FAMILIES
 from ..configuration_posvariants import PosVarConfig
 from .data import IGNORE_INDEX, load_splits, pack_blocks, text_column_of
-from .export import RemoteCodeCheckpointCallback, export_for_remote_code
+from .export import RemoteCodeCheckpointCallback, make_remote_loadable
 from .hub import push_folder, render_model_card
 from .metrics import POSVAR_ACCURACY
 from .recipes import check_config_fields, parse_recipe
@@ -280,8 +280,9 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     trainer.save_metrics("all", metrics)
     trainer.save_state()
 
+    trainer.save_model()  # safetensors weights, config, model code, tokenizer, training_args.bin
     if trainer.is_world_process_zero():
-        export_for_remote_code(trainer.model, training_args.output_dir, tokenizer)
+        make_remote_loadable(training_args.output_dir, type(config))
         (Path(training_args.output_dir) / "run_args.json").write_text(json.dumps(run_record(
             model_args, data_args, training_args, trainer.model), indent=2) + "\n")
         if push:
