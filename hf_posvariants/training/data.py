@@ -73,6 +73,8 @@ def _data_files(path: str) -> tuple[str, list[str]]:
     files = sorted(str(p) for p in source.rglob("*") if p.is_file()) if source.is_dir() else [str(source)]
     if not files:
         raise ValueError(f"data folder {path!r} contains no files.")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise ValueError(f"data {path!r} is empty: {len(files)} file(s), none with any content.")
     suffixes = {Path(f).suffix for f in files}
     builders = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
     unknown = suffixes - set(builders)
