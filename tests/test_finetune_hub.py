@@ -158,3 +158,22 @@ def test_empty_dataset_and_unknown_recipe_key(tmp_path):
     short.write_text("a b\n")
     with pytest.raises(ValueError, match="yields no block"):
         pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--train_file", str(short), "--validation_file", str(short)))
+
+
+def test_recipes_comment_every_key_and_build_their_configs():
+    """Every recipe line with a key carries a comment; its model: section builds the family config;
+    the base recipes are ~125M parameters (counted on the meta device)."""
+    from hf_posvariants.training.recipes import check_config_fields
+
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and ":" in line:
+                assert " # " in line, f"{path.name}: {line!r} has no comment"
+        recipe = yaml.safe_load(path.read_text())
+        if "model" not in recipe:
+            continue
+        config = check_config_fields(recipe["model_type"], recipe["model"])(vocab_size=recipe["tokenizer_vocab_size"], **recipe["model"])
+        if path.name.startswith("base_"):
+            with torch.device("meta"):
+                count = AutoModelForCausalLM.from_config(config).num_parameters()
+            assert 100e6 < count < 150e6, count
