@@ -106,7 +106,8 @@ def test_push_uploads_code_card_and_intermediate_checkpoints(tmp_path):
         "Training checkpoint at step 5", "Training checkpoint at step 10", "Trained model"
     ]
     for _, _, files, card in hub.commits:
-        assert MODEL_FILES | {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= files
+        assert MODEL_FILES | {"README.md", "config.json", "model.safetensors", "tokenizer.json", "run_args.json"} <= files
+        assert "trained from scratch" in card.content.lower()
         assert card.data.library_name == "transformers"
         assert {"position-encoding-rope", "attention-standard", "posvar_llama"} <= set(card.data.tags)
     final_files, final_card = hub.commits[-1][2], hub.commits[-1][3]

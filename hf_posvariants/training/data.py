@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 BUILTIN = "builtin"
+IGNORE_INDEX = -100  # label of positions that take no part in the loss (PyTorch's and transformers' convention)
 SYMBOLS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
@@ -160,6 +161,3 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
                 "block_size or more data."
             )
     return packed
-
-
-IGNORE_INDEX = -100  # label of positions that take no part in the loss (PyTorch's and transformers' convention)

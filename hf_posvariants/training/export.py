@@ -65,12 +65,17 @@ def make_remote_loadable(folder: str | Path, config_class: type) -> Path:
     return Path(folder)
 
 
+RUN_RECORD_FILE = "run_args.json"
+
+
 class RemoteCodeCheckpointCallback(TrainerCallback):
     """Completes `auto_map` in every checkpoint the Trainer writes, so intermediate checkpoints load
-    with remote code too; with a `publish` function it then hands the checkpoint folder to it."""
+    with remote code too, and writes the run record (read by the model card) beside it; with a
+    `publish` function it then hands the checkpoint folder to it."""
 
-    def __init__(self, config_class: type, publish=None):
+    def __init__(self, config_class: type, run_record: dict | None = None, publish=None):
         self.config_class = config_class
+        self.run_record = run_record
         self.publish = publish
 
     def on_save(self, args, state, control, **kwargs):
@@ -78,6 +83,12 @@ class RemoteCodeCheckpointCallback(TrainerCallback):
             return control
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         make_remote_loadable(folder, self.config_class)
+        if self.run_record is not None:
+            write_run_record(folder, self.run_record)
         if self.publish is not None:
             self.publish(folder, f"Training checkpoint at step {state.global_step}")
         return control
+
+
+def write_run_record(folder: str | Path, record: dict) -> None:
+    (Path(folder) / RUN_RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -9,7 +9,6 @@ Every check that can fail on the user's input runs before the Trainer is built.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import FAMILIES
 from ..configuration_posvariants import PosVarConfig
 from .data import IGNORE_INDEX, load_splits, pack_blocks, text_column_of
-from .export import RemoteCodeCheckpointCallback, make_remote_loadable
+from .export import RemoteCodeCheckpointCallback, make_remote_loadable, write_run_record
 from .hub import push_folder, render_model_card
 from .metrics import POSVAR_ACCURACY
 from .recipes import check_config_fields, parse_recipe
@@ -262,6 +261,7 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
             push_folder(folder, repo_id, hub_client, message, private=training_args.hub_private_repo, card=card)
 
     every_save = push and training_args.hub_strategy != "end"
+    record = run_record(model_args, data_args, training_args, model)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -271,7 +271,7 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[RemoteCodeCheckpointCallback(type(config), publish if every_save else None), *(callbacks or [])],
+        callbacks=[RemoteCodeCheckpointCallback(type(config), record, publish if every_save else None), *(callbacks or [])],
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {**train_result.metrics, "train_samples": len(datasets_["train"])}
@@ -283,8 +283,7 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     trainer.save_model()  # safetensors weights, config, model code, tokenizer, training_args.bin
     if trainer.is_world_process_zero():
         make_remote_loadable(training_args.output_dir, type(config))
-        (Path(training_args.output_dir) / "run_args.json").write_text(json.dumps(run_record(
-            model_args, data_args, training_args, trainer.model), indent=2) + "\n")
+        write_run_record(training_args.output_dir, record)
         if push:
             publish(training_args.output_dir, "Trained model")
     return metrics
