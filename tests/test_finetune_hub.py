@@ -178,3 +178,15 @@ def test_recipes_comment_every_key_and_build_their_configs():
             with torch.device("meta"):
                 count = AutoModelForCausalLM.from_config(config).num_parameters()
             assert 100e6 < count < 150e6, count
+
+
+def test_command_line_overrides_recipe_keys_and_config_fields():
+    model_args, data_args, training_args, fields = pipeline.parse([
+        str(ROOT / "configs" / "tiny_mlm.yaml"), "--block_size", "48", "--model.hidden_size=96",
+        "--model.position_encoding", "alibi", "--output_dir", "/tmp/override_check",
+    ])  # fmt: skip
+    assert (model_args.objective, model_args.model_type) == ("mlm", "posvar_transformer")  # from the recipe
+    assert data_args.block_size == 48 and training_args.learning_rate == 0.002
+    assert fields["hidden_size"] == 96 and isinstance(fields["hidden_size"], int)
+    assert fields["position_encoding"] == "alibi" and fields["num_hidden_layers"] == 2
+    assert training_args.output_dir == "/tmp/override_check"

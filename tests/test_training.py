@@ -178,3 +178,19 @@ def test_two_process_gloo_ddp_agrees_across_ranks(tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+
+
+@pytest.mark.slow  # the README's demo command, shortened: a fresh interpreter running scripts/train.py
+def test_demo_command_writes_a_loadable_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / "tiny_clm.yaml"),
+         "--output_dir", str(tmp_path), "--max_steps", "20", "--eval_steps", "20", "--save_steps", "20"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert {"eval_loss", "eval_perplexity", "eval_accuracy"} <= set(results)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    prompt = tokenizer("copy : a b c =", return_tensors="pt")
+    assert model.generate(**prompt, max_new_tokens=4, do_sample=False).shape[-1] == prompt["input_ids"].shape[-1] + 4
