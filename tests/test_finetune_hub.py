@@ -19,7 +19,7 @@ from hf_posvariants.training import pipeline
 from hf_posvariants.training.data import BUILTIN_TASKS
 from hf_posvariants.training.metrics import POSVAR_ACCURACY
 from tests.conftest import build, tiny_config
-from tests.test_training import ROOT, tiny_argv
+from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 MODEL_FILES = {"configuration_posvariants.py", "modeling_posvariants.py", "position_encodings.py", "attention.py"}
 
@@ -78,17 +78,17 @@ def write_jsonl(path, rows):
 
 def test_classification_finetune_from_mlm_checkpoint_beats_chance(tmp_path):
     mlm = tmp_path / "mlm"
-    pipeline.main(tiny_argv(mlm, "mlm", "posvar_transformer", "--max_steps", "20"))
-    train = write_jsonl(tmp_path / "train.jsonl", labelled_rows(240, seed=1))
+    pipeline.main(tiny_argv(mlm, "mlm", "posvar_transformer", "--max_steps", "150"))
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_rows(400, seed=1))
     dev = write_jsonl(tmp_path / "dev.jsonl", labelled_rows(80, seed=2))
     metrics = pipeline.main([
         str(ROOT / "configs" / "classify.yaml"), "--model_name_or_path", str(mlm), "--train_file", train,
-        "--validation_file", dev, "--output_dir", str(tmp_path / "cls"), "--num_train_epochs", "2",
+        "--validation_file", dev, "--output_dir", str(tmp_path / "cls"), "--num_train_epochs", "4",
         "--learning_rate", "0.003", "--disable_tqdm", "true",
     ])  # fmt: skip
-    # Four balanced classes: chance is 0.25. Recall and count lines are told apart by their tokens within a
-    # few steps; copy against reverse needs token order and takes longer, so 0.45 is the bar here.
-    assert metrics["eval_accuracy"] > 0.45, metrics
+    # Four balanced classes: chance is 0.25 (measured: 0.74). Recall and count lines differ in their tokens;
+    # copy against reverse differ only in token order.
+    assert metrics["eval_accuracy"] > 0.6, metrics
     assert 0.0 < metrics["eval_f1"] <= 1.0
     saved = json.loads((tmp_path / "cls" / "config.json").read_text())
     assert sorted(saved["id2label"].values()) == sorted(BUILTIN_TASKS)

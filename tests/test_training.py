@@ -23,6 +23,15 @@ FAMILY_TYPES = [config_class.model_type for config_class in FAMILIES]
 HEADS = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine were 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_argv(output_dir: Path, objective: str = "clm", model_type: str = "posvar_llama", *extra: str) -> list[str]:
     """The tiny recipe of `objective`, shrunk to a run of a few seconds."""
     return [
@@ -115,7 +124,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     child = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, "9", json.dumps(argv(killed))],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-6"]
@@ -185,7 +194,7 @@ def test_demo_command_writes_a_loadable_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / "tiny_clm.yaml"),
          "--output_dir", str(tmp_path), "--max_steps", "20", "--eval_steps", "20", "--save_steps", "20"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "all_results.json").read_text())
