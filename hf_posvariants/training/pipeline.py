@@ -59,6 +59,9 @@ class ModelArguments:
     tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of a tokenizer trained here."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flex_attention, …"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow checkpoints that ship model code."})
+    torch_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for torch; 1 is fastest for tiny models (measured 20x on 2 cores)."}
+    )
 
 
 @dataclass
@@ -212,6 +215,8 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     # Pushing is ours (push_to_hub=True in TrainingArguments contacts the Hub as the Trainer is built,
     # and its intermediate pushes leave out the model code).
     push, training_args.push_to_hub = training_args.push_to_hub, False
+    if model_args.torch_num_threads is not None:
+        torch.set_num_threads(model_args.torch_num_threads)
     set_seed(training_args.seed)
 
     checkpoint = resume_folder(training_args)
