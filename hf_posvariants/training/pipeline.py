@@ -31,7 +31,6 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .. import FAMILIES
 from ..configuration_posvariants import PosVarConfig
 from .data import IGNORE_INDEX, load_splits, pack_blocks, text_column_of
 from .export import RemoteCodeCheckpointCallback, make_remote_loadable, write_run_record
@@ -206,6 +205,47 @@ def parse(argv: list[str]):
     return model_args, data_args, training_args, model_fields
 
 
+def task_inputs(model_args, data_args, training_args, splits, text_column, tokenizer, config):
+    """(datasets, collator, compute_metrics, preprocess_logits_for_metrics) of the task; sets the labels in `config`."""
+    metric = evaluate.load(POSVAR_ACCURACY)
+    if model_args.task == "sequence_classification":
+        datasets_, id2label = classification_splits(splits, tokenizer, data_args)
+        config.id2label, config.label2id = id2label, {label: i for i, label in id2label.items()}
+        return datasets_, DataCollatorWithPadding(tokenizer), classification_metrics(metric), None
+    if model_args.objective == "mlm" and tokenizer.mask_token is None:
+        raise ValueError(f"objective='mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} has none.")
+    with training_args.main_process_first(desc="packing"):
+        datasets_ = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm=model_args.objective == "mlm", mlm_probability=data_args.mlm_probability
+    )
+    return datasets_, collator, lm_metrics(metric), lm_eval_outputs(model_args.objective)
+
+
+def build_model(model_args: ModelArguments, config: PosVarConfig):
+    """The task head, fresh from `config` or with the checkpoint's weights."""
+    head = _head(model_args)
+    if model_args.model_name_or_path is None:
+        return head.from_config(config, attn_implementation=model_args.attn_implementation)
+    return head.from_pretrained(model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code,
+                                attn_implementation=model_args.attn_implementation)
+
+
+def hub_publisher(training_args: TrainingArguments, hub_client=None):
+    """A function pushing a folder (with its rendered card) to `hub_model_id`, or the output folder's name."""
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    if hub_client is None:
+        from huggingface_hub import HfApi
+
+        hub_client = HfApi(token=training_args.hub_token)
+
+    def publish(folder, message):
+        card = render_model_card(folder, repo_id)
+        push_folder(folder, repo_id, hub_client, message, private=training_args.hub_private_repo, card=card)
+
+    return publish
+
+
 def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dict:
     """Run a recipe; returns the final metrics. `hub_client` stands in for `huggingface_hub.HfApi`."""
     model_args, data_args, training_args, model_fields = parse(argv)
@@ -229,43 +269,12 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     config = build_config(model_args, model_fields, tokenizer)
     check_block_size(config, data_args.block_size)
 
-    metric = evaluate.load(POSVAR_ACCURACY)
-    if model_args.task == "sequence_classification":
-        datasets_, id2label = classification_splits(splits, tokenizer, data_args)
-        config.id2label, config.label2id = id2label, {label: i for i, label in id2label.items()}
-        collator = DataCollatorWithPadding(tokenizer)
-        compute_metrics, preprocess = classification_metrics(metric), None
-    else:
-        if model_args.objective == "mlm" and tokenizer.mask_token is None:
-            raise ValueError(f"objective='mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} has none.")
-        with training_args.main_process_first(desc="packing"):
-            datasets_ = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
-        collator = DataCollatorForLanguageModeling(
-            tokenizer, mlm=model_args.objective == "mlm", mlm_probability=data_args.mlm_probability
-        )
-        compute_metrics, preprocess = lm_metrics(metric), lm_eval_outputs(model_args.objective)
-
-    head = _head(model_args)
-    if model_args.model_name_or_path is not None:
-        model = head.from_pretrained(model_args.model_name_or_path, config=config,
-                                     attn_implementation=model_args.attn_implementation,
-                                     trust_remote_code=model_args.trust_remote_code)
-    else:
-        model = head.from_config(config, attn_implementation=model_args.attn_implementation)
-
-    publish = None
-    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-    if push:
-        if hub_client is None:
-            from huggingface_hub import HfApi
-
-            hub_client = HfApi(token=training_args.hub_token)
-
-        def publish(folder, message):
-            card = render_model_card(folder, repo_id)
-            push_folder(folder, repo_id, hub_client, message, private=training_args.hub_private_repo, card=card)
-
-    every_save = push and training_args.hub_strategy != "end"
+    datasets_, collator, compute_metrics, preprocess = task_inputs(
+        model_args, data_args, training_args, splits, text_column, tokenizer, config
+    )
+    model = build_model(model_args, config)
+    publish = hub_publisher(training_args, hub_client) if push else None
+    every_save = publish is not None and training_args.hub_strategy != "end"
     record = run_record(model_args, data_args, training_args, model)
     trainer = Trainer(
         model=model,
@@ -289,7 +298,7 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     if trainer.is_world_process_zero():
         make_remote_loadable(training_args.output_dir, type(config))
         write_run_record(training_args.output_dir, record)
-        if push:
+        if publish is not None:
             publish(training_args.output_dir, "Trained model")
     return metrics
 
