@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
 from hf_posvariants.training.export import make_remote_loadable
-from hf_posvariants.training.hub import CARD_FILE, push_folder, render_model_card
+from hf_posvariants.training.hub import CARD_FILE, TEMPLATE, push_folder, render_model_card
 
 
 def main(argv=None, api=None) -> list[str]:
@@ -24,11 +24,12 @@ def main(argv=None, api=None) -> list[str]:
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--dry_run", action="store_true", help="render the card and list files only")
+    parser.add_argument("--template", default=str(TEMPLATE), help="model card template (Jinja, YAML header)")
     args = parser.parse_args(argv)
 
     config = AutoConfig.from_pretrained(args.folder)
     make_remote_loadable(args.folder, type(config))
-    card = render_model_card(args.folder, args.repo_id)
+    card = render_model_card(args.folder, args.repo_id, args.template)
     if args.dry_run:
         card.save(f"{args.folder}/{CARD_FILE}")
         print(card.content)

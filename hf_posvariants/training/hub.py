@@ -75,7 +75,9 @@ def render_model_card(folder: str | Path, repo_id: str, template: str | Path = T
         architecture=[(key, config.get(key)) for key in ARCHITECTURE_FIELDS],
         num_parameters=f"{run['num_parameters']:,}" if "num_parameters" in run else "not recorded",
         training_summary=_training_summary(run),
-        training=[(key, run[key]) for key in TRAINING_FIELDS if key in run],
+        # With max_steps set, the Trainer ignores num_train_epochs: leave it out rather than mislead.
+        training=[(key, run[key]) for key in TRAINING_FIELDS
+                  if key in run and not (key == "num_train_epochs" and run.get("max_steps", -1) > 0)],
         results=[(key, f"{value:.4g}" if isinstance(value, float) else value) for key, value in sorted(results.items())],
     )
 
