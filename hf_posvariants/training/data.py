@@ -139,6 +139,8 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
     The tail shorter than `block_size` is dropped, as in transformers' run_clm/run_mlm examples.
     """
     separator = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
+    if separator[0] is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither an eos_token nor a sep_token to separate texts.")
 
     def tokenize(batch):
         encoded = tokenizer(batch[text_column], add_special_tokens=False)

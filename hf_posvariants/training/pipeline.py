@@ -101,7 +101,10 @@ def load_or_train_tokenizer(model_args: ModelArguments, texts, resume_folder: st
     """The tokenizer named by the recipe, else the checkpoint's, else one trained on `texts`."""
     source = model_args.tokenizer_name or resume_folder or model_args.model_name_or_path
     if source is not None:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+        if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; the collators need one to pad
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     return train_tokenizer(texts, model_args.objective, model_args.tokenizer_vocab_size)
 
 
