@@ -31,7 +31,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import ATTENTION_VARIANTS, PosVarAttention
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
-from .position_encodings import PositionEncoding
+from .position_encodings import POSITION_ENCODINGS, PositionEncoding
 
 
 class RMSNorm(nn.Module):
@@ -158,7 +158,9 @@ class PosVarModel(PosVarPreTrainedModel):
         self.is_causal = config.is_decoder if is_causal is None else is_causal
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
-        self.position_encoding = config.position_encoding_class(config, self.is_causal)
+        # This module's own registry, not the config's: remote code loads the config and the model files
+        # as separate module copies, and `_init_weights` recognises only this copy's `PositionEncoding`.
+        self.position_encoding = POSITION_ENCODINGS[config.position_encoding](config, self.is_causal)
         self.layers = nn.ModuleList(
             [PosVarBlock(config, layer_idx, self.is_causal) for layer_idx in range(config.num_hidden_layers)]
         )

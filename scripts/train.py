@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Train or fine-tune a posvariants model from a YAML recipe, with command-line overrides.
+
+    python scripts/train.py configs/tiny_clm.yaml
+    python scripts/train.py configs/tiny_mlm.yaml --model.position_encoding alibi --max_steps 100
+    torchrun --nproc_per_node 2 scripts/train.py configs/tiny_clm.yaml          # data parallel
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py configs/small_clm.yaml
+
+The pipeline lives in `hf_posvariants.training.pipeline`; run with `--help` for every argument.
+"""
+
+import sys
+
+from hf_posvariants.training.pipeline import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

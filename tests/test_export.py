@@ -1,0 +1,91 @@
+"""Remote-code export: a folder that loads with trust_remote_code=True where hf_posvariants cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from hf_posvariants import FAMILIES
+from hf_posvariants.training.export import export_for_remote_code, family_auto_map
+from tests.conftest import build, tiny_config
+
+# Runs in a fresh interpreter: `import hf_posvariants` must fail, then every family loads from its folder.
+LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class NoPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_posvariants" or name.startswith("hf_posvariants."):
+                raise ModuleNotFoundError(f"blocked: {name}")
+    sys.meta_path.insert(0, NoPackage())
+    try:
+        import hf_posvariants
+        sys.exit("hf_posvariants was importable")
+    except ModuleNotFoundError:
+        pass
+    import torch
+    from transformers import AutoModel, AutoModelForMaskedLM
+    folders, input_ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+    logits = {}
+    for folder in folders:
+        masked = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager").eval()
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager").eval()
+        assert type(masked).__module__.startswith("transformers_modules"), type(masked).__module__
+        assert "hf_posvariants" not in sys.modules
+        with torch.no_grad():
+            logits[folder] = (masked(input_ids).logits, base(input_ids).last_hidden_state)
+    torch.save(logits, out)
+    """
+)
+
+
+def test_auto_map_names_every_head_of_the_family():
+    for config_class, heads in FAMILIES.items():
+        auto_map = family_auto_map(config_class)
+        assert set(auto_map) == {"AutoConfig", *(auto_class.__name__ for auto_class in heads)}
+        assert auto_map["AutoConfig"] == f"configuration_posvariants.{config_class.__name__}"
+
+
+def test_export_loads_without_the_package(tmp_path):
+    input_ids = [[5, 9, 3, 7, 11, 2], [4, 4, 8, 1, 6, 3]]
+    expected, folders = {}, []
+    for config_class in FAMILIES:
+        config = tiny_config(config_class, config_class().position_encoding)
+        model = build(AutoModelForMaskedLM, config)
+        folder = str(tmp_path / config_class.model_type)
+        export_for_remote_code(model, folder)
+        saved = json.loads(open(os.path.join(folder, "config.json")).read())
+        assert saved["auto_map"] == family_auto_map(config_class)
+        # The bare model follows config.is_decoder (causal for Llama), unlike the always-bidirectional MLM head.
+        base = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            expected[folder] = (model(torch.tensor(input_ids)).logits, base(torch.tensor(input_ids)).last_hidden_state)
+        folders.append(folder)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    out = str(tmp_path / "logits.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(folders), json.dumps(input_ids), out],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(out)
+    for folder in folders:
+        for got, want in zip(loaded[folder], expected[folder]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_export_serves_classification_heads(tmp_path):
+    """The same folder, exported from a masked LM, fine-tunes as a classifier through the full auto_map."""
+    for config_class in FAMILIES:
+        folder = tmp_path / config_class.model_type
+        export_for_remote_code(build(AutoModelForMaskedLM, tiny_config(config_class, "nope")), folder)
+        classifier = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
+        assert classifier.score.out_features == 3
+        assert isinstance(AutoModel.from_pretrained(folder), FAMILIES[config_class][AutoModel])
