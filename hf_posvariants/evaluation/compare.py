@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,14 @@ def train_variant(config, train_data: Dataset, eval_data: Dataset, training: dic
     return {"train_seconds": seconds, "trainer_eval_loss": eval_loss, "loss_history": history}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: on a shared machine, the honest measure of work."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
+    wall_start, cpu_start = time.perf_counter(), cpu_seconds()
     seed = recipe.get("seed", 0)
     out_dir = root / recipe["output_dir"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +172,11 @@ def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
             variant.result["probes"] = probe_sweep(model, tokenizer, probes["tasks"], probes["lengths"],
                                                    probes.get("depths", [0.5]), probes.get("examples", 16))
     results = {v.name: v.result for v in variants}
+    budget = {"wall_seconds": time.perf_counter() - wall_start, "cpu_seconds": cpu_seconds() - cpu_start,
+              "threads": torch.get_num_threads()}
+    log(f"total: {budget['wall_seconds']:.0f} s wall, {budget['cpu_seconds']:.0f} s CPU on {budget['threads']} threads")
     (out_dir / "compare.json").write_text(json.dumps({"recipe": recipe, "reference_parameters": reference,
-                                                      "results": results}, indent=2))
+                                                      "budget": budget, "results": results}, indent=2))
     write_compare_report(results, out_dir, train_length, tolerance, reference)
     return results
 

@@ -39,6 +39,7 @@ def attention_statistics(model: nn.Module, input_ids: torch.LongTensor) -> list[
     return rows
 
 
+@torch.no_grad()
 def differential_lambdas(model: nn.Module) -> list[dict]:
     """λ of every differential attention module, in layer order (empty when there are none)."""
     rows = []

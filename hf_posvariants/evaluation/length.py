@@ -114,7 +114,9 @@ def sliding(model, tokens: torch.LongTensor, length: int, stride: int, batch_siz
         windows = torch.stack([tokens[s : s + length] for s in batch_starts]).to(device)
         losses = token_losses(model, windows).double().cpu()  # (B, L-1); column j predicts token j+1
         for row, start in enumerate(batch_starts):
-            scored_from = 0 if start == 0 else length - stride - 1
+            # Targets the previous window did not score; with stride == length, the token at the window
+            # start has no context inside the window, exactly as with non-overlapping blocks.
+            scored_from = 0 if start == 0 else max(length - stride - 1, 0)
             total += losses[row, scored_from:].sum().item()
             count += length - 1 - scored_from
     return total / count, count
