@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encodings", nargs="*", help="position encodings to include (default: all registered)")
     parser.add_argument("--tasks", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory measurement")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny models, one short length, two rounds, no memory")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = BenchShape(args.hidden_size, args.layers, args.heads, args.intermediate_size, args.vocab_size,
                        args.batch_size)
     lengths, warmup, rounds, memory = args.lengths, args.warmup, args.rounds, not args.no_memory

@@ -256,8 +256,12 @@ def test_war_and_peace_recipe_comments_every_key():
 # ---- speed benchmark ------------------------------------------------------------------------------
 
 def test_bench_quick_prints_the_issue_ratios(tmp_path):
-    result = script("bench").main(["--quick", "--families", "posvar_llama", "--encodings", "rope", "alibi", "t5_bias",
-                                   "--out-dir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        result = script("bench").main(["--quick", "--families", "posvar_llama", "--encodings", "rope", "alibi",
+                                       "t5_bias", "--tasks", "train", "--threads", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     assert (tmp_path / "bench.md").read_text().startswith("# Speed and memory")
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"]
     names = {r["name"] for r in result["ratios"]}
