@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from hf_posvariants.evaluation.compare import load_recipe, run_compare
+from hf_posvariants.evaluation.compare import load_recipe, rewrite_report, run_compare
 
 
 def apply_override(recipe: dict, assignment: str) -> None:
@@ -30,11 +30,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from compare.json")
     parser.add_argument("--root", type=Path, default=Path("."), help="directory the recipe's paths are relative to")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
     for assignment in args.set:
         apply_override(recipe, assignment)
+    if args.report_only:
+        rewrite_report(args.root / recipe["output_dir"])
+        print((args.root / recipe["output_dir"] / "compare.md").read_text())
+        return {}
     results = run_compare(recipe, args.root)
     print((args.root / recipe["output_dir"] / "compare.md").read_text())
     return results

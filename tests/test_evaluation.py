@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, defau
 
 from hf_posvariants import PosVarLlamaConfig
 from hf_posvariants.evaluation import bench, data, diagnostics, length, probes
-from hf_posvariants.evaluation.compare import load_recipe, run_compare
+from hf_posvariants.evaluation.compare import load_recipe, rewrite_report, run_compare
 
 pytest.importorskip("matplotlib")
 
@@ -239,6 +239,9 @@ probes: {{tasks: [copy], lengths: [16], examples: 2}}
         at_train_length = next(r for r in results[name]["length"]["results"] if r["mode"] == "nonoverlapping")
         assert at_train_length["loss"] == pytest.approx(results[name]["trainer_eval_loss"], abs=1e-5)
     assert results["learned"]["length"]["results"][-1]["status"].startswith("unavailable")
+    (out / "compare.md").unlink()
+    rewrite_report(out)  # the report alone, from compare.json
+    assert (out / "compare.md").read_text() == report
 
 
 def test_recipe_keys_are_checked(tmp_path):

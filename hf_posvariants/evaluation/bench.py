@@ -62,8 +62,8 @@ class Case:
     model_type: str
     head: str  # "causal" or "masked"
     backend: str
-    position_encoding: str | None = None
-    attention_variant: str = "standard"
+    position_encoding: str | None = None  # None: the family's default
+    attention_variant: str | None = None  # None: the family's default
     overrides: tuple[tuple[str, object], ...] = ()
 
     @property
@@ -71,7 +71,7 @@ class Case:
         parts = [self.model_type]
         if self.position_encoding:
             parts.append(self.position_encoding)
-        if self.attention_variant != "standard":
+        if self.attention_variant:
             parts.append(self.attention_variant)
         if self.head == "masked":
             parts.append("mlm")
@@ -155,8 +155,10 @@ def references(backend: str) -> list[Reference]:
                   Case("ours", "posvar_transformer", "causal", backend, "alibi", overrides=pre_ln_gelu + no_biases)),
     ]
     if "differential" in ATTENTION_VARIANTS:
-        found.append(Reference("DiffLlamaForCausalLM", "causal",
-                               Case("ours", "posvar_llama", "causal", backend, "rope", "differential")))
+        differential = [name for name, cls in family_config_classes().items() if cls.attention_variant == "differential"]
+        ours = (Case("ours", differential[0], "causal", backend, "rope") if differential
+                else Case("ours", "posvar_llama", "causal", backend, "rope", "differential"))
+        found.append(Reference("DiffLlamaForCausalLM", "causal", ours))
     deberta = [name for name in family_config_classes() if "deberta" in name]
     if deberta:
         found.append(Reference("DebertaV2ForMaskedLM", "masked", Case("ours", deberta[0], "masked", backend)))
@@ -180,8 +182,8 @@ def reference_case(reference: Reference, backend: str) -> Case:
 
 def variant_cases(backends: list[str], families: list[str] | None = None,
                   encodings: list[str] | None = None) -> list[Case]:
-    """Every family × position encoding (causal head) at every backend, plus every non-standard
-    attention variant with each family's default encoding."""
+    """Every family × position encoding (causal head) at every backend, plus every attention variant
+    that is not the family's default, with the family's default encoding."""
     cases = []
     for model_type, config_class in family_config_classes().items():
         if families and model_type not in families:
@@ -192,7 +194,7 @@ def variant_cases(backends: list[str], families: list[str] | None = None,
                     continue
                 cases.append(Case("ours", model_type, "causal", backend, encoding))
             for variant in sorted(ATTENTION_VARIANTS):
-                if variant != "standard":
+                if variant != config_class.attention_variant:
                     cases.append(Case("ours", model_type, "causal", backend, None, variant))
     return cases
 
@@ -209,10 +211,12 @@ def build_model(case: Case, shape: BenchShape, max_length: int, device: str) -> 
         vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_attention_heads, max_position_embeddings=max_length,
-        attention_variant=case.attention_variant, hidden_dropout=0.0, attention_dropout=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0,
     )
     if case.position_encoding:
         fields["position_encoding"] = case.position_encoding
+    if case.attention_variant:
+        fields["attention_variant"] = case.attention_variant
     fields.update(dict(case.overrides))
     auto_class = AutoModelForCausalLM if case.head == "causal" else AutoModelForMaskedLM
     return auto_class.from_config(config_class(**fields), attn_implementation=case.backend).to(device)

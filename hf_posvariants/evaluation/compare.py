@@ -181,6 +181,14 @@ def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
     return results
 
 
+def rewrite_report(out_dir: Path) -> None:
+    """Write the report again from compare.json (after a change to the report, without retraining)."""
+    saved = json.loads((out_dir / "compare.json").read_text())
+    train_length = saved["recipe"]["training"]["train_length"]
+    write_compare_report(saved["results"], out_dir, train_length, saved["recipe"].get("parameter_tolerance", 0.02),
+                         saved["reference_parameters"])
+
+
 def perplexity_at(result: dict, length: int, mode: str = "nonoverlapping") -> float | None:
     match = [r for r in result["length"]["results"] if r["length"] == length and r["mode"] == mode]
     return match[0]["perplexity"] if match else None
