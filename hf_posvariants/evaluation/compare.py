@@ -1,0 +1,237 @@
+"""Side-by-side comparison of variants under one budget, driven by a YAML recipe.
+
+Every trained variant sees the same blocks of the same text in the same order (one seed), for the
+same number of steps, with parameter counts matched to the variant without position parameters
+within a tolerance (by shrinking the feed-forward width of variants that carry a position table).
+Then each is evaluated at multiples of the training length and on the position probes, and one
+report ranks them. Evaluation-only variants (`from: <trained variant>` plus a RoPE scaling) reuse a
+trained checkpoint, e.g. rope with YaRN applied at evaluation time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+from hf_posvariants import FAMILIES
+from hf_posvariants.evaluation.data import blocks, encode, load_tokenizer, read_corpus, split_held_out
+from hf_posvariants.evaluation.length import evaluate_lengths, load_causal_lm, write_length_report
+from hf_posvariants.evaluation.probes import probe_sweep, write_probe_report
+from hf_posvariants.evaluation.report import line_plot, markdown_table
+
+RECIPE_SECTIONS = ("output_dir", "seed", "data", "model", "variants", "training", "evaluation", "probes",
+                   "parameter_tolerance")
+
+
+@dataclass
+class Variant:
+    name: str
+    config_fields: dict
+    parent: str | None = None  # evaluation-only variants: the trained variant whose weights they reuse
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
+    result: dict = field(default_factory=dict)
+
+
+def load_recipe(path: str | Path) -> dict:
+    recipe = yaml.safe_load(Path(path).read_text())
+    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
+    if unknown:
+        raise ValueError(f"recipe keys {unknown} are not supported; allowed keys are {list(RECIPE_SECTIONS)}.")
+    return recipe
+
+
+def family_config_class(model_type: str):
+    classes = {config_class.model_type: config_class for config_class in FAMILIES}
+    if model_type not in classes:
+        raise ValueError(f"model.family={model_type!r} is not supported; allowed values are {sorted(classes)}.")
+    return classes[model_type]
+
+
+def parse_variants(recipe: dict) -> list[Variant]:
+    variants = []
+    for name, spec in recipe["variants"].items():
+        spec = dict(spec or {})
+        parent = spec.pop("from", None)
+        scaling = spec.pop("eval_rope_scaling", None)
+        factor = spec.pop("eval_rope_factor", None)
+        if parent is not None and parent not in recipe["variants"]:
+            raise ValueError(f"variants.{name}.from={parent!r} is not a variant; allowed values are "
+                             f"{sorted(recipe['variants'])}.")
+        variants.append(Variant(name, spec, parent, scaling, factor))
+    return sorted(variants, key=lambda variant: variant.parent is not None)  # trained ones first
+
+
+def count_parameters(config) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_config(config_class, fields: dict, reference: int, tolerance: float):
+    """The config, with intermediate_size reduced just enough to bring the parameter count within
+    `tolerance` of `reference` (a position table adds parameters the others do not have)."""
+    config = config_class(**fields)
+    count = count_parameters(config)
+    if abs(count - reference) <= tolerance * reference:
+        return config, count
+    narrower = config_class(**{**fields, "intermediate_size": fields["intermediate_size"] - 1})
+    per_unit = count - count_parameters(narrower)
+    width = fields["intermediate_size"] - math.ceil((count - reference) / per_unit)
+    config = config_class(**{**fields, "intermediate_size": width})
+    return config, count_parameters(config)
+
+
+def training_dataset(tokens: torch.LongTensor, length: int) -> Dataset:
+    ids = blocks(tokens, length)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+
+
+def train_variant(config, train_data: Dataset, eval_data: Dataset, training: dict, seed: int, out_dir: Path) -> dict:
+    """Train with the HF Trainer; returns the wall time, loss history and the Trainer's eval loss."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    arguments = TrainingArguments(
+        output_dir=str(out_dir), seed=seed, data_seed=seed, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True, disable_tqdm=True,
+        per_device_eval_batch_size=training.get("per_device_train_batch_size", 8), **training,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+                      data_collator=default_data_collator)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"]
+    model.save_pretrained(out_dir / "checkpoint")
+    history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    return {"train_seconds": seconds, "trainer_eval_loss": eval_loss, "loss_history": history}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: on a shared machine, the honest measure of work."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
+    wall_start, cpu_start = time.perf_counter(), cpu_seconds()
+    seed = recipe.get("seed", 0)
+    out_dir = root / recipe["output_dir"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, model_fields, training = recipe["data"], dict(recipe["model"]), dict(recipe["training"])
+    evaluation, probes = recipe["evaluation"], recipe.get("probes")
+    tokenizer = load_tokenizer(data.get("tokenizer", "bytes"))
+    train_text, held_out_text = split_held_out(read_corpus(root / data["corpus"]), data["held_out_fraction"])
+    train_length = training.pop("train_length")
+    train_data = training_dataset(encode(train_text, tokenizer), train_length)
+    lengths = [train_length * m for m in evaluation["multiples"]]
+    held_out = encode(held_out_text, tokenizer)[: evaluation.get("eval_tokens", 4 * max(lengths))]
+    eval_blocks = training_dataset(held_out, train_length)
+    config_class = family_config_class(model_fields.pop("family"))
+    model_fields.setdefault("vocab_size", len(tokenizer))
+    model_fields.setdefault("max_position_embeddings", train_length)
+    model_fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+    model_fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+
+    variants = parse_variants(recipe)
+    tolerance = recipe.get("parameter_tolerance", 0.02)
+    reference = count_parameters(config_class(**{**model_fields, "position_encoding": "nope"}))
+    for variant in variants:
+        variant_dir = out_dir / variant.name
+        if variant.parent is None:
+            config, parameters = matched_config(config_class, {**model_fields, **variant.config_fields}, reference,
+                                                tolerance)
+            log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {config.intermediate_size}")
+            variant.result.update(parameters=parameters, intermediate_size=config.intermediate_size,
+                                  parameter_deviation=(parameters - reference) / reference)
+            variant.result.update(train_variant(config, train_data, eval_blocks, training, seed, variant_dir))
+            checkpoint = variant_dir / "checkpoint"
+            model = load_causal_lm(str(checkpoint))
+        else:
+            parent = next(v for v in variants if v.name == variant.parent)
+            variant.result.update({k: parent.result[k] for k in ("parameters", "intermediate_size",
+                                                                  "parameter_deviation", "train_seconds")})
+            factor = variant.rope_factor or max(evaluation["multiples"])
+            model = load_causal_lm(str(out_dir / parent.name / "checkpoint"), variant.rope_scaling, factor,
+                                   train_length)
+        log(f"[{variant.name}] evaluating at {lengths}")
+        variant.result["length"] = evaluate_lengths(
+            model, held_out, lengths, evaluation.get("modes", ["nonoverlapping", "sliding"]),
+            evaluation.get("stride_fraction", 0.5), evaluation.get("batch_size", 4), max(lengths))
+        if probes:
+            variant.result["probes"] = probe_sweep(model, tokenizer, probes["tasks"], probes["lengths"],
+                                                   probes.get("depths", [0.5]), probes.get("examples", 16))
+    results = {v.name: v.result for v in variants}
+    budget = {"wall_seconds": time.perf_counter() - wall_start, "cpu_seconds": cpu_seconds() - cpu_start,
+              "threads": torch.get_num_threads()}
+    log(f"total: {budget['wall_seconds']:.0f} s wall, {budget['cpu_seconds']:.0f} s CPU on {budget['threads']} threads")
+    (out_dir / "compare.json").write_text(json.dumps({"recipe": recipe, "reference_parameters": reference,
+                                                      "budget": budget, "results": results}, indent=2))
+    write_compare_report(results, out_dir, train_length, tolerance, reference)
+    return results
+
+
+def rewrite_report(out_dir: Path) -> None:
+    """Write the report again from compare.json (after a change to the report, without retraining)."""
+    saved = json.loads((out_dir / "compare.json").read_text())
+    train_length = saved["recipe"]["training"]["train_length"]
+    write_compare_report(saved["results"], out_dir, train_length, saved["recipe"].get("parameter_tolerance", 0.02),
+                         saved["reference_parameters"])
+
+
+def perplexity_at(result: dict, length: int, mode: str = "nonoverlapping") -> float | None:
+    match = [r for r in result["length"]["results"] if r["length"] == length and r["mode"] == mode]
+    return match[0]["perplexity"] if match else None
+
+
+def ranking(results: dict, longest: int, train_length: int) -> list[tuple[str, float | None, float | None]]:
+    """Variants ordered by perplexity at the longest length; unavailable ones last."""
+    rows = [(name, perplexity_at(r, train_length), perplexity_at(r, longest)) for name, r in results.items()]
+    return sorted(rows, key=lambda row: (row[2] is None, row[2] if row[2] is not None else math.inf))
+
+
+def write_compare_report(results: dict, out_dir: Path, train_length: int, tolerance: float, reference: int) -> None:
+    lengths = sorted({r["length"] for result in results.values() for r in result["length"]["results"]})
+    longest = max(lengths)
+    text = ["# Position encodings compared", "",
+            f"Trained at {train_length} tokens; ranked by non-overlapping perplexity at {longest} tokens "
+            f"({longest // train_length}× the training length). – = unavailable (a position table shorter than the "
+            "sequence).", "", "## Ranking", ""]
+    rank_rows = []
+    for place, (name, short, long) in enumerate(ranking(results, longest, train_length), start=1):
+        ratio = long / short if long is not None and short else None
+        result = results[name]
+        rank_rows.append([place, name, short, long, ratio, f"{result['parameters']:,}",
+                          f"{100 * result['parameter_deviation']:+.2f}%", result["intermediate_size"],
+                          f"{result['train_seconds']:.0f}"])
+    text.append(markdown_table(["rank", "variant", f"ppl @{train_length}", f"ppl @{longest}",
+                                f"@{longest} / @{train_length}", "parameters",
+                                f"vs no-position ({reference:,}; tolerance {tolerance:.0%})", "ffn width",
+                                "train s"], rank_rows))
+    consistency = [[name, f"{r['trainer_eval_loss']:.6f}", f"{math.log(perplexity_at(r, train_length)):.6f}"]
+                   for name, r in results.items() if "trainer_eval_loss" in r]
+    text += ["## Check: Trainer eval loss vs our non-overlapping loss at the training length", "",
+             markdown_table(["variant", "Trainer eval_loss", "ours"], consistency)]
+    text += ["## Plots and tables", "", "- perplexity against length: `length.png`, every number in `length.md`;",
+             "- loss by position at the longest length: `per_position.png`;", "- training loss: `training_loss.png`;",
+             "- position probes (when the recipe has them): `probes.png`, `probes.md`.", "",
+             "![perplexity against length](length.png)", ""]
+    (out_dir / "compare.md").write_text("\n".join(text))
+    write_length_report({name: r["length"] for name, r in results.items()}, out_dir, train_length,
+                        "Perplexity against evaluation length")
+    if any("probes" in r for r in results.values()):
+        write_probe_report({name: r["probes"] for name, r in results.items() if "probes" in r}, out_dir)
+    histories = {name: r["loss_history"] for name, r in results.items() if r.get("loss_history")}
+    if histories:
+        line_plot({name: tuple(zip(*history)) for name, history in histories.items()}, out_dir / "training_loss.png",
+                  "Training loss", "step", "loss (nats)")

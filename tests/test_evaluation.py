@@ -1,0 +1,299 @@
+"""The measuring side on tiny models: every script writes its outputs, plots render, numbers are
+finite, and known cases hold (Trainer eval loss, uniform attention, an oracle's probe accuracy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+from hf_posvariants import PosVarLlamaConfig
+from hf_posvariants.evaluation import bench, data, diagnostics, length, probes
+from hf_posvariants.evaluation.compare import load_recipe, rewrite_report, run_compare
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_LENGTH = 16
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def script(name: str):
+    """Import scripts/<name>.py as a module, so tests call its `main(argv)` in-process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
+
+
+def tiny_llama(position_encoding: str, **overrides) -> PosVarLlamaConfig:
+    fields = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=TRAIN_LENGTH, position_encoding=position_encoding, pad_token_id=0)
+    return PosVarLlamaConfig(**(fields | overrides))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "book.txt"
+    lines = [f"Line {i}: {probes.FILLER * (1 + i % 3)}" for i in range(60)]
+    path.write_text("*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n" + "\n".join(lines)
+                    + "\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence text\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for encoding in ("rope", "learned"):
+        folder = tmp_path_factory.mktemp(encoding)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(tiny_llama(encoding)).save_pretrained(folder)
+        data.byte_tokenizer().save_pretrained(folder)
+        folders[encoding] = folder
+    return folders
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def test_gutenberg_header_and_footer_are_stripped(corpus):
+    text = data.read_corpus(corpus)
+    assert text.startswith("Line 0") and "GUTENBERG" not in text and "licence" not in text
+
+
+def test_fast_byte_encoding_matches_the_tokenizer():
+    text = "War and peace — Война и мир\n"
+    tokenizer = data.byte_tokenizer()
+    assert data.encode(text, tokenizer).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---- length extrapolation ---------------------------------------------------------------------
+
+def test_eval_length_writes_outputs_with_finite_numbers(checkpoints, corpus, tmp_path):
+    result = script("eval_length").main([str(checkpoints["rope"]), "--corpus", str(corpus), "--multiples", "1", "2",
+                                         "4", "--rope-scaling", "yarn", "--eval-tokens", "128", "--out-dir", str(tmp_path)])
+    for name in ("length.json", "length.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    for name in ("length.png", "per_position.png"):
+        assert_png(tmp_path / name)
+    saved = json.loads((tmp_path / "length.json").read_text())
+    assert set(saved["runs"]) == {"as trained", "yarn×4"} == set(result["runs"])
+    for run in saved["runs"].values():
+        assert len(run["results"]) == 6  # 3 lengths × 2 modes
+        assert all(r["status"] == "ok" and math.isfinite(r["perplexity"]) for r in run["results"])
+        assert len(run["per_position"]["loss"]) == 4 * TRAIN_LENGTH - 1
+
+
+def test_learned_table_is_unavailable_beyond_its_length_not_an_error(checkpoints, corpus):
+    model = length.load_causal_lm(str(checkpoints["learned"]))
+    tokens = data.encode(data.read_corpus(corpus), data.byte_tokenizer())[: 4 * TRAIN_LENGTH]
+    results = length.evaluate_lengths(model, tokens, [TRAIN_LENGTH, 2 * TRAIN_LENGTH])["results"]
+    assert [r["status"] == "ok" for r in results] == [True, True, False, False]
+    assert all(r["perplexity"] is None for r in results[2:])
+
+
+def test_perplexity_at_training_length_equals_trainer_eval_loss(checkpoints, corpus, tmp_path):
+    model = length.load_causal_lm(str(checkpoints["rope"]))
+    tokens = data.encode(data.read_corpus(corpus), data.byte_tokenizer())[:12 * TRAIN_LENGTH]
+    from hf_posvariants.evaluation.compare import training_dataset
+
+    arguments = TrainingArguments(str(tmp_path), per_device_eval_batch_size=8, use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=arguments, eval_dataset=training_dataset(tokens, TRAIN_LENGTH),
+                      data_collator=default_data_collator)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    ours = length.evaluate_lengths(model, tokens, [TRAIN_LENGTH], ["nonoverlapping"], batch_size=3)["results"][0]
+    assert ours["loss"] == pytest.approx(eval_loss, abs=1e-5)
+    assert ours["tokens_scored"] == 12 * (TRAIN_LENGTH - 1)
+
+
+def test_sliding_window_with_full_stride_is_non_overlapping(checkpoints, corpus):
+    model = length.load_causal_lm(str(checkpoints["rope"]))
+    tokens = data.encode(data.read_corpus(corpus), data.byte_tokenizer())[:6 * TRAIN_LENGTH]
+    results = length.evaluate_lengths(model, tokens, [TRAIN_LENGTH], stride_fraction=1.0)["results"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-9)
+    half = length.evaluate_lengths(model, tokens, [TRAIN_LENGTH], ["sliding"], stride_fraction=0.5)["results"][0]
+    # Every target after the first window is scored once: (tokens − length) targets in later windows.
+    assert half["tokens_scored"] == (TRAIN_LENGTH - 1) + (tokens.numel() - TRAIN_LENGTH)
+
+
+def test_rope_scaling_is_refused_for_other_encodings_and_leaves_the_weights():
+    with pytest.raises(ValueError, match="position_encoding='alibi'"):
+        length.rope_scaled_config(tiny_llama("alibi"), "yarn", 4.0, TRAIN_LENGTH)
+    with pytest.raises(ValueError, match="rope_scaling='ntk'"):
+        length.rope_scaled_config(tiny_llama("rope"), "ntk", 4.0, TRAIN_LENGTH)
+    scaled = length.rope_scaled_config(tiny_llama("rope"), "yarn", 4.0, TRAIN_LENGTH)
+    assert scaled.rope_parameters["rope_type"] == "yarn"
+    assert scaled.rope_parameters["original_max_position_embeddings"] == TRAIN_LENGTH
+
+
+# ---- probes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", sorted(probes.PROBES))
+def test_probe_examples_have_the_exact_length_and_the_answer_at_the_end(task):
+    tokenizer = data.byte_tokenizer()
+    for example in probes.render(task, tokenizer, 200, 3, depth=0.3):
+        assert len(example.input_ids) == 200
+        prompt, answer = (tokenizer.decode(ids) for ids in (example.input_ids[: example.answer_start],
+                                                             example.input_ids[example.answer_start:]))
+        assert answer and answer in prompt  # the answer is recoverable from the prompt
+
+
+class Oracle(nn.Module):
+    """Predicts each next token of its input perfectly (or, `wrong`, never)."""
+
+    def __init__(self, vocab: int, wrong: bool = False):
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **kwargs):
+        following = torch.roll(input_ids, -1, dims=1) + int(self.wrong)
+        return type("Output", (), {"logits": nn.functional.one_hot(following % self.vocab, self.vocab).float()})
+
+
+def test_probe_accuracy_of_an_oracle_is_one_and_of_its_opposite_zero():
+    examples = probes.render("associative_recall", data.byte_tokenizer(), 64, 5)
+    assert probes.accuracy(Oracle(259), examples, batch_size=2) == 1.0
+    assert probes.accuracy(Oracle(259, wrong=True), examples, batch_size=2) == 0.0
+
+
+def test_probes_script_writes_outputs(checkpoints, tmp_path):
+    script("probes").main([str(checkpoints["learned"]), "--lengths", "16", "200", "--examples", "2",
+                           "--depths", "0.5", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "probes.json").read_text())["runs"][checkpoints["learned"].name]
+    assert_png(tmp_path / "probes.png")
+    assert (tmp_path / "probes.md").read_text().startswith("# Position probes")
+    assert all(r["accuracy"] is None for r in rows if r["length"] == 200)  # beyond the learned table
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if r["status"] == "ok")
+
+
+# ---- attention diagnostics ----------------------------------------------------------------------
+
+def test_uniform_attention_has_the_closed_form_distance_and_entropy():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama("rope"), attn_implementation="eager").eval()
+    for layer in model.model.layers:
+        nn.init.zeros_(layer.self_attn.q_proj.weight)  # all scores 0: uniform over the causal prefix
+    rows = diagnostics.attention_statistics(model, torch.randint(3, 259, (2, 12)))
+    positions = torch.arange(12, dtype=torch.float64)
+    assert len(rows) == 2 * 4
+    for row in rows:
+        assert row["mean_distance"] == pytest.approx((positions / 2).mean().item(), abs=1e-5)
+        assert row["entropy"] == pytest.approx(torch.log(positions + 1).mean().item(), abs=1e-5)
+
+
+def test_differential_lambda_is_read_from_modules_that_have_it():
+    module = nn.Module()
+    for name, value in (("q1", 0.5), ("k1", 0.2), ("q2", 0.1), ("k2", 0.3)):
+        setattr(module, f"lambda_{name}", nn.Parameter(torch.full((4,), value)))
+    module.lambda_init = 0.2
+    holder = nn.ModuleDict({"attn": module})
+    expected = math.exp(4 * 0.5 * 0.2) - math.exp(4 * 0.1 * 0.3) + 0.2
+    assert diagnostics.differential_lambdas(holder) == [{"module": "attn", "lambda": pytest.approx(expected),
+                                                        "lambda_init": 0.2}]
+    assert diagnostics.differential_lambdas(nn.Linear(2, 2)) == []
+
+
+def test_diagnostics_script_writes_outputs(checkpoints, corpus, tmp_path):
+    result = script("diagnostics").main([str(checkpoints["rope"]), "--corpus", str(corpus), "--held-out-fraction",
+                                         "0.5", "--out-dir", str(tmp_path)])
+    assert_png(tmp_path / "diagnostics.png")
+    assert len(result["attention"]) == 8 and result["lambdas"] == []
+    assert all(math.isfinite(r["entropy"]) and 0 <= r["mean_distance"] < TRAIN_LENGTH for r in result["attention"])
+
+
+# ---- compare --------------------------------------------------------------------------------------
+
+def test_compare_trains_evaluates_and_ranks(corpus, tmp_path):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(f"""
+output_dir: out
+data: {{corpus: {corpus}, held_out_fraction: 0.2, tokenizer: bytes}}
+model: {{family: posvar_llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}}
+variants:
+  learned: {{position_encoding: learned}}
+  rope: {{position_encoding: rope}}
+  rope+yarn: {{from: rope, eval_rope_scaling: yarn}}
+training: {{train_length: {TRAIN_LENGTH}, max_steps: 2, per_device_train_batch_size: 4, logging_steps: 1}}
+evaluation: {{multiples: [1, 2], eval_tokens: 256}}
+probes: {{tasks: [copy], lengths: [16], examples: 2}}
+""")
+    results = run_compare(load_recipe(recipe_path), tmp_path, log=lambda *_: None)
+    out = tmp_path / "out"
+    for name in ("length.png", "per_position.png", "training_loss.png", "probes.png"):
+        assert_png(out / name)
+    report = (out / "compare.md").read_text()
+    assert "## Ranking" in report and "rope+yarn" in report
+    assert all(abs(r["parameter_deviation"]) <= 0.02 for r in results.values())
+    for name in ("learned", "rope"):  # the known case, inside the real pipeline
+        at_train_length = next(r for r in results[name]["length"]["results"] if r["mode"] == "nonoverlapping")
+        assert at_train_length["loss"] == pytest.approx(results[name]["trainer_eval_loss"], abs=1e-5)
+    assert results["learned"]["length"]["results"][-1]["status"].startswith("unavailable")
+    (out / "compare.md").unlink()
+    rewrite_report(out)  # the report alone, from compare.json
+    assert (out / "compare.md").read_text() == report
+
+
+def test_recipe_keys_are_checked(tmp_path):
+    (tmp_path / "r.yaml").write_text("output_dir: x\ntrainer: {}\n")
+    with pytest.raises(ValueError, match=r"recipe keys \['trainer'\]"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_war_and_peace_recipe_comments_every_key():
+    lines = (ROOT / "configs/compare/war_and_peace.yaml").read_text().splitlines()
+    keyed = [line for line in lines if ":" in line and not line.lstrip().startswith("#")]
+    assert keyed and all("#" in line for line in keyed)
+
+
+# ---- speed benchmark ------------------------------------------------------------------------------
+
+def test_bench_quick_prints_the_issue_ratios(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = script("bench").main(["--quick", "--families", "posvar_llama", "--encodings", "rope", "alibi",
+                                       "t5_bias", "--tasks", "train", "--threads", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "bench.md").read_text().startswith("# Speed and memory")
+    assert json.loads((tmp_path / "bench.json").read_text())["ratios"]
+    names = {r["name"] for r in result["ratios"]}
+    assert {"ours / LlamaForCausalLM time (sdpa)", "SDPA speed-up over eager (rope)", "alibi / rope time (sdpa)",
+            "t5_bias / rope time (sdpa)"} <= names
+    timed = [t for t in result["timings"] if t["error"] is None]
+    assert all(t["median_ms"] > 0 and math.isfinite(t["median_ms"]) for t in timed)
+    unavailable = {t["label"] for t in result["timings"] if t["error"]}
+    assert unavailable == {"MptForCausalLM@sdpa"}  # MPT has no SDPA path in transformers: reported, not fatal
+
+
+def test_ratio_targets():
+    assert bench.Ratio("r", "a", "b", 1, "train", 0.9, "≤1.00×").passes() is True
+    assert bench.Ratio("r", "a", "b", 1, "train", 1.5, "≥2.00×").passes() is False
+    assert bench.Ratio("r", "a", "b", 1, "train", None, "≥2.00×").passes() is None
+
+
+@pytest.mark.slow
+def test_cpu_peak_memory_grows_with_length():
+    case = bench.Case("ours", "posvar_llama", "causal", "eager", "rope")
+    shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    short, long = (bench.peak_memory_mib(case, shape, n, "train", "cpu") for n in (32, 1024))
+    assert 0 < short < long
+
+
+def test_bench_shape_rejects_a_width_mpt_cannot_build():
+    with pytest.raises(ValueError, match="intermediate_size=100"):
+        bench.BenchShape(hidden_size=32, intermediate_size=100)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
