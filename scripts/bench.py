@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: CPU time of this process per step, robust on a shared CPU (use --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny models, one short length, two rounds, no memory")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         shape, lengths, warmup, rounds, memory = BenchShape(32, 2, 4, 64, 97, 2), [32], 1, 2, False
     result = run_benchmark(shape, lengths, args.backends, warmup, rounds, args.device, tuple(args.tasks), memory,
-                           args.families, args.encodings)
+                           args.families, args.encodings, args.clock)
     report = markdown_report(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2))

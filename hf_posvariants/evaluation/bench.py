@@ -8,9 +8,9 @@ the median of the rounds after warm-up.
 
 Peak memory is measured for each case alone. On a GPU it is `torch.cuda.max_memory_allocated`
 over one training step of a fresh model (parameters, gradients, AdamW state, activations). On a
-CPU a fresh process builds the model and runs two steps; its peak resident set size
-(`resource.getrusage(...).ru_maxrss`) minus that of a process which only imports the same
-libraries is reported. It includes allocator caching, so it is an upper bound of what the step
+CPU a fresh process builds the model and runs two steps; its peak resident set size (VmHWM
+from /proc/self/status, not `ru_maxrss`, which a child inherits from its parent's peak at fork)
+minus that of a process which only imports the same libraries is reported. It includes allocator caching, so it is an upper bound of what the step
 needs, measured the same way for every case.
 """
 
@@ -272,8 +272,11 @@ class Timing:
         }
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_cases(cases: list[Case], shape: BenchShape, length: int, task: str, warmup: int, rounds: int,
-               device: str) -> list[Timing]:
+               device: str, clock: str = "wall") -> list[Timing]:
     """Interleaved timing of one task at one length; a case that cannot be built or run is recorded
     with its error (e.g. flex attention without a compiler) instead of stopping the run."""
     timings = [Timing(case, task, length) for case in cases]
@@ -286,15 +289,16 @@ def time_cases(cases: list[Case], shape: BenchShape, length: int, task: str, war
         except Exception as error:  # noqa: BLE001 — a backend that does not work here is a result
             timing.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             runners.pop(index, None)
+    now = CLOCKS[clock]
     order = list(runners)
     for round_index in range(rounds):
         shift = round_index % max(len(order), 1)
         for index in order[shift:] + order[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             step(runners[index], task)
             synchronize(device)
-            timings[index].seconds.append(time.perf_counter() - start)
+            timings[index].seconds.append(now() - start)
     return timings
 
 
@@ -344,8 +348,18 @@ def memory_child() -> None:
         runner = Runner(case, BenchShape(**spec["shape"]), spec["length"], "cpu")
         step(runner, spec["task"])
         step(runner, spec["task"])
-    # ru_maxrss is in KiB on Linux.
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set. Linux's VmHWM belongs to the address space made at exec;
+    ru_maxrss would also count the parent's peak at fork time, which a child inherits."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 # ---- ratios for the issue's speed targets --------------------------------------------------------
@@ -403,7 +417,12 @@ def compute_ratios(timings: list[Timing]) -> list[Ratio]:
 def run_benchmark(shape: BenchShape, lengths: list[int], backends: list[str], warmup: int, rounds: int,
                   device: str, tasks: tuple[str, ...] = ("train", "forward"), memory: bool = True,
                   families: list[str] | None = None, encodings: list[str] | None = None,
-                  log=print) -> dict:
+                  clock: str = "wall", log=print) -> dict:
+    """`clock="cpu"` times each step by the CPU time of this process instead of wall time: on a CPU
+    shared with other jobs, time spent waiting for a core is then not counted (use one thread)."""
+    if clock not in CLOCKS or (clock == "cpu" and device.startswith("cuda")):
+        raise ValueError(f"clock={clock!r} is not supported on {device}; allowed values are "
+                         f"{['wall'] if device.startswith('cuda') else list(CLOCKS)}.")
     cases = variant_cases(backends, families, encodings)
     for backend in backends:
         for reference in references(backend):
@@ -414,7 +433,7 @@ def run_benchmark(shape: BenchShape, lengths: list[int], backends: list[str], wa
     for length in lengths:
         for task in tasks:
             log(f"timing {len(cases)} cases: {task} at length {length}")
-            timings += time_cases(cases, shape, length, task, warmup, rounds, device)
+            timings += time_cases(cases, shape, length, task, warmup, rounds, device, clock)
     if memory:
         log("measuring peak memory, one case at a time")
         for timing in timings:
@@ -425,7 +444,7 @@ def run_benchmark(shape: BenchShape, lengths: list[int], backends: list[str], wa
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "shape": asdict(shape), "lengths": lengths, "warmup": warmup, "rounds": rounds,
+        "shape": asdict(shape), "lengths": lengths, "warmup": warmup, "rounds": rounds, "clock": clock,
         "memory_method": "cuda.max_memory_allocated" if device.startswith("cuda")
         else "peak RSS of a fresh process running 2 steps minus that of an idle one",
         "timings": [t.as_dict() for t in timings],
@@ -440,7 +459,8 @@ def markdown_report(result: dict) -> str:
         f"Device: {result['device']} ({result['threads']} threads), torch {result['torch']}, transformers "
         f"{result['transformers']}. Shape: hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
         f"{shape['num_attention_heads']} heads, intermediate {shape['intermediate_size']}, vocab "
-        f"{shape['vocab_size']}, batch {shape['batch_size']}. Median of {result['rounds']} interleaved rounds "
+        f"{shape['vocab_size']}, batch {shape['batch_size']}. Clock: {result['clock']} time. "
+        f"Median of {result['rounds']} interleaved rounds "
         f"after {result['warmup']} warm-up steps. Memory: {result['memory_method']}.", "",
         "## Ratios (measured in this run)", "",
         "| ratio | length | task | value | target | meets |", "|---|---|---|---|---|---|",

@@ -172,15 +172,18 @@ def write_length_report(runs: dict[str, dict], out_dir, train_length: int, title
     out_dir.mkdir(parents=True, exist_ok=True)
     modes = sorted({r["mode"] for run in runs.values() for r in run["results"]}, key=MODES.index)
     text = [f"# {title}", "", f"Training length {train_length}; perplexity per token (– = unavailable).", ""]
-    series = {}
+    series, styles = {}, {}
     for mode in modes:
         headers, rows = length_table(runs, mode)
         text += [f"## {mode}", "", markdown_table(headers, rows)]
         for column, name in enumerate(headers[1:], start=1):
             series[f"{name} ({mode})"] = ([row[0] for row in rows], [row[column] for row in rows])
+            # One colour per run, solid for non-overlapping and dashed for sliding windows.
+            styles[f"{name} ({mode})"] = {"color": f"C{(column - 1) % 10}",
+                                          "linestyle": "-" if mode == "nonoverlapping" else "--"}
     (out_dir / "length.md").write_text("\n".join(text))
     line_plot(series, out_dir / "length.png", title, "evaluation length (tokens)", "perplexity", log_x=True,
-              log_y=True, vertical_line=train_length)
+              log_y=True, vertical_line=train_length, styles=styles)
     curves = {name: run["per_position"] for name, run in runs.items() if run.get("per_position")}
     if curves:
         line_plot({name: (list(range(1, len(c["loss"]) + 1)), smooth(c["loss"])) for name, c in curves.items()},

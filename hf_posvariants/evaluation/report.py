@@ -29,8 +29,10 @@ def line_plot(
     log_x: bool = False,
     log_y: bool = False,
     vertical_line: float | None = None,
+    styles: dict[str, dict] | None = None,
 ) -> Path:
-    """One line per series; a None value (a length a model cannot run at) leaves a gap."""
+    """One line per series; a None value (a length a model cannot run at) leaves a gap. `styles`
+    gives matplotlib keyword arguments per series (e.g. one colour per model, one dash per mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +42,8 @@ def line_plot(
     for name, (xs, ys) in series.items():
         points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
         if points:
-            axes.plot(*zip(*points), marker="o" if len(points) < 40 else None, label=name)
+            style = {"marker": "o" if len(points) < 40 else None} | (styles or {}).get(name, {})
+            axes.plot(*zip(*points), label=name, **style)
     if log_x:
         axes.set_xscale("log", base=2)
     if log_y:
