@@ -122,11 +122,16 @@ def _diffllama(shape: BenchShape, max_length: int):
     return _llama(shape, max_length, transformers.DiffLlamaConfig)
 
 
+def deberta_buckets(max_length: int) -> int:
+    """DeBERTa-v3's 256 log buckets, shrunk to fit the relative span of short benchmark lengths."""
+    return min(256, max_length // 2)
+
+
 def _deberta_v2(shape: BenchShape, max_length: int):
     return transformers.DebertaV2Config(
         vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        max_position_embeddings=max_length, relative_attention=True, position_buckets=256,
+        max_position_embeddings=max_length, relative_attention=True, position_buckets=deberta_buckets(max_length),
         pos_att_type=["p2c", "c2p"], position_biased_input=False, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -205,7 +210,8 @@ def build_model(case: Case, shape: BenchShape, max_length: int, device: str) -> 
     if case.source == "transformers":
         config = REFERENCE_BUILDERS[case.model_type](shape, max_length)
         model_class = getattr(transformers, case.model_type)
-        return model_class._from_config(config, attn_implementation=case.backend).to(device)
+        backend = "eager" if case.model_type == "DebertaV2ForMaskedLM" else case.backend  # eager-only upstream
+        return model_class._from_config(config, attn_implementation=backend).to(device)
     config_class = family_config_classes()[case.model_type]
     fields = dict(
         vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
@@ -217,6 +223,8 @@ def build_model(case: Case, shape: BenchShape, max_length: int, device: str) -> 
         fields["position_encoding"] = case.position_encoding
     if case.attention_variant:
         fields["attention_variant"] = case.attention_variant
+    if "deberta" in case.model_type:
+        fields["position_buckets"] = deberta_buckets(max_length)
     fields.update(dict(case.overrides))
     auto_class = AutoModelForCausalLM if case.head == "causal" else AutoModelForMaskedLM
     return auto_class.from_config(config_class(**fields), attn_implementation=case.backend).to(device)
