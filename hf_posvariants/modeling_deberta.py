@@ -49,6 +49,7 @@ from .modeling_posvariants import (
     PosVarForTokenClassification,
     PosVarPreTrainedModel,
     build_norm,
+    build_position_encoding,
     positions_from_mask,
 )
 
@@ -197,7 +198,7 @@ class PosVarDebertaModel(PosVarDebertaPreTrainedModel):
         self.is_causal = False
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
-        self.position_encoding = config.position_encoding_class(config, False)
+        self.position_encoding = build_position_encoding(config, is_causal=False)
         self.embed_norm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.rel_embeddings = nn.Embedding(2 * config.relative_span, config.hidden_size) if config.relative_attention else None

@@ -136,6 +136,13 @@ class PosVarPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, name), value)
 
 
+def build_position_encoding(config: PosVarConfig, is_causal: bool) -> PositionEncoding:
+    """The configured encoding, from this module's registry rather than the config's: remote code loads the
+    config and the model files as separate module copies, and `_init_weights` recognises only this copy's
+    `PositionEncoding` (a foreign one would keep uninitialised buffers)."""
+    return POSITION_ENCODINGS[config.position_encoding](config, is_causal)
+
+
 def positions_from_mask(
     attention_mask: torch.Tensor | None, query_slots: torch.LongTensor, batch_size: int
 ) -> torch.LongTensor:
@@ -158,9 +165,7 @@ class PosVarModel(PosVarPreTrainedModel):
         self.is_causal = config.is_decoder if is_causal is None else is_causal
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
-        # This module's own registry, not the config's: remote code loads the config and the model files
-        # as separate module copies, and `_init_weights` recognises only this copy's `PositionEncoding`.
-        self.position_encoding = POSITION_ENCODINGS[config.position_encoding](config, self.is_causal)
+        self.position_encoding = build_position_encoding(config, self.is_causal)
         self.layers = nn.ModuleList(
             [PosVarBlock(config, layer_idx, self.is_causal) for layer_idx in range(config.num_hidden_layers)]
         )

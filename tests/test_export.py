@@ -9,15 +9,14 @@ import sys
 import textwrap
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from hf_posvariants import FAMILIES
 
 from hf_posvariants.training.export import export_for_remote_code, family_auto_map
+from tests.conftest import FAMILY_CONFIGS as LM_FAMILIES  # families with both LM heads; DeBERTa: test_deberta.py
 from tests.conftest import build, tiny_config
 
-# Families whose tiny export config (rope, GQA) applies; DeBERTa's remote-code load is in tests/test_deberta.py.
-LM_FAMILIES = [c for c, heads in FAMILIES.items() if AutoModelForCausalLM in heads]
 
 # Runs in a fresh interpreter: `import hf_posvariants` must fail, then every family loads from its folder.
 LOADER = textwrap.dedent(

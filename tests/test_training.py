@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from hf_posvariants import FAMILIES
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.data import builtin_texts
+from tests.conftest import FAMILY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Families with both LM heads and every encoding; DeBERTa's Trainer run is in tests/test_deberta.py.
-FAMILY_TYPES = [c.model_type for c, heads in FAMILIES.items() if AutoModelForCausalLM in heads]
+FAMILY_TYPES = [config_class.model_type for config_class in FAMILY_CONFIGS]
 HEADS = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
 
 
