@@ -51,6 +51,34 @@ def eager_attention_forward(
     return output, weights
 
 
+# Backends whose kernels add the mask to the scores, so a bias can travel inside it.
+MASK_BIAS_BACKENDS = ("eager", "sdpa")
+
+
+def fold_bias_into_mask(
+    position_bias: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    query_slots: torch.LongTensor,
+    key_slots: torch.LongTensor,
+    is_causal: bool,
+) -> torch.Tensor:
+    """One additive float mask (B|1, H, Q, K) = position bias where attending is allowed, dtype min elsewhere.
+
+    A bias shared by all layers is folded into the mask once per forward: handed over as `position_bias`,
+    SDPA would rebuild the same mask in every layer. `attention_mask` is what transformers' masking
+    utilities built: None (causal or full attention, left to the kernel), boolean, or additive float.
+    """
+    min_value = torch.finfo(position_bias.dtype).min
+    if attention_mask is None:
+        if not is_causal:
+            return position_bias
+        allowed = key_slots[None, :] <= query_slots[:, None]  # (Q, K)
+        return torch.where(allowed, position_bias, min_value)
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, min_value)
+    return position_bias + attention_mask
+
+
 def attention_function(module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
 
@@ -78,6 +106,9 @@ class PosVarAttention(nn.Module):
     Position enters as rotary (cos, sin) applied to queries and keys, or as an additive
     `position_bias` of shape (1, heads, queries, keys) handed to the kernel.
     """
+
+    # The model may fold a layer-invariant bias into the mask; variants that reorder heads opt out.
+    accepts_bias_in_mask = True
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()

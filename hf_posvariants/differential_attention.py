@@ -44,6 +44,8 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
+    accepts_bias_in_mask = False  # the bias's heads are reordered map by map, which a mask's are not
+
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
         self.head_layout = config.differential_head_layout

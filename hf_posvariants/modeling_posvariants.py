@@ -29,7 +29,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import ATTENTION_VARIANTS, PosVarAttention
+from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .position_encodings import POSITION_ENCODINGS, PositionEncoding
 
@@ -192,6 +192,12 @@ class PosVarModel(PosVarPreTrainedModel):
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values
         )
 
+    def can_fold_bias(self) -> bool:
+        """Whether the shared position bias may ride in the mask (flex wants the two apart)."""
+        return self.config._attn_implementation in MASK_BIAS_BACKENDS and all(
+            layer.self_attn.accepts_bias_in_mask for layer in self.layers
+        )
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -233,6 +239,9 @@ class PosVarModel(PosVarPreTrainedModel):
         position_bias = encoding.attention_bias(query_slots, key_slots)
         if position_bias is not None:
             position_bias = position_bias.to(hidden_states.dtype)
+            if self.can_fold_bias():
+                mask = fold_bias_into_mask(position_bias, mask, query_slots, key_slots, self.is_causal)
+                position_bias = None
 
         for layer in self.layers:
             hidden_states = layer(

@@ -214,10 +214,11 @@ def test_diagnostics_script_writes_outputs(checkpoints, corpus, tmp_path):
 
 # ---- compare --------------------------------------------------------------------------------------
 
-def test_compare_trains_evaluates_and_ranks(corpus, tmp_path):
-    recipe_path = tmp_path / "recipe.yaml"
+def compare_recipe(corpus, tmp_path, output_dir: str = "out", workers: int = 1):
+    recipe_path = tmp_path / f"{output_dir}.yaml"
     recipe_path.write_text(f"""
-output_dir: out
+output_dir: {output_dir}
+workers: {workers}
 data: {{corpus: {corpus}, held_out_fraction: 0.2, tokenizer: bytes}}
 model: {{family: posvar_llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}}
 variants:
@@ -228,7 +229,11 @@ training: {{train_length: {TRAIN_LENGTH}, max_steps: 2, per_device_train_batch_s
 evaluation: {{multiples: [1, 2], eval_tokens: 256}}
 probes: {{tasks: [copy], lengths: [16], examples: 2}}
 """)
-    results = run_compare(load_recipe(recipe_path), tmp_path, log=lambda *_: None)
+    return load_recipe(recipe_path)
+
+
+def test_compare_trains_evaluates_and_ranks(corpus, tmp_path):
+    results = run_compare(compare_recipe(corpus, tmp_path), tmp_path, log=lambda *_: None)
     out = tmp_path / "out"
     for name in ("length.png", "per_position.png", "training_loss.png", "probes.png"):
         assert_png(out / name)
@@ -242,6 +247,25 @@ probes: {{tasks: [copy], lengths: [16], examples: 2}}
     (out / "compare.md").unlink()
     rewrite_report(out)  # the report alone, from compare.json
     assert (out / "compare.md").read_text() == report
+
+
+def test_compare_in_two_worker_processes_matches_one_process(corpus, tmp_path):
+    serial = run_compare(compare_recipe(corpus, tmp_path, "serial"), tmp_path, log=lambda *_: None)
+    parallel = run_compare(compare_recipe(corpus, tmp_path, "parallel", workers=2), tmp_path, log=lambda *_: None)
+    assert list(parallel) == list(serial)
+    for name in serial:
+        for ours, theirs in zip(parallel[name]["length"]["results"], serial[name]["length"]["results"]):
+            assert ours["status"] == theirs["status"]
+            if ours["perplexity"] is not None:
+                assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
+    budget = json.loads((tmp_path / "parallel" / "compare.json").read_text())["budget"]
+    assert budget["workers"] == 2 and budget["cpu_seconds"] > 0
+    assert (tmp_path / "parallel" / "rope" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_compare_refuses_a_bad_worker_count(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"workers=0 is not supported"):
+        run_compare(compare_recipe(corpus, tmp_path, workers=0), tmp_path, log=lambda *_: None)
 
 
 def test_recipe_keys_are_checked(tmp_path):

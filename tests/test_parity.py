@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, build, tiny_config
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, T5Config
+from conftest import FAMILY_CONFIGS, VOCAB, build, tiny_config
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM, T5Config
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from hf_posvariants import PosVarLlamaConfig
+from hf_posvariants import POSITION_ENCODINGS, PosVarLlamaConfig
 from hf_posvariants.position_encodings import (
     ALiBiBias,
     SinusoidalPositionEncoding,
@@ -164,3 +164,32 @@ def test_sinusoidal_matches_closed_form_table():
     encoding = SinusoidalPositionEncoding(config, is_causal=False)
     added = encoding.add_to_embeddings(torch.zeros(1, length, dim), torch.arange(length)[None])
     torch.testing.assert_close(added[0], table)
+
+
+BIAS_ENCODINGS = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls.kind == "bias")
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("head", [AutoModelForCausalLM, AutoModelForMaskedLM], ids=["causal", "masked"])
+@pytest.mark.parametrize("encoding", BIAS_ENCODINGS)
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=lambda c: c.model_type)
+def test_bias_folded_into_mask_equals_bias_per_layer(config_class, encoding, head, backend):
+    """The shared bias travels inside the mask on eager/SDPA; logits and bias gradients are unchanged."""
+    model = build(head, tiny_config(config_class, encoding), backend).train()
+    if not model.base_model.can_fold_bias():
+        pytest.skip("this attention variant reorders the bias's heads and keeps it apart from the mask")
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # padding on one row: the boolean/float mask path, not only the mask-free one
+    results = []
+    for fold in (True, False):
+        model.zero_grad()
+        model.base_model.can_fold_bias = lambda fold=fold: fold
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[mask.bool()].square().sum().backward()
+        grads = [p.grad.clone() for p in model.base_model.position_encoding.parameters()]
+        results.append((logits[mask.bool()].detach(), grads))
+    (folded, folded_grads), (per_layer, per_layer_grads) = results
+    torch.testing.assert_close(folded, per_layer, atol=1e-6, rtol=1e-5)
+    for a, b in zip(folded_grads, per_layer_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from hf_posvariants.evaluation.probes import probe_sweep, write_probe_report
 from hf_posvariants.evaluation.report import line_plot, markdown_table
 
 RECIPE_SECTIONS = ("output_dir", "seed", "data", "model", "variants", "training", "evaluation", "probes",
-                   "parameter_tolerance")
+                   "parameter_tolerance", "workers")
 
 
 @dataclass
@@ -118,66 +120,127 @@ def train_variant(config, train_data: Dataset, eval_data: Dataset, training: dic
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process so far: on a shared machine, the honest measure of work."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """User + system CPU time of this process and its finished workers: on a shared machine, the honest
+    measure of work."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
-def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
-    wall_start, cpu_start = time.perf_counter(), cpu_seconds()
-    seed = recipe.get("seed", 0)
-    out_dir = root / recipe["output_dir"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Study:
+    """What every variant shares: data, model fields, budget. Rebuilt identically in each worker process."""
+
+    recipe: dict
+    out_dir: Path
+    seed: int
+    tokenizer: object
+    train_data: Dataset
+    eval_blocks: Dataset
+    held_out: torch.LongTensor
+    train_length: int
+    lengths: list[int]
+    training: dict
+    config_class: type
+    model_fields: dict
+    reference: int
+    tolerance: float
+
+
+def prepare_study(recipe: dict, root: Path) -> Study:
     data, model_fields, training = recipe["data"], dict(recipe["model"]), dict(recipe["training"])
-    evaluation, probes = recipe["evaluation"], recipe.get("probes")
     tokenizer = load_tokenizer(data.get("tokenizer", "bytes"))
     train_text, held_out_text = split_held_out(read_corpus(root / data["corpus"]), data["held_out_fraction"])
     train_length = training.pop("train_length")
-    train_data = training_dataset(encode(train_text, tokenizer), train_length)
-    lengths = [train_length * m for m in evaluation["multiples"]]
-    held_out = encode(held_out_text, tokenizer)[: evaluation.get("eval_tokens", 4 * max(lengths))]
-    eval_blocks = training_dataset(held_out, train_length)
+    lengths = [train_length * m for m in recipe["evaluation"]["multiples"]]
+    held_out = encode(held_out_text, tokenizer)[: recipe["evaluation"].get("eval_tokens", 4 * max(lengths))]
     config_class = family_config_class(model_fields.pop("family"))
     model_fields.setdefault("vocab_size", len(tokenizer))
     model_fields.setdefault("max_position_embeddings", train_length)
     model_fields.setdefault("pad_token_id", tokenizer.pad_token_id)
     model_fields.setdefault("eos_token_id", tokenizer.eos_token_id)
-
-    variants = parse_variants(recipe)
-    tolerance = recipe.get("parameter_tolerance", 0.02)
     reference = count_parameters(config_class(**{**model_fields, "position_encoding": "nope"}))
-    for variant in variants:
-        variant_dir = out_dir / variant.name
-        if variant.parent is None:
-            config, parameters = matched_config(config_class, {**model_fields, **variant.config_fields}, reference,
-                                                tolerance)
-            log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {config.intermediate_size}")
-            variant.result.update(parameters=parameters, intermediate_size=config.intermediate_size,
-                                  parameter_deviation=(parameters - reference) / reference)
-            variant.result.update(train_variant(config, train_data, eval_blocks, training, seed, variant_dir))
-            checkpoint = variant_dir / "checkpoint"
-            model = load_causal_lm(str(checkpoint))
-        else:
-            parent = next(v for v in variants if v.name == variant.parent)
-            variant.result.update({k: parent.result[k] for k in ("parameters", "intermediate_size",
-                                                                  "parameter_deviation", "train_seconds")})
-            factor = variant.rope_factor or max(evaluation["multiples"])
-            model = load_causal_lm(str(out_dir / parent.name / "checkpoint"), variant.rope_scaling, factor,
-                                   train_length)
-        log(f"[{variant.name}] evaluating at {lengths}")
-        variant.result["length"] = evaluate_lengths(
-            model, held_out, lengths, evaluation.get("modes", ["nonoverlapping", "sliding"]),
-            evaluation.get("stride_fraction", 0.5), evaluation.get("batch_size", 4), max(lengths))
-        if probes:
-            variant.result["probes"] = probe_sweep(model, tokenizer, probes["tasks"], probes["lengths"],
-                                                   probes.get("depths", [0.5]), probes.get("examples", 16))
+    return Study(recipe, root / recipe["output_dir"], recipe.get("seed", 0), tokenizer,
+                 training_dataset(encode(train_text, tokenizer), train_length),
+                 training_dataset(held_out, train_length), held_out, train_length, lengths, training,
+                 config_class, model_fields, reference, recipe.get("parameter_tolerance", 0.02))
+
+
+def run_variant(study: Study, variant: Variant, parent_result: dict | None = None, log=print) -> dict:
+    """Train the variant (or load its parent's checkpoint with an evaluation-time RoPE scaling), then
+    evaluate it at every length and on the probes; returns its result."""
+    result = {}
+    variant_dir = study.out_dir / variant.name
+    evaluation, probes = study.recipe["evaluation"], study.recipe.get("probes")
+    if variant.parent is None:
+        config, parameters = matched_config(study.config_class, {**study.model_fields, **variant.config_fields},
+                                            study.reference, study.tolerance)
+        log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {config.intermediate_size}")
+        result.update(parameters=parameters, intermediate_size=config.intermediate_size,
+                      parameter_deviation=(parameters - study.reference) / study.reference)
+        result.update(train_variant(config, study.train_data, study.eval_blocks, study.training, study.seed,
+                                    variant_dir))
+        model = load_causal_lm(str(variant_dir / "checkpoint"))
+    else:
+        result.update({k: parent_result[k] for k in ("parameters", "intermediate_size", "parameter_deviation",
+                                                      "train_seconds")})
+        factor = variant.rope_factor or max(evaluation["multiples"])
+        model = load_causal_lm(str(study.out_dir / variant.parent / "checkpoint"), variant.rope_scaling, factor,
+                               study.train_length)
+    log(f"[{variant.name}] evaluating at {study.lengths}")
+    result["length"] = evaluate_lengths(
+        model, study.held_out, study.lengths, evaluation.get("modes", ["nonoverlapping", "sliding"]),
+        evaluation.get("stride_fraction", 0.5), evaluation.get("batch_size", 4), max(study.lengths))
+    if probes:
+        result["probes"] = probe_sweep(model, study.tokenizer, probes["tasks"], probes["lengths"],
+                                       probes.get("depths", [0.5]), probes.get("examples", 16))
+    return result
+
+
+def run_variant_in_worker(recipe: dict, root: Path, name: str, parent_result: dict | None, threads: int) -> dict:
+    """Entry point of a worker process: one variant, on its share of the cores."""
+    torch.set_num_threads(threads)
+    variant = next(v for v in parse_variants(recipe) if v.name == name)
+    return run_variant(prepare_study(recipe, root), variant, parent_result)
+
+
+def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
+    """Run every variant, `workers` at a time (separate processes splitting the cores between them:
+    small models use one core far better than two), and write the report."""
+    workers = recipe.get("workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} is not supported; allowed values are whole numbers from 1.")
+    wall_start, cpu_start = time.perf_counter(), cpu_seconds()
+    study = prepare_study(recipe, root)
+    study.out_dir.mkdir(parents=True, exist_ok=True)
+    variants = parse_variants(recipe)
+    threads = max(1, torch.get_num_threads() // workers)
+    trained = [v for v in variants if v.parent is None]
+    derived = [v for v in variants if v.parent is not None]
+    if workers == 1:
+        for variant in trained + derived:
+            parent = next((v.result for v in variants if v.name == variant.parent), None)
+            variant.result.update(run_variant(study, variant, parent, log))
+    else:
+        context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for batch in (trained, derived):  # evaluation-only variants need their parent's checkpoint
+                parents = {v.name: v.result for v in variants}
+                futures = {v.name: pool.submit(run_variant_in_worker, recipe, root, v.name,
+                                               parents.get(v.parent), threads) for v in batch}
+                for variant in batch:
+                    variant.result.update(futures[variant.name].result())
     results = {v.name: v.result for v in variants}
     budget = {"wall_seconds": time.perf_counter() - wall_start, "cpu_seconds": cpu_seconds() - cpu_start,
-              "threads": torch.get_num_threads()}
-    log(f"total: {budget['wall_seconds']:.0f} s wall, {budget['cpu_seconds']:.0f} s CPU on {budget['threads']} threads")
-    (out_dir / "compare.json").write_text(json.dumps({"recipe": recipe, "reference_parameters": reference,
-                                                      "budget": budget, "results": results}, indent=2))
-    write_compare_report(results, out_dir, train_length, tolerance, reference)
+              "workers": workers, "threads_per_worker": threads if workers > 1 else torch.get_num_threads()}
+    log(f"total: {budget['wall_seconds']:.0f} s wall, {budget['cpu_seconds']:.0f} s CPU, {workers} worker(s) × "
+        f"{budget['threads_per_worker']} thread(s)")
+    (study.out_dir / "compare.json").write_text(json.dumps(
+        {"recipe": recipe, "reference_parameters": study.reference, "budget": budget, "results": results},
+        indent=2))
+    write_compare_report(results, study.out_dir, study.train_length, study.tolerance, study.reference)
     return results
 
 
