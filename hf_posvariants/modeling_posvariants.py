@@ -235,7 +235,11 @@ class PosVarModel(PosVarPreTrainedModel):
         hidden_states = encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
         hidden_states = self.dropout(hidden_states)
         position_embeddings = encoding.rotary_embeddings(hidden_states, position_ids)
-        key_slots = torch.arange(past_length + query_length, device=inputs_embeds.device)
+        # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
+        key_length, key_offset = (
+            past_key_values.get_mask_sizes(query_length, 0) if past_key_values is not None else (query_length, 0)
+        )
+        key_slots = torch.arange(key_offset, key_offset + key_length, device=inputs_embeds.device)
         position_bias = encoding.attention_bias(query_slots, key_slots)
         if position_bias is not None:
             position_bias = position_bias.to(hidden_states.dtype)

@@ -172,3 +172,15 @@ def test_base_model_follows_is_decoder(config_class):
                 model(input_ids=ids).last_hidden_state[:, 0], model(input_ids=changed).last_hidden_state[:, 0]
             )
         assert first_changed == (not is_decoder)
+
+
+@family_encoding_grid()
+def test_generate_with_a_static_cache_equals_recomputing(config_class, encoding):
+    """A static cache hands the kernels its whole buffer of keys; position biases must span it too."""
+    if not POSITION_ENCODINGS[encoding].cacheable:
+        pytest.skip(f"{encoding} declares cacheable=False; generation recomputes (covered above)")
+    model = build(AutoModelForCausalLM, tiny_config(config_class, encoding, eos_token_id=None), "sdpa")
+    ids, mask = padded_batch(AutoModelForCausalLM, lengths=(7, 4))
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               cache_implementation="static")
+    torch.testing.assert_close(generated, greedy_by_recomputing(model, ids, mask, steps=6), rtol=0, atol=0)
