@@ -300,6 +300,16 @@ def test_bench_quick_prints_the_issue_ratios(tmp_path):
     assert unavailable == {"MptForCausalLM@sdpa"}  # MPT has no SDPA path in transformers: reported, not fatal
 
 
+def test_attention_core_bench_times_every_kernel_form():
+    threads = torch.get_num_threads()
+    try:
+        results = script("bench_attention_core").main(["--length", "16", "--head-dim", "8", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results) == {"eager", "sdpa", "differential_two_calls", "differential_one_wide_call"}
+    assert all(ms > 0 and math.isfinite(ms) for ms in results.values())
+
+
 def test_ratio_targets():
     assert bench.Ratio("r", "a", "b", 1, "train", 0.9, "≤1.00×").passes() is True
     assert bench.Ratio("r", "a", "b", 1, "train", 1.5, "≥2.00×").passes() is False
