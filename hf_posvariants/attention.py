@@ -107,9 +107,6 @@ class PosVarAttention(nn.Module):
     `position_bias` of shape (1, heads, queries, keys) handed to the kernel.
     """
 
-    # The model may fold a layer-invariant bias into the mask; variants that reorder heads opt out.
-    accepts_bias_in_mask = True
-
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()
         self.config = config

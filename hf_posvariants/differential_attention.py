@@ -13,7 +13,8 @@ Two head layouts say which projected heads form a pair (`config.differential_hea
   2m and 2m+1 are its two keys and the two halves of its value;
 - "halves" (transformers' `diffllama`): query head i and head i + H/2 are the two maps, KV heads m and
   m + H_kv/2 the two keys and value halves.
-An additive position bias has one slice per softmax map, in the layout's own head order.
+An additive position bias has one slice per softmax map, in the layout's own head order (also when the
+model has folded it into the mask).
 
 The kernels are transformers' attention interface, called twice (once per value half, each call computing
 both maps), so eager, SDPA, flex and flash all work, with grouped KV heads and every position encoding.
@@ -43,8 +44,6 @@ def depth_lambda_init(layer_idx: int) -> float:
 class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
-
-    accepts_bias_in_mask = False  # the bias's heads are reordered map by map, which a mask's are not
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
@@ -132,6 +131,8 @@ class DifferentialAttention(PosVarAttention):
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         if position_bias is not None:
             kwargs["position_bias"] = self.maps_first(position_bias.expand(query.shape[0], -1, -1, -1))
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
+            attention_mask = self.maps_first(attention_mask)
         attend = attention_function(self)
         halves, weights = [], None
         for value_half in self.split_pair(value):  # each (B, H_kv/2, K, d)

@@ -194,9 +194,7 @@ class PosVarModel(PosVarPreTrainedModel):
 
     def can_fold_bias(self) -> bool:
         """Whether the shared position bias may ride in the mask (flex wants the two apart)."""
-        return self.config._attn_implementation in MASK_BIAS_BACKENDS and all(
-            layer.self_attn.accepts_bias_in_mask for layer in self.layers
-        )
+        return self.config._attn_implementation in MASK_BIAS_BACKENDS
 
     @merge_with_config_defaults
     @capture_outputs

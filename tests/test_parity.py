@@ -176,8 +176,6 @@ BIAS_ENCODINGS = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls.
 def test_bias_folded_into_mask_equals_bias_per_layer(config_class, encoding, head, backend):
     """The shared bias travels inside the mask on eager/SDPA; logits and bias gradients are unchanged."""
     model = build(head, tiny_config(config_class, encoding), backend).train()
-    if not model.base_model.can_fold_bias():
-        pytest.skip("this attention variant reorders the bias's heads and keeps it apart from the mask")
     ids = torch.randint(3, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # padding on one row: the boolean/float mask path, not only the mask-free one

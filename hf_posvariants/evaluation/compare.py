@@ -199,10 +199,9 @@ def run_variant(study: Study, variant: Variant, parent_result: dict | None = Non
     return result
 
 
-def run_variant_in_worker(recipe: dict, root: Path, name: str, parent_result: dict | None, threads: int) -> dict:
+def run_variant_in_worker(recipe: dict, root: Path, variant: Variant, parent_result: dict | None, threads: int) -> dict:
     """Entry point of a worker process: one variant, on its share of the cores."""
     torch.set_num_threads(threads)
-    variant = next(v for v in parse_variants(recipe) if v.name == name)
     return run_variant(prepare_study(recipe, root), variant, parent_result)
 
 
@@ -215,26 +214,23 @@ def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
     wall_start, cpu_start = time.perf_counter(), cpu_seconds()
     study = prepare_study(recipe, root)
     study.out_dir.mkdir(parents=True, exist_ok=True)
-    variants = parse_variants(recipe)
-    threads = max(1, torch.get_num_threads() // workers)
-    trained = [v for v in variants if v.parent is None]
-    derived = [v for v in variants if v.parent is not None]
+    variants = parse_variants(recipe)  # trained ones first
+    results = {v.name: v.result for v in variants}  # filled in place below
+    threads = torch.get_num_threads() if workers == 1 else max(1, torch.get_num_threads() // workers)
     if workers == 1:
-        for variant in trained + derived:
-            parent = next((v.result for v in variants if v.name == variant.parent), None)
-            variant.result.update(run_variant(study, variant, parent, log))
+        for variant in variants:
+            variant.result.update(run_variant(study, variant, results.get(variant.parent), log))
     else:
         context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for batch in (trained, derived):  # evaluation-only variants need their parent's checkpoint
-                parents = {v.name: v.result for v in variants}
-                futures = {v.name: pool.submit(run_variant_in_worker, recipe, root, v.name,
-                                               parents.get(v.parent), threads) for v in batch}
-                for variant in batch:
-                    variant.result.update(futures[variant.name].result())
-    results = {v.name: v.result for v in variants}
+            # Evaluation-only variants need their parent's checkpoint: they wait for the trained batch.
+            for batch in ([v for v in variants if v.parent is None], [v for v in variants if v.parent is not None]):
+                futures = [pool.submit(run_variant_in_worker, recipe, root, v, results.get(v.parent), threads)
+                           for v in batch]
+                for variant, future in zip(batch, futures):
+                    variant.result.update(future.result())
     budget = {"wall_seconds": time.perf_counter() - wall_start, "cpu_seconds": cpu_seconds() - cpu_start,
-              "workers": workers, "threads_per_worker": threads if workers > 1 else torch.get_num_threads()}
+              "workers": workers, "threads_per_worker": threads}
     log(f"total: {budget['wall_seconds']:.0f} s wall, {budget['cpu_seconds']:.0f} s CPU, {workers} worker(s) × "
         f"{budget['threads_per_worker']} thread(s)")
     (study.out_dir / "compare.json").write_text(json.dumps(
