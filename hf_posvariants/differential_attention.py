@@ -30,7 +30,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from .attention import PosVarAttention, attention_function, register_attention_variant
+from .attention import PosVarAttention, register_attention_variant, run_attention_kernel
+from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
 
@@ -121,31 +122,21 @@ class DifferentialAttention(PosVarAttention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_bias: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None,
+        positions: Positions,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.project(hidden_states, position_embeddings, past_key_values)
+        query, key, value = self.project(hidden_states, positions, cache)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
-        if position_bias is not None:
-            kwargs["position_bias"] = self.maps_first(position_bias.expand(query.shape[0], -1, -1, -1))
+        kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
             attention_mask = self.maps_first(attention_mask)
-        attend = attention_function(self)
         halves, weights = [], None
         for value_half in self.split_pair(value):  # each (B, H_kv/2, K, d)
             # Both maps of a KV pair read this value half: tile it over the first- and second-map KV heads.
-            output, map_weights = attend(
-                self,
-                query,
-                key,
-                torch.cat((value_half, value_half), dim=1),
-                attention_mask,
-                dropout=0.0,
-                scaling=self.scaling,
-                **kwargs,
+            output, map_weights = run_attention_kernel(
+                self, query, key, torch.cat((value_half, value_half), dim=1), attention_mask, **kwargs
             )
             first, second = output.chunk(2, dim=2)  # (B, Q, H/2, d) each: first and second maps
             halves.append((first, second))
@@ -160,3 +151,17 @@ class DifferentialAttention(PosVarAttention):
             first_map, second_map = weights.chunk(2, dim=1)
             weights = first_map - lam * second_map  # (B, H/2, Q, K): the differential map
         return output, weights
+
+    def bias_in_kernel_order(self, arguments: dict, device: torch.device) -> dict:
+        """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""
+        if "position_bias" in arguments:
+            return {"position_bias": self.maps_first(arguments["position_bias"])}
+        if "score_mod" not in arguments:
+            return arguments
+        score_mod = arguments["score_mod"]
+        config_head = self.maps_first(torch.arange(self.num_heads, device=device)[None])[0]
+
+        def reordered(score, batch, head, query, key):
+            return score_mod(score, batch, config_head[head], query, key)
+
+        return {"score_mod": reordered}

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarDiffConfig, PosVarLlamaConfig
+from hf_posvariants.position_encodings import Positions
 from hf_posvariants.differential_attention import DifferentialAttention
 from hf_posvariants.diffllama_conversion import config_from_diffllama, convert_diffllama_state_dict, from_diffllama
 
@@ -170,7 +171,7 @@ def test_attention_matches_paper_maths_in_reference_layout(kv_heads, affine):
         attention = layer.self_attn
         assert attention.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * (layer_number - 1)))
         with torch.no_grad():
-            actual, _ = attention(x, attention_mask=None)  # eager without a mask: full attention
+            actual, _ = attention(x, None, Positions())  # eager without a mask: full attention
             expected = paper_differential_attention(attention, x[0], layer_number)
         torch.testing.assert_close(actual[0], expected, rtol=0, atol=1e-5)
 
@@ -254,10 +255,10 @@ def test_cache_matches_no_cache(encoding, layout):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         prefix = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        cache = prefix.past_key_values
+        cache = prefix.cache
         steps = [prefix.logits]
         for slot in range(6, ids.shape[1]):
-            step = model(input_ids=ids[:, slot : slot + 1], attention_mask=mask[:, : slot + 1], past_key_values=cache)
+            step = model(input_ids=ids[:, slot : slot + 1], attention_mask=mask[:, : slot + 1], cache=cache)
             steps.append(step.logits)
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental[mask.bool()], full[mask.bool()], rtol=0, atol=1e-5)
