@@ -10,12 +10,13 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
-from transformers.integrations.flex_attention import compile_friendly_flex_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .position_encodings import Positions, ScoreBias, ScoreMod, apply_rotary
@@ -98,6 +99,14 @@ def flex_kernel_options(query: torch.Tensor) -> dict | None:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
 
 
+@functools.cache
+def compiled_flex_attention(device_type: str) -> Callable:
+    """flex_attention compiled once per device type. Static shapes on CPU: after a first compile, inductor's CPU
+    code for a recompile with dynamic shapes failed to build (an undeclared `cur_qSplitSize` in the generated C++,
+    torch 2.13), so each new shape compiles anew there; GPUs keep automatic dynamic shapes."""
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
 def with_tensor_mask(score_mod: ScoreMod, attention_mask: torch.Tensor, key_length: int) -> ScoreMod:
     """Compose a boolean or additive (B, 1, Q, K) mask into a score function (flex without a block mask)."""
     mask = attention_mask[:, :, :, :key_length]
@@ -126,7 +135,8 @@ def flex_score_attention(
     block_mask = attention_mask if attention_mask is not None and not isinstance(attention_mask, torch.Tensor) else None
     if isinstance(attention_mask, torch.Tensor):
         score_mod = with_tensor_mask(score_mod, attention_mask, key.shape[-2])
-    output = compile_friendly_flex_attention(
+    kernel = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(query.device.type)
+    output = kernel(
         query,
         key,
         value,
@@ -135,7 +145,6 @@ def flex_score_attention(
         enable_gqa=query.shape[1] != key.shape[1],
         scale=scaling,
         kernel_options=flex_kernel_options(query),
-        training=module.training,
     )
     return output.transpose(1, 2).contiguous(), None
 
