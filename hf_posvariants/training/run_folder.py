@@ -231,7 +231,8 @@ def _resume_checkpoint(folder: Path, plan: RunPlan, resume: str | None, overwrit
     newest_step = checkpoint_step(newest) if newest else -1
     for path in checkpoints(folder):
         if checkpoint_step(path) > newest_step and not is_complete(path):
-            plan.notes.append(f"Skipping {path.name}: incomplete (the run was stopped while saving it).")
+            plan.notes.append(f"Skipping {path.name}: not a complete checkpoint of this run (cut short while "
+                              "saving, or not written by it).")
     if newest is None:
         if resume == LAST:
             raise ValueError(f"resume_from_checkpoint='last': output_dir {str(folder)!r} holds no complete checkpoint.")
