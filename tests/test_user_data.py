@@ -98,3 +98,22 @@ def test_help_starts_with_a_short_usage(capsys):
     head = text[: text.index("--output_dir")]
     assert "--model.field value" in head and "--key value" in head and "configs/tiny_clm.yaml" in head
     assert len(head.splitlines()) < 25
+
+
+def test_eval_length_reads_the_training_length_from_the_run_record(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from tests.test_evaluation import script
+
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text(poem(300))
+    output = tmp_path / "run"
+    # block_size 32 while max_position_embeddings is 64: the old default took 64 as "1×".
+    pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(corpus), "--max_steps", "2",
+                            "--eval_strategy", "no"))  # fmt: skip
+    capsys.readouterr()
+    result = script("eval_length").main([str(output), "--corpus", str(corpus), "--multiples", "1", "2",
+                                         "--eval-tokens", "256", "--out-dir", str(tmp_path / "length")])  # fmt: skip
+    assert result["train_length"] == 32
+    out = capsys.readouterr().out
+    assert "| length | as trained |" in out and "\n| 32 | " in out and "\n| 64 | " in out
+    assert "(32, " not in out  # no tuples
