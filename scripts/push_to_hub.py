@@ -17,7 +17,15 @@ from transformers import AutoConfig
 
 import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
 from hf_posvariants.training.export import make_remote_loadable
-from hf_posvariants.training.hub import CARD_FILE, MODEL_FILE_PATTERNS, ROOT_ONLY, TEMPLATE, HubPusher, files_to_push, render_model_card
+from hf_posvariants.training.hub import (
+    CARD_FILE,
+    MODEL_FILE_PATTERNS,
+    ROOT_ONLY,
+    TEMPLATE,
+    HubPusher,
+    files_to_push,
+    render_model_card,
+)
 
 
 def main(argv=None) -> list[str]:

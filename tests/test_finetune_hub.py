@@ -100,8 +100,8 @@ def test_bad_input_fails_before_training(tmp_path, extra, message):
 def test_empty_dataset_and_unknown_recipe_key(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--train_file", str(empty)))
+    with pytest.raises(ValueError, match="is empty"):
+        pipeline.main(tiny_argv(tmp_path / "run", "clm", "posvar_llama", "--train_file", str(empty)))
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
@@ -109,7 +109,7 @@ def test_empty_dataset_and_unknown_recipe_key(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("a b\n")
     with pytest.raises(ValueError, match="yields no block"):
-        pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--train_file", str(short), "--validation_file", str(short)))
+        pipeline.main(tiny_argv(tmp_path / "run", "clm", "posvar_llama", "--train_file", str(short), "--validation_file", str(short)))
 
 
 def test_recipes_comment_every_key_and_build_their_configs():

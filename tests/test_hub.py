@@ -73,7 +73,8 @@ def hub(monkeypatch, tmp_path):
 
 
 def push_argv(output_dir: Path, strategy: str, *extra: str) -> list[str]:
-    return tiny_argv(output_dir, "clm", "posvar_llama", "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no",
+    return tiny_argv(output_dir, "clm", "posvar_llama", "--max_steps", "4", "--save_steps", "2",
+                     "--eval_strategy", "no",
                      "--push_to_hub", "true", "--hub_model_id", "someone/tiny-posvar", "--hub_strategy", strategy,
                      *extra)  # fmt: skip
 

@@ -48,9 +48,9 @@ def test_accelerate_configs_leave_precision_to_the_recipe_and_never_guess_proces
 # their blocks are `DebertaLayer`: accelerate refuses them. Strict, so the mark must go once DeBERTa's
 # blocks are `PosVarBlock` (the model-core rewrite).
 MISDECLARED = {"PosVarDebertaForSequenceClassification", "PosVarDebertaForTokenClassification"}
+MISDECLARED_MARK = pytest.mark.xfail(raises=ValueError, strict=True, reason="declares a block class it lacks")
 HEADS = [
-    pytest.param(config_class, head, id=head.__name__, marks=pytest.mark.xfail(
-        raises=ValueError, strict=True, reason="declares a block class it does not contain") if head.__name__ in MISDECLARED else ())
+    pytest.param(config_class, head, id=head.__name__, marks=MISDECLARED_MARK if head.__name__ in MISDECLARED else ())
     for config_class, heads in FAMILIES.items() for head in heads.values()
 ]  # fmt: skip
 
@@ -72,7 +72,8 @@ def test_fsdp_wrap_class_resolves_for_every_family(monkeypatch, config_class, he
     wrapped = [name for name, module in model.named_modules() if policy(module)]
     assert len(wrapped) == model.config.num_hidden_layers, wrapped
     plugin.set_auto_wrap_policy(model)  # the FSDP 1 path resolves the same classes
-    assert {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]} == set(model._no_split_modules)
+    resolved = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert {cls.__name__ for cls in resolved} == set(model._no_split_modules)
 
 
 def test_data_paths_named_in_recipe_comments_exist_and_load():

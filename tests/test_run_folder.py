@@ -233,5 +233,6 @@ def test_rotation_keeps_the_newest_the_best_and_everything_not_ours(tmp_path):
     theirs, unsealed = checkpoint(6, "theirs"), checkpoint(7)
     deleted = rotate(tmp_path, "ours", keep=2, protected={str(ours[0])})
     assert deleted == ours[1:4]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "checkpoint-7"]
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "checkpoint-7"]
     assert theirs.is_dir() and unsealed.is_dir()

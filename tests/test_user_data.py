@@ -44,7 +44,8 @@ def test_a_model_trained_on_multi_line_text_generates_a_newline(tmp_path, capsys
     pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(corpus), "--max_steps", "200",
                             "--eval_strategy", "no", "--save_steps", "200"))  # fmt: skip
     summary = capsys.readouterr().out.split("Training finished:", 1)[1]
-    assert f"{output / 'all_results.json'}" in summary and f"AutoModelForCausalLM.from_pretrained({str(output)!r})" in summary
+    assert f"{output / 'all_results.json'}" in summary
+    assert f"AutoModelForCausalLM.from_pretrained({str(output)!r})" in summary
 
     tokenizer = AutoTokenizer.from_pretrained(output)
     model = AutoModelForCausalLM.from_pretrained(output).eval()

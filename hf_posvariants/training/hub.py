@@ -47,8 +47,11 @@ def _auto_class_of(config: dict) -> str:
     return "AutoModel"
 
 
-def render_model_card(folder: str | Path, repo_id: str, template: str | Path = TEMPLATE, run: dict | None = None) -> ModelCard:
-    """A card for the exported folder, from its config.json, run record (`run` or run_args.json) and all_results.json."""
+def render_model_card(
+    folder: str | Path, repo_id: str, template: str | Path = TEMPLATE, run: dict | None = None
+) -> ModelCard:
+    """A card for the exported folder, from its config.json, run record (`run`, else run_args.json) and
+    all_results.json."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     run = run if run is not None else _read_json(folder / "run_args.json")
@@ -119,7 +122,8 @@ def files_to_push(folder: str | Path, allow_patterns: list[str] | None, ignore_p
     """The files `HfApi.upload_folder` sends with these patterns (its own filter, for dry runs)."""
     folder = Path(folder)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns + DEFAULT_IGNORE_PATTERNS))
+    ignore = ignore_patterns + DEFAULT_IGNORE_PATTERNS
+    return list(filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore))
 
 
 class HubPusher:
@@ -141,7 +145,9 @@ class HubPusher:
     def check_access(self) -> None:
         """Fail before any training when the push could not happen: offline, no token, or no write access."""
         if constants.is_offline_mode():
-            raise ValueError("push_to_hub=True needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub.")
+            raise ValueError(
+                "push_to_hub=True needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub."
+            )
         try:
             user = self.api.whoami()
             self.api.create_repo(repo_id=self.repo_id, private=self.private, exist_ok=True)
@@ -149,8 +155,11 @@ class HubPusher:
             raise ValueError("push_to_hub=True needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass "
                              "--hub_token (it is used, never saved).") from None
         except (HfHubHTTPError, OSError) as error:
-            raise ValueError(f"push_to_hub=True: cannot create or reach the Hub repository {self.repo_id!r}: {error}") from None
-        logger.info("Pushing to https://huggingface.co/%s as %s (hub_strategy=%s)", self.repo_id, user.get("name"), self.strategy)
+            raise ValueError(
+                f"push_to_hub=True: cannot create or reach the Hub repository {self.repo_id!r}: {error}"
+            ) from None
+        logger.info("Pushing to https://huggingface.co/%s as %s (hub_strategy=%s)", self.repo_id, user.get("name"),
+                    self.strategy)  # fmt: skip
 
     def _upload(self, folder: Path, message: str, path_in_repo: str, allow, ignore, background: bool):
         return self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), path_in_repo=path_in_repo,

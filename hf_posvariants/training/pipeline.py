@@ -43,7 +43,16 @@ from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
 from .recipes import check_config_fields, parse_recipe, recipe_argv
-from .run_folder import RUN_RECORD_FILE, RunLock, RunPlan, prepare, rotate, run_settings, seal_checkpoint, write_run_record
+from .run_folder import (
+    RUN_RECORD_FILE,
+    RunLock,
+    RunPlan,
+    prepare,
+    rotate,
+    run_settings,
+    seal_checkpoint,
+    write_run_record,
+)
 from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -356,7 +365,8 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
         if plan.finished:
             metrics = json.loads((Path(training_args.output_dir) / ALL_RESULTS_FILE).read_text())
         else:
-            metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher, callbacks)
+            metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher,
+                             callbacks)  # fmt: skip
         if training_args.should_save:
             print(summary(training_args.output_dir, metrics, _head(model_args), pusher))
     return RunResult(training_args.output_dir, metrics)

@@ -190,16 +190,18 @@ def _refusal(folder: Path, why: str) -> OutputDirError:
 
 
 def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: bool) -> RunPlan:
-    """Decide how a run uses `folder`, given its settings and the user's --resume_from_checkpoint/--overwrite_output_dir."""
+    """Decide how a run uses `folder`, from its settings, --resume_from_checkpoint and --overwrite_output_dir."""
     folder = Path(folder)
     if overwrite and resume == LAST:
-        raise ValueError("overwrite_output_dir=True starts a new run; it cannot be combined with resume_from_checkpoint='last'.")
+        raise ValueError(
+            "overwrite_output_dir=True starts a new run; it cannot be combined with resume_from_checkpoint='last'."
+        )
     record = read_run_record(folder)
     contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
     if not contents or overwrite:
         plan = RunPlan(run_id=uuid.uuid4().hex)
         if contents:
-            plan.notes.append(f"Overwriting output_dir {str(folder)!r} (--overwrite_output_dir): a new run starts there.")
+            plan.notes.append(f"Overwriting output_dir {str(folder)!r} (--overwrite_output_dir): a new run starts.")
     elif record is None or "run_id" not in record:
         listed = ", ".join(contents[:5]) + (", …" if len(contents) > 5 else "")
         raise _refusal(folder, f"is not empty ({listed}) and holds no run record of this pipeline")
