@@ -4,7 +4,9 @@
     → data splits → tokenizer (loaded, or trained on the data) → blocks (datasets.map)
     → model (from the recipe's `model:` fields, or from a checkpoint) → Trainer → export + metrics.
 
-Every check that can fail on the user's input runs before the Trainer is built.
+Every check that can fail on the user's input runs before the Trainer is built. The output folder is
+locked for the run and resumed by the same command (`run_folder`); a Hub token goes to `HfApi` only.
+The Python entry point is `train_recipe(recipe, overrides) -> RunResult(output_dir, metrics)`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 import evaluate
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,9 +37,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_posvariants import PosVarConfig
