@@ -170,3 +170,13 @@ def test_push_script_dry_run_lists_exactly_what_a_push_sends(tmp_path, hub, caps
     sent = script["main"]([str(tmp_path), "someone/tiny", "--token", TOKEN])
     assert sorted(listed) == sorted(sent) == sorted(hub.instances[0].commits[0]["files"])
     assert MODEL_FILES | {"all_results.json"} <= set(sent) and not any("checkpoint" in path for path in sent)
+
+
+def test_a_finished_run_is_pushed_by_the_same_command_with_push_added(tmp_path, hub, capsys):
+    argv = tiny_argv(tmp_path, "clm", "posvar_llama", "--max_steps", "2", "--eval_strategy", "no")
+    pipeline.main(argv)
+    pipeline.main([*argv, "--push_to_hub", "true", "--hub_model_id", "someone/later", "--hub_token", TOKEN])
+    assert "has already finished" in capsys.readouterr().out
+    (api,) = hub.instances
+    assert [c["message"] for c in api.commits] == ["Trained model"]
+    assert MODEL_FILES | {"all_results.json"} <= set(api.commits[0]["files"])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.run_folder import LOCK_FILE, OutputDirError, is_complete, rotate
+from hf_posvariants.training.run_folder import LOCK_FILE, OutputDirError, is_complete, prepare, rotate
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -236,3 +236,14 @@ def test_rotation_keeps_the_newest_the_best_and_everything_not_ours(tmp_path):
     remaining = sorted(p.name for p in tmp_path.iterdir())
     assert remaining == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "checkpoint-7"]
     assert theirs.is_dir() and unsealed.is_dir()
+
+
+def test_a_folder_left_by_a_kill_before_the_run_record_counts_as_empty(tmp_path):
+    """A kill while loading data leaves the lock; one while writing the record leaves its temporary file."""
+    (tmp_path / LOCK_FILE).write_text("pid 1")
+    (tmp_path / ".run_args.json.k3j2").write_text('{"run_id": ')
+    plan = prepare(tmp_path, {"training_args.seed": 0}, resume=None, overwrite=False)
+    assert plan.resume_from is None and not plan.finished and not plan.notes
+    (tmp_path / "stray.txt").write_text("")
+    with pytest.raises(OutputDirError, match=r"is not empty \(stray.txt\)"):
+        prepare(tmp_path, {"training_args.seed": 0}, resume=None, overwrite=False)

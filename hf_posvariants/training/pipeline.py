@@ -50,6 +50,7 @@ from .run_folder import (
     RunLock,
     RunPlan,
     prepare,
+    read_run_record,
     rotate,
     run_settings,
     seal_checkpoint,
@@ -366,6 +367,8 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
                 print(note)
         if plan.finished:
             metrics = json.loads((Path(training_args.output_dir) / ALL_RESULTS_FILE).read_text())
+            if pusher is not None:  # the same command with --push_to_hub added: push what was trained
+                publish_final(Path(training_args.output_dir), pusher, read_run_record(training_args.output_dir))
         else:
             metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher,
                              callbacks)  # fmt: skip
@@ -418,12 +421,16 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         output_dir = Path(training_args.output_dir)
         make_remote_loadable(output_dir, type(config))
         final = {**record, "global_step": trainer.state.global_step, "finished": True}
-        if pusher is not None:
-            render_model_card(output_dir, pusher.repo_id, run=final).save(output_dir / CARD_FILE)
         write_run_record(output_dir, final)
         if pusher is not None:
-            pusher.push_final(output_dir)
+            publish_final(output_dir, pusher, final)
     return metrics
+
+
+def publish_final(output_dir: Path, pusher: HubPusher, record: dict) -> None:
+    """Render the card into the final model folder and push it (after the checkpoint pushes)."""
+    render_model_card(output_dir, pusher.repo_id, run=record).save(output_dir / CARD_FILE)
+    pusher.push_final(output_dir)
 
 
 def summary(output_dir: str, metrics: dict, head, pusher: HubPusher | None) -> str:

@@ -181,6 +181,11 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
 
 
+def _is_control_file(name: str) -> bool:
+    """The lock, and a temporary run record left by a kill during its atomic write."""
+    return name == LOCK_FILE or name.startswith(f".{RUN_RECORD_FILE}.")
+
+
 def _refusal(folder: Path, why: str) -> OutputDirError:
     return OutputDirError(
         f"output_dir {str(folder)!r} {why}. Choose another output_dir, add --overwrite_output_dir to start a new "
@@ -197,7 +202,7 @@ def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: b
             "overwrite_output_dir=True starts a new run; it cannot be combined with resume_from_checkpoint='last'."
         )
     record = read_run_record(folder)
-    contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    contents = sorted(p.name for p in folder.iterdir() if not _is_control_file(p.name)) if folder.is_dir() else []
     if not contents or overwrite:
         plan = RunPlan(run_id=uuid.uuid4().hex)
         if contents:
