@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -177,3 +178,17 @@ def test_finetune_from_checkpoint_on_a_folder_of_text_files(tmp_path):
     assert metrics["eval_loss"] > 0
     with pytest.raises(ValueError, match="text_column='txt'"):
         pipeline.main(tiny_argv(tmp_path / "bad", "clm", "posvar_llama", "--train_file", str(lines), "--text_column", "txt"))
+
+
+def test_train_recipe_takes_a_dict_and_overrides_and_returns_folder_and_metrics(tmp_path):
+    """The Python entry point (used by studies): the recipe as a dict, overrides as a dict."""
+    recipe = yaml.safe_load((ROOT / "configs" / "tiny_clm.yaml").read_text())
+    recipe["model"]["position_encoding"] = "alibi"
+    result = pipeline.train_recipe(recipe, {
+        "output_dir": str(tmp_path), "max_steps": 2, "builtin_examples": 300, "block_size": 32,
+        "eval_strategy": "no", "disable_tqdm": True, "model.hidden_size": 32, "model.intermediate_size": 48,
+    })  # fmt: skip
+    assert result.output_dir == str(tmp_path)
+    assert result.metrics == json.loads((tmp_path / "all_results.json").read_text())
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.position_encoding, config.hidden_size, config.num_hidden_layers) == ("alibi", 32, 2)
