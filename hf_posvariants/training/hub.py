@@ -1,7 +1,7 @@
 """Model cards and uploads: render `model_cards/posvariants.md` and push a run to the Hub.
 
 Uploads go through `HfApi.upload_folder` with allow/ignore patterns, so huggingface_hub itself picks
-the files; a token reaches `HfApi` only, never a file (see `pipeline.main`).
+the files; a token reaches `HfApi` only, never a file (see `pipeline.run`).
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ class HubPusher:
     - every_save: also each checkpoint's model files, at the repo's top;
     - checkpoint: also the whole newest checkpoint (optimizer, scheduler, RNG states) in `last-checkpoint/`;
     - all_checkpoints: also every checkpoint in its own `checkpoint-N/`.
-    Pushes during training run in the background (`run_as_future`); `finish` waits for them.
+    Pushes during training run in the background (`run_as_future`); `wait` (before a checkpoint is
+    deleted) and `push_final` wait for them.
     """
 
     def __init__(self, api, repo_id: str, strategy: str = "end", private: bool | None = None):
