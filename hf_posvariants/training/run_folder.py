@@ -237,7 +237,7 @@ def _resume_checkpoint(folder: Path, plan: RunPlan, resume: str | None, overwrit
     newest = complete[-1] if complete else None
     newest_step = checkpoint_step(newest) if newest else -1
     for path in checkpoints(folder):
-        if checkpoint_step(path) > newest_step and not is_complete(path):
+        if checkpoint_step(path) > newest_step and not is_complete(path, plan.run_id):
             plan.notes.append(f"Skipping {path.name}: not a complete checkpoint of this run (cut short while "
                               "saving, or not written by it).")
     if newest is None:
