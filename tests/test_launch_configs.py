@@ -44,13 +44,8 @@ def test_accelerate_configs_leave_precision_to_the_recipe_and_never_guess_proces
         assert arguments.mixed_precision == ("bf16" if bf16 else "fp16" if fp16 else "no"), recipe_path.name
 
 
-# DeBERTa's classification heads inherit `_no_split_modules=["PosVarBlock"]` from the shared heads while
-# their blocks are `DebertaLayer`: accelerate refuses them. Strict, so the mark must go once DeBERTa's
-# blocks are `PosVarBlock` (the model-core rewrite).
-MISDECLARED = {"PosVarDebertaForSequenceClassification", "PosVarDebertaForTokenClassification"}
-MISDECLARED_MARK = pytest.mark.xfail(raises=ValueError, strict=True, reason="declares a block class it lacks")
 HEADS = [
-    pytest.param(config_class, head, id=head.__name__, marks=MISDECLARED_MARK if head.__name__ in MISDECLARED else ())
+    pytest.param(config_class, head, id=head.__name__)
     for config_class, heads in FAMILIES.items() for head in heads.values()
 ]  # fmt: skip
 
