@@ -280,4 +280,8 @@ class PosVarAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The backend's kernel on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
         output, weights = run_attention_kernel(self, query, key, value, attention_mask, score_mod, **kwargs)
+        if torch.compiler.is_exporting():
+            # torch.export drops the kernel's own contiguous() (a no-op when traced), and SDPA's decomposition with a
+            # float mask then returns transposed strides that cannot be viewed as (B, T, hidden); copy explicitly.
+            output = output.clone(memory_format=torch.contiguous_format)
         return self.o_proj(output.flatten(2)), weights

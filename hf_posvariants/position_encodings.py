@@ -366,7 +366,7 @@ class DistanceBias(PositionEncoding):
         raise NotImplementedError
 
     def score_bias(self, query_slots, key_slots):
-        query_length, key_length = len(query_slots), len(key_slots)
+        query_length, key_length = query_slots.shape[0], key_slots.shape[0]
         # Distance of table column n: n + key_slots[0] - query_slots[-1] (see `distance_grid`).
         relative = torch.arange(query_length + key_length - 1, device=key_slots.device) + (key_slots[0] - query_slots[-1])
         return ScoreBias(self, (self.distance_table(relative),), query_length, key_length)
@@ -437,7 +437,7 @@ class ALiBiBias(DistanceBias):
     def score_bias(self, query_slots, key_slots):
         # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
         offset = (key_slots[0] - query_slots[0]).float()
-        return ScoreBias(self, (self.slopes, offset), len(query_slots), len(key_slots))
+        return ScoreBias(self, (self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
 
     def score_function(self, tables, query_length, key_length):
         slopes, offset = tables
@@ -493,10 +493,11 @@ class DebertaRelativePositions(PositionEncoding):
 
     def relative_positions(self, query_slots, key_slots):
         """The normalised table (2k, hidden) and δ per distance: entry n is for key - query = n - (Q - 1)."""
-        device = self.embeddings.weight.device
-        # Looked up through the module rather than read as `.weight`, so offloading hooks load it.
+        # Looked up through the module rather than read as `.weight` (whose device is "meta" when offloaded), so
+        # accelerate's hooks load it.
+        device = query_slots.device
         table = self.norm(self.embeddings(torch.arange(2 * self.span, device=device)))
-        key_minus_query = torch.arange(len(query_slots) + len(key_slots) - 1, device=device) + (key_slots[0] - query_slots[-1])
+        key_minus_query = torch.arange(query_slots.shape[0] + key_slots.shape[0] - 1, device=device) + (key_slots[0] - query_slots[-1])
         relative = -key_minus_query  # the reference indexes by i - j
         if self.buckets > 0:
             relative = deberta_log_bucket(relative, self.buckets, self.max_relative_positions)
