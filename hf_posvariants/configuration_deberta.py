@@ -8,6 +8,8 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 
 from .configuration_posvariants import BIASLESS_BACKENDS, PosVarConfig, _choice_error
@@ -44,6 +46,13 @@ class PosVarDebertaConfig(PosVarConfig):
     """
 
     model_type = "posvar_deberta"
+    weight_fields: ClassVar[dict[str, str]] = {
+        **PosVarConfig.weight_fields,
+        "rel_embeddings.": "relative_attention",
+        "rel_norm.": "norm_rel_ebd",
+        "pos_key_proj.": "share_att_key",
+        "pos_query_proj.": "share_att_key",
+    }
 
     vocab_size: int = 128100
     hidden_size: int = 768

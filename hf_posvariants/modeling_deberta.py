@@ -50,6 +50,7 @@ from .modeling_posvariants import (
     PosVarPreTrainedModel,
     build_norm,
     build_position_encoding,
+    check_not_empty,
     positions_from_mask,
 )
 
@@ -230,6 +231,7 @@ class PosVarDebertaModel(PosVarDebertaPreTrainedModel):
     ) -> DebertaModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_not_empty(input_ids, inputs_embeds)
         self.config.check_attention_backend()
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
