@@ -124,8 +124,10 @@ class IndexPositionEncoding(PositionEncoding):
     """The raw position index added to every channel: the naive scheme whose magnitude grows without bound.
 
     Positions are exact integers up to 2^24 in float32 but only up to 2048 in float16 and 256 in bfloat16
-    (larger ones round to neighbours); float16 has no finite value beyond 65504, so a float16 model refuses
-    a table (`max_position_embeddings`) that reaches past it.
+    (larger ones round to neighbours). float16 has no finite value beyond 65504, so a float16 model refuses
+    a table (`max_position_embeddings`) that reaches past it; the attention scores computed from such large
+    embeddings overflow float16 much earlier, at a position that depends on the weights: use float32 or
+    bfloat16 for this encoding.
     """
 
     kind = "absolute"
