@@ -104,6 +104,8 @@ class PosVarDebertaConfig(PosVarConfig):
             raise _choice_error("position_encoding", self.position_encoding, allowed)
         if self.attention_variant != "standard":
             raise _choice_error("attention_variant", self.attention_variant, ["standard"])
+        if self.is_decoder:
+            raise ValueError("is_decoder=True is not supported by posvar_deberta, a bidirectional encoder; allowed value is False.")
         if self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
                 f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads="
