@@ -48,8 +48,8 @@ ROPE_NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "high_freq_factor": ("> 0", lambda value: value > 0),
     "beta_fast": ("> 0", lambda value: value > 0),
     "beta_slow": ("> 0", lambda value: value > 0),
-    "mscale": ("> 0", lambda value: value > 0),
-    "mscale_all_dim": ("> 0", lambda value: value > 0),
+    "mscale": (">= 0", lambda value: value >= 0),
+    "mscale_all_dim": (">= 0", lambda value: value >= 0),
 }
 
 
@@ -279,6 +279,13 @@ class PosVarConfig(PreTrainedConfig):
                 f"a positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim}). Choose "
                 "hidden_size / num_attention_heads even, or another partial_rotary_factor."
             )
+        if rope_type == "dynamic" and rotary_dim < 4:
+            raise ValueError(
+                f"rope_parameters['rope_type']='dynamic' raises theta to the power rotary_dim / (rotary_dim - 2), so "
+                f"the rotary dim (head_dim × partial_rotary_factor) must be at least 4; got {rotary_dim} from "
+                f"head_dim={self.head_dim}."
+            )
+        self._validate_rope_lengths(rope, rotary_dim)
         try:
             super().validate_rope()
         except KeyError as error:
@@ -288,6 +295,27 @@ class PosVarConfig(PreTrainedConfig):
                 f"rope_parameters['high_freq_factor']={rope['high_freq_factor']} must exceed "
                 f"rope_parameters['low_freq_factor']={rope['low_freq_factor']} (their difference is a divisor)."
             )
+
+    @staticmethod
+    def _validate_rope_lengths(rope: dict, rotary_dim: int) -> None:
+        """The pre-training length (a divisor in yarn) and longrope's per-frequency factors (one per channel pair)."""
+        original = rope.get("original_max_position_embeddings")
+        if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+            raise ValueError(
+                f"rope_parameters['original_max_position_embeddings']={original!r} is not allowed; allowed values "
+                "are integers >= 1."
+            )
+        for key in ("short_factor", "long_factor"):
+            factors = rope.get(key)
+            if factors is None:
+                continue
+            if not isinstance(factors, list) or len(factors) != rotary_dim // 2:
+                raise ValueError(
+                    f"rope_parameters['{key}']={factors!r} is not allowed; allowed values are lists of "
+                    f"rotary_dim // 2 = {rotary_dim // 2} numbers > 0 (one per rotated channel pair)."
+                )
+            for index, factor in enumerate(factors):
+                _require_number(f"rope_parameters['{key}'][{index}]", factor, "> 0", lambda value: value > 0)
 
     def _validate_position_encoding(self):
         encoding = self.position_encoding

@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    PreTrainedConfig,
 )
 from transformers.activations import ACT2FN
 
@@ -53,6 +54,8 @@ def rope_parameters(draw, head_dim: int) -> dict:
         rope["original_max_position_embeddings"] = draw(st.sampled_from([4, 8]))
     if rope_type == "yarn" and draw(st.booleans()):
         rope.update(beta_fast=draw(st.sampled_from([8.0, 32.0])), beta_slow=1.0, attention_factor=draw(st.sampled_from([0.5, 1.0])))
+    if rope_type == "yarn" and draw(st.booleans()):
+        rope.update(mscale=draw(st.sampled_from([0.0, 1.0])), mscale_all_dim=draw(st.sampled_from([0.0, 0.707])))
     if rope_type == "llama3":
         low = draw(st.sampled_from([1.0, 2.0]))
         rope.update(low_freq_factor=low, high_freq_factor=low + draw(st.sampled_from([1.0, 3.0])))
@@ -86,9 +89,26 @@ def corruptions(config: dict) -> list[tuple[str, object]]:
         ]
         if "factor" in config["rope_parameters"]:
             bad += [("rope_parameters[factor]", 0.0), ("rope_parameters[factor]", float("inf"))]
+        if "original_max_position_embeddings" in config["rope_parameters"]:
+            bad += [("rope_parameters[original_max_position_embeddings]", 0)]
+        if "short_factor" in config["rope_parameters"]:
+            bad += [("rope_parameters[short_factor]", [1.0]), ("rope_parameters[long_factor]", [-1.0] * 64)]
+    if config["position_encoding"] == "t5_bias":
+        bad += [("relative_attention_num_buckets", 2), ("relative_attention_max_distance", 1)]
+    if config["attention_variant"] == "differential":
+        bad += [("differential_lambda_init", 1.0), ("differential_lambda_init", float("nan"))]
     if config["family"] is PosVarDebertaConfig:
-        bad += [("pos_att_type", 5), ("pos_att_type", ["c2c"]), ("emd_layers", -1), ("norm_rel_ebd", "rms")]
+        bad += [("pos_att_type", 5), ("pos_att_type", ["c2c"]), ("emd_layers", -1), ("norm_rel_ebd", "rms"),
+                ("max_relative_positions", 0), ("position_buckets", "8")]
     return bad
+
+
+def wrong_types(config_class) -> list[tuple[str, object]]:
+    """Every field the posvariants configs add to transformers' base config, set to a JSON object (a type only
+    rope_parameters takes)."""
+    base = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    names = [field.name for field in dataclasses.fields(config_class) if field.name not in base]
+    return [(name, {"a": 1}) for name in sorted(names) if name != "rope_parameters"]
 
 
 @st.composite
@@ -152,7 +172,7 @@ def configs(draw, backends: tuple[str, ...]) -> dict:
     config["rope_parameters"] = draw(rope_parameters(rope_head_dim))
     config["corrupted"] = None
     if draw(one_in(4)):
-        field, value = draw(st.sampled_from(corruptions(config)))
+        field, value = draw(st.sampled_from(corruptions(config) if draw(st.booleans()) else wrong_types(family)))
         config["corrupted"] = field
         if field.startswith("rope_parameters["):
             config["rope_parameters"][field.removeprefix("rope_parameters[").rstrip("]")] = value
@@ -240,25 +260,65 @@ def test_every_config_is_refused_clearly_or_runs_finite_on_flex(drawn, length, p
     check_config_space_property(drawn, length, padded, gradients=False)
 
 
-def test_the_strategy_reaches_both_outcomes_and_every_corruption_kind():
-    """Guard against a strategy that silently stopped exploring: sampled draws must include accepted configs,
-    refused ones, and corrupted ones of many fields."""
-    accepted = refused = 0
-    corrupted_fields = set()
+def test_the_strategy_reaches_both_outcomes():
+    """Guard against a strategy that silently stopped exploring: draws must be both accepted and refused."""
+    outcomes = {"accepted": 0, "refused": 0}
 
     @settings(max_examples=150, deadline=None, database=None, derandomize=True)
     @given(drawn=configs(CPU_BACKENDS))
     def sample(drawn):
-        nonlocal accepted, refused
         drawn = copy.deepcopy(drawn)
-        family, _, backend, corrupted = (drawn.pop(key) for key in ("family", "head", "backend", "corrupted"))
-        corrupted_fields.add(corrupted)
+        family, _, backend, _ = (drawn.pop(key) for key in ("family", "head", "backend", "corrupted"))
         try:
             family(**drawn, attn_implementation=backend)
-            accepted += 1
+            outcomes["accepted"] += 1
         except ValueError:
-            refused += 1
+            outcomes["refused"] += 1
 
     sample()
-    assert accepted >= 30 and refused >= 30, (accepted, refused)
-    assert len(corrupted_fields - {None}) >= 6, corrupted_fields
+    assert min(outcomes.values()) >= 30, outcomes
+
+
+VALID_BASES = {
+    "defaults": dict(position_encoding="sinusoidal"),
+    "longrope": dict(position_encoding="rope", rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0]}),
+    "t5 bias": dict(position_encoding="t5_bias", relative_attention_num_buckets=8, relative_attention_max_distance=16),
+    "differential": dict(attention_variant="differential"),
+    "deberta": dict(position_encoding="nope", position_buckets=4),
+}
+
+
+def valid_base(family, overrides: dict) -> dict:
+    """A config in the strategy's format that the family accepts, for the corruption table."""
+    fields = dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=4, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                  position_encoding="sinusoidal", attention_variant="standard", family=family)
+    fields.update(overrides)
+    family(**{key: value for key, value in fields.items() if key != "family"})  # accepted as it stands
+    return fields
+
+
+CORRUPTION_CASES = [
+    *((family, base) for family in FAMILIES if family is not PosVarDebertaConfig for base in VALID_BASES if base != "deberta"),
+    (PosVarDebertaConfig, "deberta"),
+]
+
+
+@pytest.mark.parametrize("family,base", CORRUPTION_CASES, ids=[f"{f.model_type}-{b}" for f, b in CORRUPTION_CASES])
+def test_every_corruption_of_the_strategy_is_refused_naming_its_field(family, base):
+    """The corruption table, exhaustively, on valid configs: each bad value is a ValueError that names it."""
+    config = valid_base(family, VALID_BASES[base])
+    for field, value in corruptions(config) + wrong_types(family):
+        fields = {key: copy.deepcopy(item) for key, item in config.items() if key != "family"}
+        if field.startswith("rope_parameters["):
+            key = field.removeprefix("rope_parameters[").rstrip("]")
+            fields["rope_parameters"][key] = value
+            shown = f"rope_parameters['{key}']"
+        else:
+            fields[field] = value
+            shown = f"{field}="
+        with pytest.raises(ValueError) as error:
+            family(**fields)
+        assert shown in str(error.value), (field, value, str(error.value))
