@@ -181,6 +181,12 @@ class PosVarConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Run our checks here too, so users get a plain ValueError rather than strict's wrapper.
         self.validate_architecture()
+        self.validate_output_attentions()
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Checked before saving as when built (a field may have been assigned since), as a plain ValueError."""
+        self.validate_architecture()
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def position_encoding_class(self):

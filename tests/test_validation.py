@@ -149,8 +149,14 @@ def test_numbers_of_the_other_type_are_accepted_where_exact():
 def test_a_config_edited_after_building_is_refused_when_saved(config_class, tmp_path):
     config = tiny_config(config_class, "rope")
     config.norm_eps = -1.0
-    with pytest.raises(Exception, match=r"norm_eps=-1.0 is not allowed"):
+    with pytest.raises(ValueError, match=r"norm_eps=-1.0 is not allowed"):
         config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_attention_maps_on_a_backend_without_them_are_a_plain_value_error():
+    with pytest.raises(ValueError, match=r"output_attentions.*sdpa.*'eager'"):
+        tiny_config(PosVarLlamaConfig, "rope", output_attentions=True, attn_implementation="sdpa")
 
 
 EMPTY_SHAPES = [(1, 0), (0, 4)]
