@@ -3,10 +3,13 @@
 The DeBERTa-specific keys carry the names of transformers' `DebertaV2Config` (relative_attention,
 pos_att_type, position_buckets, max_relative_positions, share_att_key, norm_rel_ebd) with the same
 meaning, so a DeBERTa-v2/v3 config translates key by key (see `convert_deberta.py`).
-This file imports only torch and transformers: it travels with remote-code checkpoints.
+This file imports only torch, transformers and huggingface_hub (a dependency of transformers): it travels
+with remote-code checkpoints.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 
@@ -43,6 +46,13 @@ class PosVarDebertaConfig(PosVarConfig):
     """
 
     model_type = "posvar_deberta"
+    weight_fields: ClassVar[dict[str, str]] = {
+        **PosVarConfig.weight_fields,
+        "relative_positions.embeddings.": "relative_attention",
+        "relative_positions.norm.": "norm_rel_ebd",
+        "pos_key_proj.": "share_att_key",
+        "pos_query_proj.": "share_att_key",
+    }
 
     vocab_size: int = 128100
     hidden_size: int = 768
@@ -94,6 +104,8 @@ class PosVarDebertaConfig(PosVarConfig):
             raise _choice_error("position_encoding", self.position_encoding, allowed)
         if self.attention_variant != "disentangled":
             raise _choice_error("attention_variant", self.attention_variant, ["disentangled"])
+        if self.is_decoder:
+            raise ValueError("is_decoder=True is not supported by posvar_deberta, a bidirectional encoder; allowed value is False.")
         if self.emd_layers < 0:
             raise ValueError(f"emd_layers={self.emd_layers} must be 0 (decoder off) or a positive integer.")
         if self.max_relative_positions == 0 or self.max_relative_positions < -1:

@@ -2,7 +2,8 @@
 
 Differential attention is an attention variant of the shared core, so every family can switch to it with
 `attention_variant="differential"`; this family only makes it the default, on the LLaMA block.
-This file imports only torch and transformers: it travels with remote-code checkpoints.
+This file imports only torch, transformers and huggingface_hub (a dependency of transformers): it travels
+with remote-code checkpoints.
 """
 
 from __future__ import annotations

@@ -3,15 +3,27 @@
 Field names follow transformers' Llama (`num_key_value_heads`, `rope_parameters`, `rms_norm_eps`
 is spelled `norm_eps` since both norms use it) so recipes and checkpoints move between the two.
 All validation lives in `validate_architecture`, which transformers runs when a config is built
-and again when it is saved.
-This file imports only torch and transformers: it travels with remote-code checkpoints.
+and again when it is saved; every refusal is a plain ValueError naming the field, the value and what
+is allowed.
+This file imports only torch, transformers and huggingface_hub (a dependency of transformers): it travels
+with remote-code checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .attention import ATTENTION_VARIANTS
 from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
@@ -27,8 +39,67 @@ CLASSIFIER_POOLINGS = ("first", "last", "mean")
 BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
 
 
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+# Scalar keys of `rope_parameters`: what each must satisfy to give finite, meaningful frequencies.
+ROPE_NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "rope_theta": ("> 0", lambda value: value > 0),
+    "factor": (">= 1 (transformers' scaling functions assume it)", lambda value: value >= 1),
+    "partial_rotary_factor": ("in (0, 1]", lambda value: 0 < value <= 1),
+    "attention_factor": ("> 0", lambda value: value > 0),
+    "low_freq_factor": ("> 0", lambda value: value > 0),
+    "high_freq_factor": ("> 0", lambda value: value > 0),
+    "beta_fast": ("> 0", lambda value: value > 0),
+    "beta_slow": ("> 0", lambda value: value > 0),
+    "mscale": (">= 0", lambda value: value >= 0),
+    "mscale_all_dim": (">= 0", lambda value: value >= 0),
+}
+
+
 def _choice_error(field: str, value, allowed) -> ValueError:
     return ValueError(f"{field}={value!r} is not supported; allowed values are {sorted(allowed)}.")
+
+
+def _require_number(field: str, value, allowed: str, within: Callable[[float], bool]) -> None:
+    """A finite real number for which `within` holds, else a ValueError naming the field, value and range."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and within(value)):
+        raise ValueError(f"{field}={value!r} is not allowed; allowed values are finite numbers {allowed}.")
+
+
+def _matches_annotation(value, annotation) -> bool:
+    """Whether `value` has a type the annotation allows; an int is a valid float, a bool is not an int."""
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return any(_matches_annotation(value, option) for option in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches_annotation(entry, item) for entry in value)
+    if typing.is_typeddict(annotation):
+        return isinstance(value, dict)
+    if isinstance(value, bool) and annotation is not bool:
+        return False
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)
+
+
+@functools.cache
+def _declared_fields(config_class: type) -> dict[str, tuple[object, str]]:
+    """Field → (resolved annotation, annotation as written) for the fields the posvariants configs declare.
+
+    `@strict` cannot check these types itself: under `from __future__ import annotations` it sees strings."""
+    field_names = {field.name for field in dataclasses.fields(config_class)}
+    fields = {}
+    for klass in reversed(config_class.__mro__):
+        if isinstance(klass, type) and issubclass(klass, PosVarConfig):
+            annotations = klass.__dict__.get("__annotations__", {})
+            written = {name: text for name, text in annotations.items() if name in field_names}
+            # Resolved in the class's own module only: the base config's annotations name torch lazily.
+            owner = types.SimpleNamespace(__annotations__=written)
+            resolved = typing.get_type_hints(owner, globalns=vars(sys.modules[klass.__module__]))
+            fields.update({name: (resolved[name], text) for name, text in written.items()})
+    return fields
 
 
 @strict
@@ -59,6 +130,9 @@ class PosVarConfig(PreTrainedConfig):
 
     model_type = "posvar"
     keys_to_ignore_at_inference = ["cache"]
+    # A fragment of a base-model weight name → the field that decides whether the weight exists (named when a
+    # checkpoint's weights do not fit its config).
+    weight_fields: ClassVar[dict[str, str]] = {"position_encoding.": "position_encoding", "self_attn.": "attention_variant"}
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -98,6 +172,7 @@ class PosVarConfig(PreTrainedConfig):
     differential_lambda_std: float = 0.1
 
     def __post_init__(self, **kwargs):
+        self._validate_field_types()  # before the derivations below compute with the values
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
@@ -108,6 +183,12 @@ class PosVarConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Run our checks here too, so users get a plain ValueError rather than strict's wrapper.
         self.validate_architecture()
+        self.validate_output_attentions()
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Checked before saving as when built (a field may have been assigned since), as a plain ValueError."""
+        self.validate_architecture()
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def position_encoding_class(self):
@@ -116,23 +197,37 @@ class PosVarConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Refuse impossible settings with a message naming the field, the value and what is allowed."""
         super().validate_architecture()
-        if self.position_encoding not in selectable_position_encodings():
-            raise _choice_error("position_encoding", self.position_encoding, selectable_position_encodings())
-        if self.attention_variant not in ATTENTION_VARIANTS:
-            raise _choice_error("attention_variant", self.attention_variant, ATTENTION_VARIANTS)
+        self._validate_field_types()
+        self._validate_choices()
+        self._validate_sizes()
+        self._validate_numbers()
+        self._validate_pad_token_id()
+        ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
+        self.validate_rope()
+        self._validate_position_encoding()
+        self.check_attention_backend()
+
+    def _validate_choices(self):
+        """String fields that select a registered component."""
         for field, allowed in (
+            ("position_encoding", selectable_position_encodings()),
+            ("attention_variant", ATTENTION_VARIANTS),
             ("norm_type", NORM_TYPES),
             ("norm_position", NORM_POSITIONS),
             ("mlp_type", MLP_TYPES),
+            ("hidden_act", ACT2FN),
         ):
             if getattr(self, field) not in allowed:
                 raise _choice_error(field, getattr(self, field), allowed)
         if self.classifier_pooling is not None and self.classifier_pooling not in CLASSIFIER_POOLINGS:
             raise _choice_error("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+
+    def _validate_sizes(self):
+        """Positive sizes, and head counts that divide what they split."""
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "intermediate_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{field}={getattr(self, field)} must be a positive integer.")
+                raise ValueError(f"{field}={getattr(self, field)} is not allowed; allowed values are integers >= 1.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}; "
@@ -144,28 +239,94 @@ class PosVarConfig(PreTrainedConfig):
                 f"{self.num_attention_heads}; allowed values are "
                 f"{[h for h in range(1, self.num_attention_heads + 1) if self.num_attention_heads % h == 0]}."
             )
+
+    def _validate_field_types(self):
+        """Every declared field holds a value of its annotated type (JSON and sweeps hand over "64" or 2.0)."""
+        for field, (annotation, written) in _declared_fields(type(self)).items():
+            value = getattr(self, field)
+            if not _matches_annotation(value, annotation):
+                raise ValueError(
+                    f"{field}={value!r} has type {type(value).__name__}; allowed types are {written}."
+                )
+
+    def _validate_numbers(self):
+        """Real-valued fields that would turn into NaN or nonsense weights."""
         for field in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
-            if not 0.0 <= getattr(self, field) < 1.0:
-                raise ValueError(f"{field}={getattr(self, field)} must lie in [0, 1).")
-        ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
-        self._validate_position_encoding()
-        self.check_attention_backend()
+            _require_number(field, getattr(self, field), "in [0, 1)", lambda value: 0 <= value < 1)
+        _require_number("norm_eps", self.norm_eps, "> 0", lambda value: value > 0)
+        _require_number("initializer_range", self.initializer_range, ">= 0", lambda value: value >= 0)
+        _require_number("differential_lambda_std", self.differential_lambda_std, ">= 0", lambda value: value >= 0)
+
+    def _validate_pad_token_id(self):
+        """The padding row of the embedding table must exist (transformers only warns; torch then fails or
+        silently counts -1 from the end)."""
+        pad = self.pad_token_id
+        if pad is not None and not 0 <= pad < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id={pad} is outside the vocabulary; allowed values are None or 0..{self.vocab_size - 1} "
+                f"(vocab_size={self.vocab_size})."
+            )
 
     def validate_rope(self):
-        """transformers' RoPE checks, only where RoPE is used (its parameters are kept for every encoding)."""
-        if self.position_encoding == "rope":
+        """transformers' RoPE checks plus the values that give NaN or a crash, only where RoPE is used (its
+        parameters are kept for every encoding). transformers' own checks raise KeyError for a missing key and
+        only warn about bad values: both become a ValueError naming the key."""
+        if self.position_encoding != "rope":
+            return
+        rope = self.rope_parameters
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise _choice_error("rope_parameters['rope_type']", rope_type, ROPE_TYPES)
+        for key, (allowed, within) in ROPE_NUMBER_RULES.items():
+            if rope.get(key) is not None:
+                _require_number(f"rope_parameters['{key}']", rope[key], allowed, within)
+        rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
+        if rotary_dim % 2 or rotary_dim == 0:
+            raise ValueError(
+                f"position_encoding='rope' rotates channel pairs, so head_dim × partial_rotary_factor must be "
+                f"a positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim}). Choose "
+                "hidden_size / num_attention_heads even, or another partial_rotary_factor."
+            )
+        if rope_type == "dynamic" and rotary_dim < 4:
+            raise ValueError(
+                f"rope_parameters['rope_type']='dynamic' raises theta to the power rotary_dim / (rotary_dim - 2), so "
+                f"the rotary dim (head_dim × partial_rotary_factor) must be at least 4; got {rotary_dim} from "
+                f"head_dim={self.head_dim}."
+            )
+        self._validate_rope_lengths(rope, rotary_dim)
+        try:
             super().validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters={rope!r} is incomplete: {error.args[0]}") from None
+        if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+            raise ValueError(
+                f"rope_parameters['high_freq_factor']={rope['high_freq_factor']} must exceed "
+                f"rope_parameters['low_freq_factor']={rope['low_freq_factor']} (their difference is a divisor)."
+            )
+
+    @staticmethod
+    def _validate_rope_lengths(rope: dict, rotary_dim: int) -> None:
+        """The pre-training length (a divisor in yarn) and longrope's per-frequency factors (one per channel pair)."""
+        original = rope.get("original_max_position_embeddings")
+        if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+            raise ValueError(
+                f"rope_parameters['original_max_position_embeddings']={original!r} is not allowed; allowed values "
+                "are integers >= 1."
+            )
+        for key in ("short_factor", "long_factor"):
+            factors = rope.get(key)
+            if factors is None:
+                continue
+            if not isinstance(factors, list) or len(factors) != rotary_dim // 2:
+                raise ValueError(
+                    f"rope_parameters['{key}']={factors!r} is not allowed; allowed values are lists of "
+                    f"rotary_dim // 2 = {rotary_dim // 2} numbers > 0 (one per rotated channel pair)."
+                )
+            for index, factor in enumerate(factors):
+                _require_number(f"rope_parameters['{key}'][{index}]", factor, "> 0", lambda value: value > 0)
 
     def _validate_position_encoding(self):
         encoding = self.position_encoding
-        if encoding == "rope":
-            rotary_dim = int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
-            if rotary_dim % 2 or rotary_dim == 0:
-                raise ValueError(
-                    f"position_encoding='rope' rotates channel pairs, so head_dim × partial_rotary_factor must be "
-                    f"a positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim}). Choose "
-                    "hidden_size / num_attention_heads even, or another partial_rotary_factor."
-                )
         if encoding == "binary" and binary_width(self.max_position_embeddings) > self.hidden_size:
             raise ValueError(
                 f"position_encoding='binary' needs {binary_width(self.max_position_embeddings)} channels for "

@@ -87,8 +87,6 @@ class DifferentialAttention(PosVarAttention):
                 f"differential_lambda_init={lambda_init} must lie in [0, 1) (the output is scaled by "
                 "1 − λ_init), or be None for the paper's depth schedule 0.8 − 0.6·exp(−0.3·(l − 1))."
             )
-        if config.differential_lambda_std < 0:
-            raise ValueError(f"differential_lambda_std={config.differential_lambda_std} must be non-negative.")
 
     def init_variant_weights(self) -> None:
         for vector in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):

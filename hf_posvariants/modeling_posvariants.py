@@ -150,12 +150,68 @@ class PosVarPreTrainedModel(PreTrainedModel):
             for name, value in module.initial_buffers().items():
                 init.copy_(getattr(module, name), value)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        ignore_architecture_mismatch: bool = False,
+        output_loading_info: bool = False,
+        **kwargs,
+    ):
+        """transformers' loader, but base-model weights that are missing or unused are an error: config.json no
+        longer describes the checkpoint (say a hand-edited `position_encoding`). Task-head weights may still
+        be missing or unused, as when a base checkpoint is loaded into a classifier.
+        `ignore_architecture_mismatch=True` loads anyway, initialising what is missing."""
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if not ignore_architecture_mismatch:
+            check_weights_fit_config(model, loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
+
+
+def check_weights_fit_config(model: PosVarPreTrainedModel, loading_info: dict, source) -> None:
+    """Refuse a load whose missing or unused weights belong to the base model, naming the fields that decide them.
+
+    Missing keys carry the model's names, unused ones the checkpoint's, with or without the base-model prefix;
+    a key is the base model's when it has that prefix or starts with one of the base model's attributes."""
+
+    def in_base_model(key: str) -> bool:
+        return key.startswith(f"{model.base_model_prefix}.") or hasattr(model.base_model, key.split(".")[0])
+
+    missing = sorted(key for key in loading_info["missing_keys"] if in_base_model(key))
+    unused = sorted(key for key in loading_info["unexpected_keys"] if in_base_model(key))
+    if not missing and not unused:
+        return
+    fields = [
+        f"{field}={getattr(model.config, field)!r}"
+        for fragment, field in model.config.weight_fields.items()
+        if any(fragment in key for key in missing + unused)
+    ]
+    raise ValueError(
+        f"The weights in {str(source)!r} do not fit its config.json: base-model weights missing {missing[:6]}, "
+        f"unused {unused[:6]}. They are decided by {', '.join(fields) or 'the architecture fields'} in config.json: "
+        "was it edited after saving? Set it back to the value the checkpoint was trained with, or pass "
+        "ignore_architecture_mismatch=True to from_pretrained to load anyway (missing weights are then initialised)."
+    )
+
 
 def build_position_encoding(config: PosVarConfig, is_causal: bool, name: str | None = None) -> PositionEncoding:
     """The configured encoding (or the one named), from this module's registry rather than the config's: remote
     code loads the config and the model files as separate module copies, and `_init_weights` recognises only
     this copy's `PositionEncoding` (a foreign one would keep uninitialised buffers)."""
     return POSITION_ENCODINGS[name or config.position_encoding](config, is_causal)
+
+
+def check_not_empty(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """Refuse a batch without tokens here, before the masking utilities and kernels fail on it obscurely."""
+    name, tensor = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    if tensor.ndim < 2 or 0 in tensor.shape[:2]:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}; allowed shapes are (batch_size, sequence_length"
+            f"{', hidden_size' if name == 'inputs_embeds' else ''}) with batch_size >= 1 and sequence_length >= 1."
+        )
 
 
 def positions_from_mask(
@@ -167,11 +223,6 @@ def positions_from_mask(
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 0)
     return positions[:, query_slots]
-
-
-def check_input_length(length: int) -> None:
-    if length == 0:
-        raise ValueError("The input has length 0 (input_ids or inputs_embeds of shape (batch, 0)); pass at least one token.")
 
 
 class PosVarModel(PosVarPreTrainedModel):
@@ -265,11 +316,11 @@ class PosVarModel(PosVarPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_not_empty(input_ids, inputs_embeds)
         self.config.check_attention_backend()
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, query_length = inputs_embeds.shape[:2]
-        check_input_length(query_length)
         use_cache = use_cache and self.is_causal
         if use_cache and not self.position_encoding.cacheable:
             raise ValueError(

@@ -204,13 +204,27 @@ class LearnedPositionEncoding(PositionEncoding):
 
 @register_position_encoding("index")
 class IndexPositionEncoding(PositionEncoding):
-    """The raw position index added to every channel: the naive scheme whose magnitude grows without bound."""
+    """The raw position index added to every channel: the naive scheme whose magnitude grows without bound.
+
+    Positions are exact integers up to 2^24 in float32 but only up to 2048 in float16 and 256 in bfloat16
+    (larger ones round to neighbours). float16 has no finite value beyond 65504, so a float16 model refuses
+    a table (`max_position_embeddings`) that reaches past it; the attention scores computed from such large
+    embeddings overflow float16 much earlier, at a position that depends on the weights: use float32 or
+    bfloat16 for this encoding.
+    """
 
     kind = "absolute"
     bounded = True
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
         self.check_positions(position_ids)
+        largest_finite = torch.finfo(inputs_embeds.dtype).max
+        if self.max_positions - 1 > largest_finite:
+            raise ValueError(
+                f"position_encoding='index' with max_position_embeddings={self.max_positions} cannot run in "
+                f"{inputs_embeds.dtype}: positions above {largest_finite:.0f} overflow to inf. Allowed are "
+                f"max_position_embeddings <= {int(largest_finite) + 1} in this dtype, or float32/bfloat16."
+            )
         return inputs_embeds + position_ids[..., None].to(inputs_embeds.dtype)
 
 

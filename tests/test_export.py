@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,7 @@ import textwrap
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from hf_posvariants import FAMILIES
+from hf_posvariants import FAMILIES, PosVarDebertaConfig
 
 from hf_posvariants.training.export import export_for_remote_code, family_auto_map
 from tests.conftest import FAMILY_CONFIGS as LM_FAMILIES  # families with both LM heads; DeBERTa: test_deberta.py
@@ -92,3 +94,28 @@ def test_export_serves_classification_heads(tmp_path):
         classifier = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
         assert classifier.score.out_features == 3
         assert isinstance(AutoModel.from_pretrained(folder), FAMILIES[config_class][AutoModel])
+
+
+def third_party_imports(source: str) -> set[str]:
+    """Top-level packages a module imports, leaving out the standard library and same-folder imports."""
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return {root for root in roots if root not in sys.stdlib_module_names and root != "__future__"}
+
+
+def test_exported_files_import_what_their_docstrings_say(tmp_path):
+    """Each flat file states which packages it needs ("imports only torch and transformers"); the claim holds."""
+    for config_class in FAMILIES:
+        config_fields = dict(num_key_value_heads=4, position_buckets=8) if config_class is PosVarDebertaConfig else {}
+        folder = tmp_path / config_class.model_type
+        export_for_remote_code(build(AutoModel, tiny_config(config_class, "nope", **config_fields)), folder)
+        for path in sorted(folder.glob("*.py")):
+            source = path.read_text()
+            claim = re.search(r"imports only ([\w ,]+)", ast.get_docstring(ast.parse(source)) or "")
+            assert claim, f"{path.name} does not say what it imports"
+            allowed = set(re.findall(r"\w+", claim.group(1))) - {"and"}
+            assert third_party_imports(source) <= allowed, (path.name, third_party_imports(source), allowed)
