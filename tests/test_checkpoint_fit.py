@@ -47,7 +47,7 @@ def test_edited_attention_variant_is_refused(saved, edited, tmp_path):
 def test_edited_deberta_relative_attention_is_refused(tmp_path):
     config = tiny_config(PosVarDebertaConfig, "nope", num_key_value_heads=4, position_buckets=8)
     folder = save(build(AutoModelForMaskedLM, config), tmp_path, relative_attention=False)
-    with pytest.raises(ValueError, match=r"unused \['model\.rel_embeddings\.weight'\].*relative_attention=False"):
+    with pytest.raises(ValueError, match=r"unused \['model\.relative_positions\.embeddings\.weight'.*relative_attention=False"):
         AutoModelForSequenceClassification.from_pretrained(folder)
 
 
