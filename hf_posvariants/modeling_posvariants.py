@@ -281,8 +281,11 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
+        # transformers 5.24 renamed past_key_values to `cache`, and its generate() passes only that name.
+        past_key_values = cache if cache is not None else past_key_values
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
