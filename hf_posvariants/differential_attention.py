@@ -18,8 +18,9 @@ model has folded it into the mask).
 
 The kernels are transformers' attention interface, so eager, SDPA, flex and flash all work, with grouped KV
 heads and every position encoding. Each pair's two maps meet its 2d-wide value in one kernel call (QKᵀ once)
-where the kernel takes a value wider than the query, else in two calls, one per value half;
-`KERNEL_CALL_CHOICES` picks per backend and device, and the two paths agree to float rounding.
+where the kernel takes a value wider than the query, in one call with zero-padded queries and keys where it
+needs equal widths, or in two calls, one per value half; `KERNEL_CALL_CHOICES` picks per backend and device,
+and the paths agree to float rounding.
 
 `output_attentions=True` returns, per layer, (B, num_attention_heads, Q, K): every softmax map, the first
 maps of the H/2 differential heads followed by their second maps (whatever the head layout), i.e. the
@@ -34,6 +35,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
@@ -42,21 +44,25 @@ from .attention import PosVarAttention, attention_function, register_attention_v
 HEAD_LAYOUTS = ("pairs", "halves")
 
 # How the two maps of every pair reach the pair's 2d-wide value:
-#   "one_call":  one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
-#   "two_calls": one call per d-wide value half, each computing QKᵀ and both softmaxes again; every kernel
-#                runs it, including those that need the value as wide as the query (flash).
-KERNEL_CALLS = ("one_call", "two_calls")
+#   "one_call":    one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
+#   "padded_call": the same call with queries and keys zero-padded to 2d, for kernels that need equal widths
+#                  (flash): QKᵀ costs twice its flops, but exp/softmax and the kernel's passes run once;
+#   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
+KERNEL_CALLS = ("one_call", "padded_call", "two_calls")
 
-# (backend, device type) → the path that measured faster there; absent pairs take "two_calls".
+# (backend, device type) → the path that measured fastest there (scripts/bench_diff_paths.py: CPU time of a
+# training step at hidden 256, 4 layers, 8 heads / 4 KV heads, batch 4 × 256, one thread); absent pairs take
+# "two_calls", which every kernel runs.
 KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
-    # Eager materialises the maps anyway: one matmul and one softmax instead of two.
+    # Eager materialises the maps anyway: one matmul and one softmax instead of two (CPU: one_call 0.90×
+    # DiffLlama's time, padded_call 0.94×, two_calls 1.10×).
     ("eager", "cpu"): "one_call",
     ("eager", "cuda"): "one_call",
-    # CPU flash needs equal widths: a 2d-wide value falls back to the math kernel, which costs what the
-    # two flash calls cost (scripts/bench_attention_core.py) and more in a whole training step (bench_diff).
-    ("sdpa", "cpu"): "two_calls",
-    # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel; transformers measured
-    # two calls ~30% faster at production shapes (DiffLlamaAttention). Not yet measured here.
+    # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98×
+    # DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×.
+    ("sdpa", "cpu"): "padded_call",
+    # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
+    # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
     ("sdpa", "cuda"): "two_calls",
 }
 
@@ -194,18 +200,19 @@ class DifferentialAttention(PosVarAttention):
         # pair read it, so it is tiled over the first- and second-map KV heads.
         value_halves = self.split_pair(value)
         attend = functools.partial(
-            attention_function(self), self, query, key, attention_mask=attention_mask, dropout=0.0,
-            scaling=self.scaling, **kwargs,
+            attention_function(self), self, attention_mask=attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
-        if path == "one_call":
+        if path in ("one_call", "padded_call"):
             wide_value = torch.cat(value_halves, dim=-1)
-            output, weights = attend(torch.cat((wide_value, wide_value), dim=1))  # (B, Q, H, 2d)
+            if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
+                query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
+            output, weights = attend(query, key, torch.cat((wide_value, wide_value), dim=1))  # (B, Q, H, 2d)
             first, second = output.chunk(2, dim=2)
             return first, second, weights
         # One call per value half: each computes QKᵀ and both maps again, on equal widths.
         outputs = []
         for value_half in value_halves:
-            output, weights = attend(torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
+            output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
             outputs.append(output)
         first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
         return first, second, weights

@@ -253,11 +253,12 @@ def force_kernel_calls(model: torch.nn.Module, path: str) -> None:
 @pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encoding, layout):
-    """One call with 2d-wide values ≡ two calls on the halves (the reference, on eager), padded, with GQA."""
+    """One call with 2d-wide values (queries/keys as they are or zero-padded) ≡ two calls on the halves (the
+    reference, on eager), with padding and GQA."""
     config = diff_config(encoding, num_attention_heads=8, num_key_value_heads=4, differential_head_layout=layout)
     ids, mask = padded_batch(left=True)
     results = {}
-    for backend, path in [("eager", "two_calls"), (attn_implementation, "one_call"), (attn_implementation, "two_calls")]:
+    for backend, path in [("eager", "two_calls")] + [(attn_implementation, path) for path in KERNEL_CALLS]:
         model = build(AutoModelForCausalLM, config, backend).train()
         randomise_lambdas_and_norms(model)
         force_kernel_calls(model, path)
@@ -274,28 +275,35 @@ def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encodin
 
 def test_kernel_path_choice_per_backend_and_device(monkeypatch):
     assert choose_kernel_calls("eager", "cpu") == choose_kernel_calls("eager", "cuda") == "one_call"
-    assert choose_kernel_calls("sdpa", "cpu") == "two_calls"  # CPU flash needs equal widths
+    assert choose_kernel_calls("sdpa", "cpu") == "padded_call"  # CPU flash needs equal widths
     assert choose_kernel_calls("flash_attention_2", "cuda") == "two_calls"  # flash: equal widths
     assert set(KERNEL_CALL_CHOICES.values()) <= set(KERNEL_CALLS)
-    # The model follows the table: count kernel calls per layer.
+    # The model follows the table: each kernel call's layer and query width (head_dim 8).
     calls = []
 
-    def counting(module):
+    def recording(module):
         kernel = attention_function(module)
-        return lambda *args, **kwargs: calls.append(module.layer_idx) or kernel(*args, **kwargs)
 
-    monkeypatch.setattr(differential_attention, "attention_function", counting)
-    for backend, per_layer in [("eager", 1), ("sdpa", 2)]:
+        def call(module, query, *args, **kwargs):
+            calls.append((module.layer_idx, query.shape[-1]))
+            return kernel(module, query, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(differential_attention, "attention_function", recording)
+    cases = [("eager", "one_call", [8]), ("sdpa", "padded_call", [16]), ("sdpa", "two_calls", [8, 8])]
+    for backend, path, widths in cases:
+        monkeypatch.setitem(KERNEL_CALL_CHOICES, (backend, "cpu"), path)
         calls.clear()
         with torch.no_grad():
             build(AutoModelForCausalLM, diff_config(), backend)(input_ids=random_ids(1, 5))
-        assert calls == [layer for layer in range(2) for _ in range(per_layer)], backend
+        assert calls == [(layer, width) for layer in range(2) for width in widths], (backend, path)
 
 
 def test_unknown_forced_kernel_path_is_refused():
     model = build(AutoModelForCausalLM, diff_config())
     force_kernel_calls(model, "three_calls")
-    with pytest.raises(ValueError, match=r"kernel_calls='three_calls'.*\['one_call', 'two_calls'\]"):
+    with pytest.raises(ValueError, match=r"kernel_calls='three_calls'.*\['one_call', 'padded_call', 'two_calls'\]"):
         model(input_ids=random_ids(1, 5))
 
 
