@@ -1,21 +1,25 @@
 """Self-attention of the posvariants family, dispatched through transformers' attention interface.
 
 We ship one eager kernel, the reference: it understands an additive position bias and grouped KV
-heads. SDPA (the default) and flex attention come from transformers' registry and receive the same
-bias as `position_bias`. Rotary encodings arrive as (cos, sin) and rotate queries and keys here.
+heads. SDPA (the default) and flex attention come from transformers' registry. Position arrives once
+per forward as one `Positions` value: rotary (cos, sin) rotate queries and keys here; a bias shared by
+all layers rides in the additive mask on eager and SDPA (the model folds it in) and reaches flex as a
+`score_mod` over small tables, so the flex path never builds a (queries × keys) tensor.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .position_encodings import apply_rotary
+from .position_encodings import Positions, ScoreBias, ScoreMod, apply_rotary
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -83,6 +87,93 @@ def attention_function(module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
 
 
+def flex_kernel_options(query: torch.Tensor) -> dict | None:
+    """Kernel options for flex attention with a score function, chosen here only.
+
+    A score_mod that reads tables needing a gradient makes the backward kernel keep more per block;
+    with the default blocks it exceeded the shared memory of Hopper GPUs (245,760 of 232,448 bytes
+    for T5 at 8 × 2048 × 64). Smaller blocks compile there; the CPU kernels take no options.
+    """
+    if query.device.type != "cuda":
+        return None
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
+
+
+@functools.cache
+def compiled_flex_attention(device_type: str) -> Callable:
+    """flex_attention compiled once per device type. Static shapes on CPU: after a first compile, inductor's CPU
+    code for a recompile with dynamic shapes failed to build (an undeclared `cur_qSplitSize` in the generated C++,
+    torch 2.13), so each new shape compiles anew there; GPUs keep automatic dynamic shapes."""
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+def with_tensor_mask(score_mod: ScoreMod, attention_mask: torch.Tensor, key_length: int) -> ScoreMod:
+    """Compose a boolean or additive (B, 1, Q, K) mask into a score function (flex without a block mask)."""
+    mask = attention_mask[:, :, :, :key_length]
+
+    def masked(score, batch, head, query, key):
+        score = score_mod(score, batch, head, query, key)
+        allowed = mask[batch, 0, query, key]
+        if allowed.dtype == torch.bool:
+            return torch.where(allowed, score, -float("inf"))
+        return score + allowed
+
+    return masked
+
+
+def flex_score_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    score_mod: ScoreMod,
+    scaling: float,
+) -> tuple[torch.Tensor, None]:
+    """flex_attention with a position score function: causal and padding structure come as the block mask
+    that transformers' masking utilities build, the bias as `score_mod`; returns (B, T, H, D)."""
+    block_mask = attention_mask if attention_mask is not None and not isinstance(attention_mask, torch.Tensor) else None
+    if isinstance(attention_mask, torch.Tensor):
+        score_mod = with_tensor_mask(score_mod, attention_mask, key.shape[-2])
+    kernel = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(query.device.type)
+    output = kernel(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        enable_gqa=query.shape[1] != key.shape[1],
+        scale=scaling,
+        kernel_options=flex_kernel_options(query),
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def run_attention_kernel(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    score_mod: ScoreMod | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The configured backend on (B, H, T, D) heads: a score function goes to flex, anything else through
+    transformers' attention interface (a tensor `position_bias` in kwargs included)."""
+    if score_mod is not None:
+        return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
+    return attention_function(module)(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        **kwargs,
+    )
+
+
 ATTENTION_VARIANTS: dict[str, type[nn.Module]] = {}
 
 
@@ -103,9 +194,13 @@ def register_attention_variant(name: str):
 class PosVarAttention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al., "GQA", 2023).
 
-    Position enters as rotary (cos, sin) applied to queries and keys, or as an additive
-    `position_bias` of shape (1, heads, queries, keys) handed to the kernel.
+    Position enters as rotary (cos, sin) applied to queries and keys, or as an additive score bias: inside
+    the mask (eager, SDPA) or as a flex score function. ``backends`` declares the attention implementations
+    the variant can run (None: every one); ``relative_encoding_name`` names the ``relative`` position
+    encoding a variant consumes (none for most).
     """
+
+    backends: tuple[str, ...] | None = None
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()
@@ -127,54 +222,62 @@ class PosVarAttention(nn.Module):
     def validate_config(cls, config) -> None:
         """Refuse settings this variant cannot run (called by the config's validation); none here."""
 
+    @classmethod
+    def relative_encoding_name(cls, config) -> str | None:
+        """The `relative` position encoding this variant reads from `Positions.relative` under `config`, if any."""
+        return None
+
     def init_variant_weights(self) -> None:
         """Initialise parameters beyond the projections (called by `_init_weights`); none here."""
 
     def project(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        past_key_values: Cache | None,
+        positions: Positions,
+        cache: Cache | None,
+        key_value_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, Q, D) and keys/values (B, H_kv, K, D), rotated and cached."""
-        head_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
-        if position_embeddings is not None:
-            query, key = apply_rotary(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        """Queries (B, H, Q, D) and keys/values (B, H_kv, K, D), rotated and cached; keys and values come from
+        `key_value_states` when given (DeBERTa's Enhanced Mask Decoder)."""
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self.q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+        key = self.k_proj(source).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+        value = self.v_proj(source).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+        if positions.rotary is not None:
+            query, key = apply_rotary(query, key, *positions.rotary)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         return query, key, value
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_bias: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None,
+        positions: Positions,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.project(hidden_states, position_embeddings, past_key_values)
-        if position_bias is not None:
-            # Flex indexes the bias per batch row, so it needs the full batch (a free view).
-            kwargs["position_bias"] = position_bias.expand(query.shape[0], -1, -1, -1)
-        return self.attend(query, key, value, attention_mask, **kwargs)
+        query, key, value = self.project(hidden_states, positions, cache)
+        return self.attend(query, key, value, attention_mask, **self.bias_arguments(positions.bias, query.dtype), **kwargs)
+
+    def bias_arguments(self, bias: ScoreBias | None, dtype: torch.dtype) -> dict:
+        """How the kernel receives a shared bias the model did not fold into the mask: flex as a score function,
+        any other backend as the (1, H, Q, K) tensor `position_bias`."""
+        if bias is None:
+            return {}
+        if self.config._attn_implementation == "flex_attention":
+            return {"score_mod": bias.score_mod()}
+        return {"position_bias": bias.materialise().to(dtype)}
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        score_mod: ScoreMod | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The backend's kernel on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
-        output, weights = attention_function(self)(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        output = self.o_proj(output.reshape(*output.shape[:2], -1))
-        return output, weights
+        output, weights = run_attention_kernel(self, query, key, value, attention_mask, score_mod, **kwargs)
+        return self.o_proj(output.flatten(2)), weights

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 
-from .configuration_posvariants import BIASLESS_BACKENDS, PosVarConfig, _choice_error
+from .configuration_posvariants import PosVarConfig, _choice_error
+from .disentangled_attention import POSITION_TERMS
 from .position_encodings import POSITION_ENCODINGS
-
-POSITION_TERMS = ("c2p", "p2c")
 REL_EMBEDDING_NORMS = ("none", "layer_norm")
 # Where position enters the input embeddings (DeBERTa-v2's `position_biased_input`): a learned table
 # ("learned", v1/v2) or nothing ("nope", v3); any other absolute scheme of the registry also fits.
@@ -52,6 +51,7 @@ class PosVarDebertaConfig(PosVarConfig):
     num_attention_heads: int = 12
     max_position_embeddings: int = 512
     position_encoding: str = "nope"
+    attention_variant: str = "disentangled"
     norm_eps: float = 1e-7
     scale_embeddings: bool = False
     pad_token_id: int | None = 0
@@ -92,14 +92,8 @@ class PosVarDebertaConfig(PosVarConfig):
         if self.position_encoding_class.kind not in INPUT_POSITION_KINDS:
             allowed = [name for name, cls in POSITION_ENCODINGS.items() if cls.kind in INPUT_POSITION_KINDS]
             raise _choice_error("position_encoding", self.position_encoding, allowed)
-        if self.attention_variant != "standard":
-            raise _choice_error("attention_variant", self.attention_variant, ["standard"])
-        if self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError(
-                f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads="
-                f"{self.num_attention_heads} for posvar_deberta: the position terms pair every query head "
-                "with its own key head."
-            )
+        if self.attention_variant != "disentangled":
+            raise _choice_error("attention_variant", self.attention_variant, ["disentangled"])
         if self.emd_layers < 0:
             raise ValueError(f"emd_layers={self.emd_layers} must be 0 (decoder off) or a positive integer.")
         if self.max_relative_positions == 0 or self.max_relative_positions < -1:
@@ -110,22 +104,8 @@ class PosVarDebertaConfig(PosVarConfig):
         self._validate_buckets()
 
     def _validate_buckets(self):
-        buckets, span = self.position_buckets, self.effective_max_relative_positions
-        if buckets == -1:
-            return
-        # The logarithmic buckets grow from buckets//2 up to max_relative_positions - 1, which must lie beyond.
-        if buckets < 2 or buckets > span or buckets // 2 >= span - 1:
+        # Buckets beyond the span are allowed, as in DebertaV2: distances within it then stay exact.
+        if self.position_buckets != -1 and self.position_buckets < 2:
             raise ValueError(
-                f"position_buckets={buckets} does not fit the relative span max_relative_positions={span}: "
-                f"allowed values are -1 (no buckets) or 2..{span} with position_buckets // 2 < {span - 1}."
-            )
-
-    def check_attention_backend(self, implementation: str | None = None):
-        """The position terms are a score bias: refuse backends that would drop it."""
-        super().check_attention_backend(implementation)
-        implementation = implementation or self._attn_implementation
-        if self.position_terms and implementation in BIASLESS_BACKENDS:
-            raise ValueError(
-                f"attn_implementation={implementation!r} cannot add the disentangled position terms "
-                f"pos_att_type={self.pos_att_type!r}; allowed backends are 'eager', 'sdpa' and 'flex_attention'."
+                f"position_buckets={self.position_buckets} must be -1 (no buckets) or at least 2 (log buckets)."
             )

@@ -15,13 +15,15 @@ from transformers.modeling_rope_utils import RopeParameters
 
 from .attention import ATTENTION_VARIANTS
 from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
-from .position_encodings import POSITION_ENCODINGS, binary_width
+from .disentangled_attention import DisentangledAttention  # noqa: F401  (registers "disentangled")
+from .position_encodings import POSITION_ENCODINGS, binary_width, selectable_position_encodings
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("standard", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
-# Backends that have nowhere to put an additive score bias; they would drop it silently.
+# transformers' backends that have nowhere to put an additive score bias (they would drop it silently);
+# what each encoding or attention variant runs on is declared on its registry entry (`backends`).
 BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
 
 
@@ -56,7 +58,7 @@ class PosVarConfig(PreTrainedConfig):
     """
 
     model_type = "posvar"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -114,8 +116,8 @@ class PosVarConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Refuse impossible settings with a message naming the field, the value and what is allowed."""
         super().validate_architecture()
-        if self.position_encoding not in POSITION_ENCODINGS:
-            raise _choice_error("position_encoding", self.position_encoding, POSITION_ENCODINGS)
+        if self.position_encoding not in selectable_position_encodings():
+            raise _choice_error("position_encoding", self.position_encoding, selectable_position_encodings())
         if self.attention_variant not in ATTENTION_VARIANTS:
             raise _choice_error("attention_variant", self.attention_variant, ATTENTION_VARIANTS)
         for field, allowed in (
@@ -179,15 +181,31 @@ class PosVarConfig(PreTrainedConfig):
                     f"= {buckets // 2} for position_encoding='t5_bias' (the logarithmic buckets start there)."
                 )
 
+    def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(field, value, the backends it runs on) for every component that does not run on all of them, read from
+        the registry entries' `backends`."""
+        variant = ATTENTION_VARIANTS[self.attention_variant]
+        components = [
+            ("position_encoding", self.position_encoding, self.position_encoding_class),
+            ("attention_variant", self.attention_variant, variant),
+        ]
+        relative = variant.relative_encoding_name(self)
+        if relative is not None:
+            components.append(("attention_variant", self.attention_variant, POSITION_ENCODINGS[relative]))
+        return [(field, value, cls.backends) for field, value, cls in components if cls.backends is not None]
+
     def check_attention_backend(self, implementation: str | None = None):
-        """A backend that cannot add a score bias must not run a bias encoding: refuse, never drop it."""
+        """A backend that cannot carry a component (e.g. a score bias on a flash kernel) is refused, never
+        allowed to drop it."""
         implementation = implementation or self._attn_implementation
-        if self.position_encoding_class.kind == "bias" and implementation in BIASLESS_BACKENDS:
-            raise ValueError(
-                f"attn_implementation={implementation!r} cannot add the attention bias of "
-                f"position_encoding={self.position_encoding!r}; allowed backends are 'eager', 'sdpa' and "
-                "'flex_attention'."
-            )
+        if implementation is None:
+            return
+        for field, value, backends in self.backend_requirements():
+            if implementation not in backends:
+                raise ValueError(
+                    f"attn_implementation={implementation!r} cannot run {field}={value!r} (it adds a score bias the "
+                    f"kernel has no place for); allowed backends are {list(backends)}."
+                )
 
 
 @strict

@@ -39,7 +39,8 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from .attention import PosVarAttention, attention_function, register_attention_variant
+from .attention import PosVarAttention, register_attention_variant, run_attention_kernel
+from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
 
@@ -166,16 +167,14 @@ class DifferentialAttention(PosVarAttention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_bias: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None,
+        positions: Positions,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.project(hidden_states, position_embeddings, past_key_values)
+        query, key, value = self.project(hidden_states, positions, cache)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
-        if position_bias is not None:
-            kwargs["position_bias"] = self.maps_first(position_bias.expand(query.shape[0], -1, -1, -1))
+        kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
             attention_mask = self.maps_first(attention_mask)
         first, second, weights = self.attend_pairs(query, key, value, attention_mask, **kwargs)
@@ -199,9 +198,7 @@ class DifferentialAttention(PosVarAttention):
         # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d); both maps of the
         # pair read it, so it is tiled over the first- and second-map KV heads.
         value_halves = self.split_pair(value)
-        attend = functools.partial(
-            attention_function(self), self, attention_mask=attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
+        attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
         if path in ("one_call", "padded_call"):
             wide_value = torch.cat(value_halves, dim=-1)
             if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
@@ -216,3 +213,17 @@ class DifferentialAttention(PosVarAttention):
             outputs.append(output)
         first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
         return first, second, weights
+
+    def bias_in_kernel_order(self, arguments: dict, device: torch.device) -> dict:
+        """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""
+        if "position_bias" in arguments:
+            return {"position_bias": self.maps_first(arguments["position_bias"])}
+        if "score_mod" not in arguments:
+            return arguments
+        score_mod = arguments["score_mod"]
+        config_head = self.maps_first(torch.arange(self.num_heads, device=device)[None])[0]
+
+        def reordered(score, batch, head, query, key):
+            return score_mod(score, batch, config_head[head], query, key)
+
+        return {"score_mod": reordered}

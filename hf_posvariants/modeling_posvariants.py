@@ -1,15 +1,19 @@
 """The shared core of the posvariants family: one block, one base model, the task heads, and the
 thin family classes over them.
 
-Position information is computed once per forward by `config.position_encoding` and passed down:
+Position information is computed once per forward by `config.position_encoding` (and by the relative
+encoding an attention variant may consume) and passed down to every layer in one `Positions` value:
 added to the embeddings, rotated into queries/keys, or added to the attention scores.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -24,6 +28,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -32,7 +37,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
-from .position_encodings import POSITION_ENCODINGS, PositionEncoding
+from .position_encodings import POSITION_ENCODINGS, PositionEncoding, Positions
 
 
 class RMSNorm(nn.Module):
@@ -84,15 +89,26 @@ class PosVarBlock(GradientCheckpointingLayer):
     def __init__(self, config: PosVarConfig, layer_idx: int, is_causal: bool):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.self_attn = self.build_attention(config, layer_idx, is_causal)
+        self.self_attn = ATTENTION_VARIANTS[config.attention_variant](config, layer_idx, is_causal)
         self.mlp = FeedForward(config)
         self.input_layernorm = build_norm(config)
         self.post_attention_layernorm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def build_attention(self, config: PosVarConfig, layer_idx: int, is_causal: bool) -> nn.Module:
-        """The attention sublayer; a family with its own attention (DeBERTa) overrides this."""
-        return ATTENTION_VARIANTS[config.attention_variant](config, layer_idx, is_causal)
+    # Reentrant checkpointing sees only tensors passed positionally: a bias table that needs a gradient and
+    # arrives inside `Positions` would be backpropagated once per layer through the graph that built it.
+    # So the checkpoint function receives the positional arguments flattened into their tensors.
+    @property
+    def _gradient_checkpointing_func(self) -> Callable:
+        return self._checkpoint_flattened
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint: Callable) -> None:
+        self._checkpoint = checkpoint
+
+    def _checkpoint_flattened(self, function: Callable, *args):
+        leaves, spec = tree_flatten(args)
+        return self._checkpoint(lambda *flat: function(*tree_unflatten(list(flat), spec)), *leaves)
 
     def residual(self, hidden_states: torch.Tensor, sublayer, norm: nn.Module) -> torch.Tensor:
         if self.pre_norm:
@@ -102,14 +118,13 @@ class PosVarBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        position_bias: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None,
+        positions: Positions,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         def attend(x: torch.Tensor) -> torch.Tensor:
-            return self.self_attn(x, attention_mask, position_embeddings, position_bias, past_key_values, **kwargs)[0]
+            return self.self_attn(x, attention_mask, positions, cache, **kwargs)[0]
 
         hidden_states = self.residual(hidden_states, attend, self.input_layernorm)
         return self.residual(hidden_states, self.mlp, self.post_attention_layernorm)
@@ -121,7 +136,7 @@ class PosVarPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PosVarBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_flash_attn = True  # refused per position encoding by `check_attention_backend`
@@ -137,11 +152,11 @@ class PosVarPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, name), value)
 
 
-def build_position_encoding(config: PosVarConfig, is_causal: bool) -> PositionEncoding:
-    """The configured encoding, from this module's registry rather than the config's: remote code loads the
-    config and the model files as separate module copies, and `_init_weights` recognises only this copy's
-    `PositionEncoding` (a foreign one would keep uninitialised buffers)."""
-    return POSITION_ENCODINGS[config.position_encoding](config, is_causal)
+def build_position_encoding(config: PosVarConfig, is_causal: bool, name: str | None = None) -> PositionEncoding:
+    """The configured encoding (or the one named), from this module's registry rather than the config's: remote
+    code loads the config and the model files as separate module copies, and `_init_weights` recognises only
+    this copy's `PositionEncoding` (a foreign one would keep uninitialised buffers)."""
+    return POSITION_ENCODINGS[name or config.position_encoding](config, is_causal)
 
 
 def positions_from_mask(
@@ -153,6 +168,11 @@ def positions_from_mask(
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 0)
     return positions[:, query_slots]
+
+
+def check_input_length(length: int) -> None:
+    if length == 0:
+        raise ValueError("The input has length 0 (input_ids or inputs_embeds of shape (batch, 0)); pass at least one token.")
 
 
 class PosVarModel(PosVarPreTrainedModel):
@@ -167,6 +187,9 @@ class PosVarModel(PosVarPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
         self.position_encoding = build_position_encoding(config, self.is_causal)
+        self.embed_norm = self.embedding_norm(config)
+        relative = ATTENTION_VARIANTS[config.attention_variant].relative_encoding_name(config)
+        self.relative_positions = build_position_encoding(config, self.is_causal, relative) if relative else None
         self.layers = nn.ModuleList(
             [PosVarBlock(config, layer_idx, self.is_causal) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -180,22 +203,54 @@ class PosVarModel(PosVarPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def build_mask(self, inputs_embeds, attention_mask, past_key_values, position_ids):
+    def build_mask(self, inputs_embeds, attention_mask, cache, position_ids):
         if self.is_causal:
             return create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 position_ids=position_ids,
             )
         return create_bidirectional_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
         )
 
+    @staticmethod
+    def embedding_norm(config: PosVarConfig) -> nn.Module:
+        """A norm on the summed embeddings; none in the core (DeBERTa has one)."""
+        return nn.Identity()
+
+    def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings (scaled) plus the absolute encoding, if any, normed where the family norms them."""
+        hidden_states = self.position_encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
+        return self.dropout(self.embed_norm(hidden_states))
+
     def can_fold_bias(self) -> bool:
-        """Whether the shared position bias may ride in the mask (flex wants the two apart)."""
+        """Whether the shared position bias may ride in the mask (flex takes it as a score function instead)."""
         return self.config._attn_implementation in MASK_BIAS_BACKENDS
+
+    def compute_positions(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        query_slots: torch.LongTensor,
+        key_slots: torch.LongTensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[Positions, torch.Tensor | None]:
+        """The one `Positions` value for every layer, and the mask with a shared bias folded in where the
+        backend adds masks (eager, SDPA): in the compute dtype, (1, H, Q, K) unless the mask is per batch row."""
+        encoding = self.position_encoding
+        bias = encoding.score_bias(query_slots, key_slots)
+        if bias is not None and self.can_fold_bias():
+            materialised = bias.materialise().to(hidden_states.dtype)
+            mask = fold_bias_into_mask(materialised, mask, query_slots, key_slots, self.is_causal)
+            bias = None
+        relative = None
+        if self.relative_positions is not None:
+            relative = self.relative_positions.relative_positions(query_slots, key_slots)
+        positions = Positions(rotary=encoding.rotary_embeddings(hidden_states, position_ids), bias=bias, relative=relative)
+        return positions, mask
 
     @merge_with_config_defaults
     @capture_outputs
@@ -204,7 +259,7 @@ class PosVarModel(PosVarPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -214,48 +269,32 @@ class PosVarModel(PosVarPreTrainedModel):
         self.config.check_attention_backend()
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, query_length = inputs_embeds.shape[:2]
+        check_input_length(query_length)
         use_cache = use_cache and self.is_causal
         if use_cache and not self.position_encoding.cacheable:
             raise ValueError(
                 f"position_encoding={self.config.position_encoding!r} changes earlier tokens' encodings as the "
                 "sequence grows, so a KV cache would be stale; call with use_cache=False."
             )
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        batch_size, query_length = inputs_embeds.shape[:2]
-        query_slots = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        device = inputs_embeds.device
+        query_slots = torch.arange(past_length, past_length + query_length, device=device)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, query_slots, batch_size)
-        mask = self.build_mask(inputs_embeds, attention_mask, past_key_values, position_ids)
-
-        encoding = self.position_encoding
-        hidden_states = encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
-        hidden_states = self.dropout(hidden_states)
-        position_embeddings = encoding.rotary_embeddings(hidden_states, position_ids)
+        mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
+        hidden_states = self.embed(inputs_embeds, position_ids)
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
-        key_length, key_offset = (
-            past_key_values.get_mask_sizes(query_length, 0) if past_key_values is not None else (query_length, 0)
-        )
-        key_slots = torch.arange(key_offset, key_offset + key_length, device=inputs_embeds.device)
-        position_bias = encoding.attention_bias(query_slots, key_slots)
-        if position_bias is not None:
-            position_bias = position_bias.to(hidden_states.dtype)
-            if self.can_fold_bias():
-                mask = fold_bias_into_mask(position_bias, mask, query_slots, key_slots, self.is_causal)
-                position_bias = None
+        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
+        key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
+        positions, mask = self.compute_positions(hidden_states, position_ids, query_slots, key_slots, mask)
 
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_bias=position_bias,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, mask, positions, cache=cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
 class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
@@ -279,27 +318,25 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
             raise ValueError(f"lm_loss={name!r} is not available; allowed values are {['plain', *LM_LOSSES]}.")
         self.lm_loss = name
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        # transformers 5.24 renamed past_key_values to `cache`, and its generate() passes only that name.
-        past_key_values = cache if cache is not None else past_key_values
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -314,7 +351,7 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

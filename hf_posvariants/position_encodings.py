@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.utils._pytree import register_dataclass
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-PositionKind = Literal["absolute", "rotary", "bias", "none"]
+PositionKind = Literal["absolute", "rotary", "bias", "relative", "none"]
+
+# Backends whose kernels can add a score bias: eager and SDPA take it inside the additive mask, flex as a
+# score function. Flash kernels have nowhere to put one and would drop it silently.
+SCORE_BIAS_BACKENDS = ("eager", "sdpa", "flex_attention")
 
 POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
 
@@ -40,18 +46,72 @@ def register_position_encoding(name: str) -> Callable[[type[PositionEncoding]], 
     return add
 
 
-class PositionEncoding(nn.Module):
-    """Base class: the three hooks are no-ops, so an encoding overrides only the one of its kind.
+def selectable_position_encodings() -> list[str]:
+    """The names a config may give as `position_encoding`: every kind but `relative`, whose encodings come with
+    the attention variant that consumes them (DeBERTa's disentangled attention)."""
+    return [name for name, cls in POSITION_ENCODINGS.items() if cls.kind != "relative"]
 
-    Class attributes declare capabilities, read by the single validation step of the config:
+
+# flex_attention's score_mod: (score, batch, head, query index, key index) -> score.
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ScoreBias:
+    """An additive attention-score bias kept as a function of (head, query, key) over small tables.
+
+    ``tables`` are what the encoding computed once per forward (a few KB: slopes, a per-distance row per
+    head); ``encoding`` turns them into a flex ``score_mod`` or, for backends that need a tensor, into the
+    (1, heads, queries, keys) bias. The tables are tensors so that gradient checkpointing hands them to
+    every layer as inputs.
+    """
+
+    encoding: PositionEncoding
+    tables: tuple[torch.Tensor, ...]
+    query_length: int
+    key_length: int
+
+    def score_mod(self) -> ScoreMod:
+        return self.encoding.score_function(self.tables, self.query_length, self.key_length)
+
+    def materialise(self) -> torch.Tensor:
+        return self.encoding.materialise_bias(self.tables, self.query_length, self.key_length)
+
+
+@dataclass
+class Positions:
+    """Everything the attention layers need about position, computed once per forward and handed to every layer.
+
+    ``rotary``: (cos, sin) of shape (B, Q, rotary_dim) for rotary encodings. ``bias``: a score bias the
+    kernel adds (None when the model folded it into the mask, as on eager and SDPA). ``relative``: the
+    relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which its
+    attention variant turns into per-layer position terms. The model's blocks flatten this value into
+    positional tensors under gradient checkpointing (see ``PosVarBlock``), so it survives reentrant mode.
+    """
+
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias: ScoreBias | None = None
+    relative: tuple[torch.Tensor, torch.LongTensor] | None = None
+
+
+register_dataclass(ScoreBias)
+register_dataclass(Positions)
+
+
+class PositionEncoding(nn.Module):
+    """Base class: every hook is a no-op, so an encoding overrides only the ones of its kind.
+
+    Class attributes declare capabilities, read by validation, the README table and the benchmarks:
     ``bounded`` (a finite table of ``max_position_embeddings`` positions), ``cacheable`` (a token's
-    encoding does not depend on tokens after it, so a KV cache stays valid).
+    encoding does not depend on tokens after it, so a KV cache stays valid), ``backends`` (the attention
+    implementations that can carry it; None means every one).
     """
 
     name: ClassVar[str]
     kind: ClassVar[PositionKind]
     bounded: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
+    backends: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config, is_causal: bool):
         super().__init__()
@@ -65,8 +125,25 @@ class PositionEncoding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    def score_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> ScoreBias | None:
+        """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
+        sequence), as small tables; None for encodings without a bias."""
+        return None
+
+    def score_function(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> ScoreMod:
+        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
+
+    def materialise_bias(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> torch.Tensor:
+        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
+
     def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor | None:
-        """Additive bias of shape (1, heads, queries, keys); slots are indices in the (cached) sequence."""
+        """The materialised additive bias of shape (1, heads, queries, keys), or None."""
+        bias = self.score_bias(query_slots, key_slots)
+        return None if bias is None else bias.materialise()
+
+    def relative_positions(
+        self, query_slots: torch.LongTensor, key_slots: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor] | None:
         return None
 
     def initial_buffers(self) -> dict[str, torch.Tensor]:
@@ -83,6 +160,12 @@ class PositionEncoding(nn.Module):
                 f"positions, but position {largest} was requested; allowed positions are 0..{self.max_positions - 1}. "
                 "Use shorter sequences or a larger max_position_embeddings."
             )
+
+
+def distance_grid(query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
+    """(Q, K) index into a per-distance row of length Q + K - 1: entry [i, j] = j - i + Q - 1."""
+    queries = torch.arange(query_length, device=device)[:, None]
+    return torch.arange(key_length, device=device)[None, :] - queries + query_length - 1
 
 
 def sinusoid_table(position_ids: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
@@ -265,13 +348,47 @@ def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets:
     return offset + torch.where(distance < exact, distance, log_bucket)
 
 
+class DistanceBias(PositionEncoding):
+    """Base of the bias encodings that depend only on the signed distance ``key - query``.
+
+    A subclass gives one row per head over the distances it is asked for (``distance_table``); the row
+    covering a forward's Q + K - 1 distances is computed once, then read by a flex ``score_mod`` or
+    gathered into the (1, H, Q, K) tensor that eager and SDPA add to the scores. Reading a per-distance
+    row rather than a small bucket table keeps the bias gradient spread over Q + K - 1 cells instead of
+    being accumulated into a handful.
+    """
+
+    kind = "bias"
+    backends = SCORE_BIAS_BACKENDS
+
+    def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
+        """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
+        raise NotImplementedError
+
+    def score_bias(self, query_slots, key_slots):
+        query_length, key_length = len(query_slots), len(key_slots)
+        # Distance of table column n: n + key_slots[0] - query_slots[-1] (see `distance_grid`).
+        relative = torch.arange(query_length + key_length - 1, device=key_slots.device) + (key_slots[0] - query_slots[-1])
+        return ScoreBias(self, (self.distance_table(relative),), query_length, key_length)
+
+    def score_function(self, tables, query_length, key_length):
+        (table,) = tables
+
+        def add_distance_bias(score, batch, head, query, key):
+            return score + table[head, key - query + query_length - 1].to(score.dtype)
+
+        return add_distance_bias
+
+    def materialise_bias(self, tables, query_length, key_length):
+        (table,) = tables
+        return table[:, distance_grid(query_length, key_length, table.device)].unsqueeze(0)  # (1, H, Q, K)
+
+
 @register_position_encoding("t5_bias")
-class T5RelativeBias(PositionEncoding):
+class T5RelativeBias(DistanceBias):
     """Learned scalar bias per head and log-spaced distance bucket, shared by all layers
     (Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
     Transformer", 2020)."""
-
-    kind = "bias"
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -280,10 +397,9 @@ class T5RelativeBias(PositionEncoding):
         self.max_distance = config.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
 
-    def attention_bias(self, query_slots, key_slots):
-        relative = key_slots[None, :] - query_slots[:, None]  # (Q, K)
+    def distance_table(self, relative):
         buckets = t5_relative_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Q, K)
+        return self.relative_attention_bias(buckets).T  # (H, N)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -299,14 +415,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 @register_position_encoding("alibi")
-class ALiBiBias(PositionEncoding):
+class ALiBiBias(DistanceBias):
     """Attention with Linear Biases (Press et al., "Train Short, Test Long", 2022): score -= m_h·|i - j|.
 
     The symmetric form |i - j| serves bidirectional models; under a causal mask only j <= i is seen,
-    where it equals the paper's causal form m_h·(i - j).
+    where it equals the paper's causal form m_h·(i - j). Flex computes the bias from the slopes in the
+    kernel, reading no table at all.
     """
-
-    kind = "bias"
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -316,6 +431,73 @@ class ALiBiBias(PositionEncoding):
     def initial_buffers(self):
         return {"slopes": alibi_slopes(self.num_heads)}
 
-    def attention_bias(self, query_slots, key_slots):
-        distance = (query_slots[:, None] - key_slots[None, :]).abs().float()  # (Q, K)
-        return -(self.slopes[:, None, None] * distance).unsqueeze(0)  # (1, H, Q, K)
+    def distance_table(self, relative):
+        return -self.slopes[:, None] * relative.abs().float()  # (H, N)
+
+    def score_bias(self, query_slots, key_slots):
+        # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
+        offset = (key_slots[0] - query_slots[0]).float()
+        return ScoreBias(self, (self.slopes, offset), len(query_slots), len(key_slots))
+
+    def score_function(self, tables, query_length, key_length):
+        slopes, offset = tables
+
+        def subtract_linear_distance(score, batch, head, query, key):
+            return score - (slopes[head] * (key - query + offset).abs()).to(score.dtype)
+
+        return subtract_linear_distance
+
+    def materialise_bias(self, tables, query_length, key_length):
+        slopes, offset = tables
+        relative = torch.arange(query_length + key_length - 1, device=slopes.device) - (query_length - 1) + offset
+        return super().materialise_bias((self.distance_table(relative),), query_length, key_length)
+
+
+def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: int) -> torch.LongTensor:
+    """DeBERTa's bucketing of signed distances (the reference code's, also transformers' DebertaV2): exact
+    for |r| <= buckets // 2, then sign(r) · (mid + ceil(log(|r| / mid) / log((max_position - 1) / mid) · (mid - 1))).
+    When buckets // 2 already reaches max_position - 1 there is no logarithmic range: distances stay exact
+    (DebertaV2 computes the same within its span) and the caller's clamp bounds them."""
+    mid = buckets // 2
+    if mid >= max_position - 1:
+        return relative
+    distance = relative.abs()
+    # Distances below mid take the exact branch; mid stands in for them so the log stays finite.
+    safe = torch.where(distance < mid, torch.full_like(distance, mid), distance).float()
+    logarithmic = torch.ceil(torch.log(safe / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return torch.where(distance <= mid, relative, (logarithmic * relative.sign()).long())
+
+
+@register_position_encoding("deberta_relative")
+class DebertaRelativePositions(PositionEncoding):
+    """DeBERTa's relative positions (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
+    ICLR 2021): one table of 2k embeddings shared by all layers, indexed by δ(i, j) = clamp(bucket(i - j) + k,
+    0, 2k - 1).
+
+    A ``relative`` encoding adds nothing by itself: the disentangled attention variant projects the table
+    with each layer's query/key projections into the c2p/p2c terms. Its configuration keys are
+    posvar_deberta's (``position_buckets``, ``max_relative_positions``, ``norm_rel_ebd``).
+    """
+
+    kind = "relative"
+    backends = SCORE_BIAS_BACKENDS
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.span = config.relative_span
+        self.buckets = config.position_buckets
+        self.max_relative_positions = config.effective_max_relative_positions
+        self.embeddings = nn.Embedding(2 * self.span, config.hidden_size)
+        layer_norm = config.norm_rel_ebd == "layer_norm"
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps) if layer_norm else nn.Identity()
+
+    def relative_positions(self, query_slots, key_slots):
+        """The normalised table (2k, hidden) and δ per distance: entry n is for key - query = n - (Q - 1)."""
+        device = self.embeddings.weight.device
+        # Looked up through the module rather than read as `.weight`, so offloading hooks load it.
+        table = self.norm(self.embeddings(torch.arange(2 * self.span, device=device)))
+        key_minus_query = torch.arange(len(query_slots) + len(key_slots) - 1, device=device) + (key_slots[0] - query_slots[-1])
+        relative = -key_minus_query  # the reference indexes by i - j
+        if self.buckets > 0:
+            relative = deberta_log_bucket(relative, self.buckets, self.max_relative_positions)
+        return table, (relative + self.span).clamp(0, 2 * self.span - 1)

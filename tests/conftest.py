@@ -10,12 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_posvariants  # noqa: F401  (registers the families with the Auto classes)
-from hf_posvariants import FAMILIES, POSITION_ENCODINGS
+from hf_posvariants import FAMILIES
+from hf_posvariants.position_encodings import selectable_position_encodings
 
 VOCAB = 61
 # The position-variant families: every encoding, causal and masked LM heads (DeBERTa has its own tests).
 FAMILY_CONFIGS = [config for config, heads in FAMILIES.items() if AutoModelForCausalLM in heads]
-ENCODINGS = sorted(POSITION_ENCODINGS)
+ENCODINGS = sorted(selectable_position_encodings())
 
 
 def tiny_config(config_class, position_encoding: str, **overrides):

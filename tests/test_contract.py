@@ -140,9 +140,9 @@ def test_cached_logits_match_full_forward(config_class, encoding):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
         prefix = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        cache, steps = prefix.past_key_values, [prefix.logits]
+        cache, steps = prefix.cache, [prefix.logits]
         for t in range(6, ids.shape[1]):
-            step = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            step = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             steps.append(step.logits)
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental[mask.bool()], full[mask.bool()], rtol=0, atol=1e-5)

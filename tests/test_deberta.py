@@ -24,7 +24,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from conftest import VOCAB, build, tiny_config
 from hf_posvariants import PosVarDebertaConfig
 from hf_posvariants.convert_deberta import convert_deberta
-from hf_posvariants.modeling_deberta import log_bucket
+from hf_posvariants.position_encodings import deberta_log_bucket
 
 LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised
 
@@ -112,9 +112,26 @@ def test_base_model_matches_transformers_debertav2_model():
 
 def test_log_bucket_matches_reference():
     relative = torch.arange(-300, 301)[None, :]
-    for buckets, max_position in ((8, 64), (256, 512), (32, 17)):
+    for buckets, max_position in ((8, 64), (256, 512)):
         expected = make_log_bucket_position(relative, buckets, max_position).long()
-        assert torch.equal(log_bucket(relative, buckets, max_position), expected)
+        assert torch.equal(deberta_log_bucket(relative, buckets, max_position), expected)
+    # No room for log buckets (buckets // 2 >= max_position - 1): DebertaV2's formula divides by log(1) = 0;
+    # within the span it returns exact distances, and so do we, everywhere, leaving the bound to the clamp.
+    within = torch.arange(-16, 17)
+    assert torch.equal(deberta_log_bucket(within, 32, 17), make_log_bucket_position(within, 32, 17).long())
+    assert torch.equal(deberta_log_bucket(relative, 32, 17), relative)
+
+
+@pytest.mark.parametrize("max_position_embeddings", [64, 128])
+def test_buckets_beyond_the_span_build_and_match_transformers(max_position_embeddings):
+    # DeBERTa-v3's 256 buckets with a short span: every distance within the span stays exact, as in DebertaV2.
+    within = torch.arange(-(max_position_embeddings - 1), max_position_embeddings)
+    expected = make_log_bucket_position(within, 256, max_position_embeddings).long()
+    assert torch.equal(deberta_log_bucket(within, 256, max_position_embeddings), expected)
+    assert PosVarDebertaConfig(max_position_embeddings=max_position_embeddings).position_buckets == 256
+    config = reference_config(["c2p", "p2c"], True, 256, max_position_embeddings=max_position_embeddings)
+    reference = randomise(DebertaV2ForMaskedLM(config))
+    assert_matches_reference(convert_deberta(reference).eval(), reference)
 
 
 CONFIGS = {
@@ -151,7 +168,7 @@ def test_eager_matches_sdpa_gradients():
         model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     assert gradients[0].keys() == gradients[1].keys()
-    assert "model.rel_embeddings.weight" in gradients[0]
+    assert "model.relative_positions.embeddings.weight" in gradients[0]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=0, msg=name)
 
@@ -209,15 +226,20 @@ def test_enhanced_mask_decoder_changes_only_the_head():
         assert not torch.allclose(logits_with, logits_without, atol=1e-3)
         torch.testing.assert_close(logits_without, without.lm_head(without.transform(encoder_without.last_hidden_state)))
 
-        # The decoder by definition: the last layer twice, query = its input + absolute positions.
+        # The decoder by definition: the last (post-norm) layer twice, its queries starting at the layer's input
+        # plus absolute positions, its keys and values that input.
         model = with_emd.model
-        last_layer, kv = model.layers[-1], encoder_with.last_layer_input
+        last_layer = model.layers[-1]
+        kv = model(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-2]
         mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        relative = model.relative_positions(input_ids.shape[1], input_ids.device)
+        slots = torch.arange(input_ids.shape[1])
         positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        layer_positions, _ = model.compute_positions(kv, positions, slots, slots, None)
         query = kv + with_emd.emd.position_embeddings(positions)
         for _ in range(2):
-            query = last_layer(kv, attention_mask=mask, relative=relative, query_states=query)
+            attended = last_layer.self_attn(query, mask, layer_positions, key_value_states=kv)[0]
+            query = last_layer.input_layernorm(query + attended)
+            query = last_layer.post_attention_layernorm(query + last_layer.mlp(query))
         torch.testing.assert_close(logits_with, with_emd.lm_head(with_emd.transform(query)))
 
 
@@ -226,7 +248,6 @@ def test_enhanced_mask_decoder_changes_only_the_head():
     [
         (dict(pos_att_type=["c2p", "p2p"]), "pos_att_type"),
         (dict(pos_att_type="c2p|bogus"), "pos_att_type"),
-        (dict(position_buckets=128, max_relative_positions=64), "position_buckets"),
         (dict(position_buckets=1), "position_buckets"),
         (dict(max_relative_positions=0), "max_relative_positions"),
         (dict(norm_rel_ebd="batch_norm"), "norm_rel_ebd"),
@@ -267,7 +288,7 @@ def test_trains_with_trainer_and_mlm_collator(tmp_path):
     texts = ["war and peace", "the quick brown fox jumps", "over the lazy dog", "a tale of two cities"] * 2
     dataset = [{"input_ids": tokenizer(text)["input_ids"]} for text in texts]
     model = AutoModelForMaskedLM.from_config(deberta_config(vocab_size=len(tokenizer), pad_token_id=0))
-    before = model.model.rel_embeddings.weight.detach().clone()
+    before = model.model.relative_positions.embeddings.weight.detach().clone()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.3)
     arguments = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, use_cpu=True,
@@ -276,7 +297,7 @@ def test_trains_with_trainer_and_mlm_collator(tmp_path):
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    assert not torch.equal(before, model.model.rel_embeddings.weight)
+    assert not torch.equal(before, model.model.relative_positions.embeddings.weight)
 
 
 def test_convert_script_round_trip(tmp_path, monkeypatch):

@@ -22,13 +22,14 @@ from transformers import (
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarDiffConfig, PosVarLlamaConfig
 from hf_posvariants import differential_attention
-from hf_posvariants.attention import attention_function
+from hf_posvariants.attention import run_attention_kernel
 from hf_posvariants.differential_attention import (
     KERNEL_CALL_CHOICES,
     KERNEL_CALLS,
     DifferentialAttention,
     choose_kernel_calls,
 )
+from hf_posvariants.position_encodings import Positions
 from hf_posvariants.diffllama_conversion import config_from_diffllama, convert_diffllama_state_dict, from_diffllama
 
 CACHEABLE = [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
@@ -179,7 +180,7 @@ def test_attention_matches_paper_maths_in_reference_layout(kv_heads, affine, pat
         attention = layer.self_attn
         assert attention.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * (layer_number - 1)))
         with torch.no_grad():
-            actual, _ = attention(x, attention_mask=None)  # eager without a mask: full attention
+            actual, _ = attention(x, None, Positions())  # eager without a mask: full attention
             expected = paper_differential_attention(attention, x[0], layer_number)
         torch.testing.assert_close(actual[0], expected, rtol=0, atol=1e-5)
 
@@ -281,16 +282,11 @@ def test_kernel_path_choice_per_backend_and_device(monkeypatch):
     # The model follows the table: each kernel call's layer and query width (head_dim 8).
     calls = []
 
-    def recording(module):
-        kernel = attention_function(module)
+    def recording(module, query, *args, **kwargs):
+        calls.append((module.layer_idx, query.shape[-1]))
+        return run_attention_kernel(module, query, *args, **kwargs)
 
-        def call(module, query, *args, **kwargs):
-            calls.append((module.layer_idx, query.shape[-1]))
-            return kernel(module, query, *args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(differential_attention, "attention_function", recording)
+    monkeypatch.setattr(differential_attention, "run_attention_kernel", recording)
     cases = [("eager", "one_call", [8]), ("sdpa", "padded_call", [16]), ("sdpa", "two_calls", [8, 8])]
     for backend, path, widths in cases:
         monkeypatch.setitem(KERNEL_CALL_CHOICES, (backend, "cpu"), path)
@@ -370,10 +366,10 @@ def test_cache_matches_no_cache(encoding, layout):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         prefix = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        cache = prefix.past_key_values
+        cache = prefix.cache
         steps = [prefix.logits]
         for slot in range(6, ids.shape[1]):
-            step = model(input_ids=ids[:, slot : slot + 1], attention_mask=mask[:, : slot + 1], past_key_values=cache)
+            step = model(input_ids=ids[:, slot : slot + 1], attention_mask=mask[:, : slot + 1], cache=cache)
             steps.append(step.logits)
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental[mask.bool()], full[mask.bool()], rtol=0, atol=1e-5)

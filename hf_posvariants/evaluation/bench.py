@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,
 
 import hf_posvariants
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS
+from hf_posvariants.position_encodings import selectable_position_encodings
 from hf_posvariants.attention import ATTENTION_VARIANTS
 
 
@@ -187,6 +188,15 @@ def reference_case(reference: Reference, backend: str) -> Case:
     return Case("transformers", reference.name, reference.head, backend)
 
 
+def variant_fits(variant: str, config_class: type) -> bool:
+    """Whether the attention variant runs on the family's default config (DeBERTa's needs DeBERTa's fields)."""
+    try:
+        ATTENTION_VARIANTS[variant].validate_config(config_class())
+    except ValueError:
+        return False
+    return True
+
+
 def variant_cases(backends: list[str], families: list[str] | None = None,
                   encodings: list[str] | None = None) -> list[Case]:
     """Every family × position encoding (causal head) at every backend, plus every attention variant
@@ -196,12 +206,12 @@ def variant_cases(backends: list[str], families: list[str] | None = None,
         if families and model_type not in families:
             continue
         for backend in backends:
-            for encoding in sorted(POSITION_ENCODINGS):
+            for encoding in sorted(selectable_position_encodings()):
                 if encodings and encoding not in encodings:
                     continue
                 cases.append(Case("ours", model_type, "causal", backend, encoding))
             for variant in sorted(ATTENTION_VARIANTS):
-                if variant != config_class.attention_variant:
+                if variant != config_class.attention_variant and variant_fits(variant, config_class):
                     cases.append(Case("ours", model_type, "causal", backend, None, variant))
     return cases
 
@@ -410,7 +420,7 @@ def compute_ratios(timings: list[Timing]) -> list[Ratio]:
                     add(f"ours / {reference.name} time ({backend})", reference.ours.label,
                         reference_case(reference, backend).label, length, task,
                         "≤1.00×" if reference.name == "LlamaForCausalLM" else "≤1.15×")
-            for encoding in sorted(POSITION_ENCODINGS):
+            for encoding in sorted(selectable_position_encodings()):
                 if POSITION_ENCODINGS[encoding].kind == "bias":
                     continue
                 label = f"posvar_llama/{encoding}"
