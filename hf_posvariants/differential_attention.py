@@ -60,7 +60,9 @@ KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
     ("eager", "cpu"): "one_call",
     ("eager", "cuda"): "one_call",
     # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98×
-    # DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×.
+    # DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×. Both flash
+    # paths do the same matmul flops; padded runs the exp and the kernel's passes once, which pays at d = 32
+    # and evens out at d = 64 (4 heads: padded 1.00×, two_calls 0.98×, within the noise of a shared CPU).
     ("sdpa", "cpu"): "padded_call",
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
     # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
