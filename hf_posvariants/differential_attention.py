@@ -47,7 +47,7 @@ HEAD_LAYOUTS = ("pairs", "halves")
 # How the two maps of every pair reach the pair's 2d-wide value:
 #   "one_call":    one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
 #   "padded_call": the same call with queries and keys zero-padded to 2d, for kernels that need equal widths
-#                  (flash): QKᵀ costs twice its flops, but exp/softmax and the kernel's passes run once;
+#                  (flash): the matmul flops of two calls, but exp/softmax and the kernel's passes run once;
 #   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
 KERNEL_CALLS = ("one_call", "padded_call", "two_calls")
 
@@ -71,7 +71,7 @@ KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
 
 
 def choose_kernel_calls(backend: str, device_type: str) -> str:
-    """The kernel path ("one_call" or "two_calls") of differential attention on `backend` and `device_type`."""
+    """The kernel path (one of `KERNEL_CALLS`) of differential attention on `backend` and `device_type`."""
     return KERNEL_CALL_CHOICES.get((backend, device_type), "two_calls")
 
 
