@@ -1,6 +1,9 @@
 """Perplexity of a causal checkpoint at multiples of its training length, non-overlapping and sliding.
 
-    PYTHONPATH=$PWD python scripts/eval_length.py CHECKPOINT --train-length 256 \
+The training length is the block_size in the checkpoint's run record (run_args.json, written by
+scripts/train.py), or --train-length.
+
+    PYTHONPATH=$PWD python scripts/eval_length.py CHECKPOINT \
         --corpus ../shared/data/war_and_peace/war_and_peace.txt --rope-scaling yarn --out-dir outputs/length
 
 Writes length.json, length.md, length.png (perplexity vs length) and per_position.png (loss by
@@ -17,7 +20,15 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from hf_posvariants.evaluation.data import encode, load_tokenizer, read_corpus, split_held_out
-from hf_posvariants.evaluation.length import MODES, ROPE_SCALINGS, evaluate_lengths, load_causal_lm, write_length_report
+from hf_posvariants.evaluation.length import (
+    MODES,
+    ROPE_SCALINGS,
+    evaluate_lengths,
+    length_tables,
+    load_causal_lm,
+    recorded_train_length,
+    write_length_report,
+)
 
 DEFAULT_CORPUS = "../shared/data/war_and_peace/war_and_peace.txt"
 
@@ -29,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--held-out-fraction", type=float, default=0.1,
                         help="evaluate on this final fraction of the corpus (the part training should not have seen)")
     parser.add_argument("--tokenizer", help='"bytes", or a tokenizer folder (default: the checkpoint)')
-    parser.add_argument("--train-length", type=int, help="default: the config's max_position_embeddings")
+    parser.add_argument("--train-length", type=int, help="default: the block_size in the checkpoint's run record "
+                                                         "(run_args.json, written by scripts/train.py)")
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--stride-fraction", type=float, default=0.5, help="sliding-window stride / window length")
@@ -44,7 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/length"))
     args = parser.parse_args(argv)
 
-    train_length = args.train_length or AutoConfig.from_pretrained(args.checkpoint).max_position_embeddings
+    train_length = args.train_length or recorded_train_length(args.checkpoint)
+    if train_length is None:
+        train_length = AutoConfig.from_pretrained(args.checkpoint).max_position_embeddings
+        print(f"{args.checkpoint} has no run record (run_args.json): taking max_position_embeddings={train_length} "
+              "as the training length; pass --train-length if it was trained on shorter blocks.")
     lengths = [train_length * m for m in args.multiples]
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     _, held_out = split_held_out(read_corpus(args.corpus), args.held_out_fraction)
@@ -60,12 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
                                args.attn_implementation)
         runs[name] = evaluate_lengths(model, tokens, lengths, args.modes, args.stride_fraction, args.batch_size,
                                       curve_length)
-        print(name, [(r["length"], r["mode"], r["perplexity"]) for r in runs[name]["results"]])
     result = {"checkpoint": args.checkpoint, "corpus": args.corpus, "train_length": train_length,
               "eval_tokens": tokens.numel(), "runs": runs}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "length.json").write_text(json.dumps(result, indent=2))
     write_length_report(runs, args.out_dir, train_length, f"Length extrapolation of {Path(args.checkpoint).name}")
+    print(f"Perplexity of {args.checkpoint} at multiples of its training length {train_length} (– = unavailable):\n")
+    print(length_tables(runs))
     print(f"wrote {args.out_dir}/length.json, length.md, length.png, per_position.png")
     return result
 

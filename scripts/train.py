@@ -3,10 +3,11 @@
 
     python scripts/train.py configs/tiny_clm.yaml
     python scripts/train.py configs/tiny_mlm.yaml --model.position_encoding alibi --max_steps 100
-    torchrun --nproc_per_node 2 scripts/train.py configs/tiny_clm.yaml          # data parallel
-    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py configs/small_clm.yaml
+    torchrun --nproc_per_node 2 scripts/train.py configs/tiny_clm.yaml          # data parallel on CPUs
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 scripts/train.py configs/base_clm.yaml
 
-The pipeline lives in `hf_posvariants.training.pipeline`; run with `--help` for every argument.
+Running the same command again resumes the run. The pipeline lives in `hf_posvariants.training.pipeline`;
+`--help` lists every argument.
 """
 
 import sys

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -101,56 +101,6 @@ def test_tiny_run_learns_and_reloads(tmp_path, model_type, objective):
         torch.testing.assert_close(model(**batch).logits, rebuilt(**batch).logits, rtol=0, atol=0)
 
 
-# Runs the pipeline in a child process that SIGKILLs itself mid-way, after the first checkpoint.
-KILLED_RUN = """
-import json, os, signal, sys
-from transformers import TrainerCallback
-from hf_posvariants.training import pipeline
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(sys.argv[1]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-pipeline.main(json.loads(sys.argv[2]), callbacks=[KillAt()])
-"""
-
-
-# Three short runs, one in a fresh interpreter: about 8 s.
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    def argv(output_dir, *extra):
-        return tiny_argv(output_dir, "clm", "posvar_llama", "--max_steps", "12", "--save_steps", "6",
-                         "--eval_strategy", "no", "--save_total_limit", "5", "--logging_steps", "6", *extra)  # fmt: skip
-
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    child = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, "9", json.dumps(argv(killed))],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-6"]
-    assert not (killed / "model.safetensors").exists()
-
-    pipeline.main(argv(killed, "--resume_from_checkpoint", "last"))
-    pipeline.main(argv(whole))
-
-    for name in ("checkpoint-6", "checkpoint-12"):
-        state = json.loads((killed / name / "trainer_state.json").read_text())
-        assert state["global_step"] == int(name.split("-")[1])
-        for weights in ("model.safetensors",):
-            resumed, reference = load_file(killed / name / weights), load_file(whole / name / weights)
-            for key in reference:
-                torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
-    resumed = torch.load(killed / "checkpoint-12" / "optimizer.pt", weights_only=True)
-    reference = torch.load(whole / "checkpoint-12" / "optimizer.pt", weights_only=True)
-    assert resumed["state"].keys() == reference["state"].keys()
-    for index, moments in reference["state"].items():
-        for key, value in moments.items():
-            torch.testing.assert_close(resumed["state"][index][key], value, rtol=0, atol=0)
-    # Logged every 6 steps, aligned with the checkpoints, the loss curves match entry for entry.
-    assert train_losses(killed) == pytest.approx(train_losses(whole), rel=1e-6)
-
-
 # Each rank of `torchrun --nproc_per_node 2` records its world size, final eval loss and weights checksum.
 DDP_RUN = """
 import json, os, sys
@@ -228,3 +178,17 @@ def test_finetune_from_checkpoint_on_a_folder_of_text_files(tmp_path):
     assert metrics["eval_loss"] > 0
     with pytest.raises(ValueError, match="text_column='txt'"):
         pipeline.main(tiny_argv(tmp_path / "bad", "clm", "posvar_llama", "--train_file", str(lines), "--text_column", "txt"))
+
+
+def test_train_recipe_takes_a_dict_and_overrides_and_returns_folder_and_metrics(tmp_path):
+    """The Python entry point (used by studies): the recipe as a dict, overrides as a dict."""
+    recipe = yaml.safe_load((ROOT / "configs" / "tiny_clm.yaml").read_text())
+    recipe["model"]["position_encoding"] = "alibi"
+    result = pipeline.train_recipe(recipe, {
+        "output_dir": str(tmp_path), "max_steps": 2, "builtin_examples": 300, "block_size": 32,
+        "eval_strategy": "no", "disable_tqdm": True, "model.hidden_size": 32, "model.intermediate_size": 48,
+    })  # fmt: skip
+    assert result.output_dir == str(tmp_path)
+    assert result.metrics == json.loads((tmp_path / "all_results.json").read_text())
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.position_encoding, config.hidden_size, config.num_hidden_layers) == ("alibi", 32, 2)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from hf_posvariants.evaluation.data import blocks
+from hf_posvariants.evaluation.report import markdown_table
+from hf_posvariants.training.run_folder import read_run_record
 
 MODES = ("nonoverlapping", "sliding")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
@@ -161,21 +164,31 @@ def length_table(runs: dict[str, dict], mode: str) -> tuple[list[str], list[list
     return headers, rows
 
 
+def recorded_train_length(checkpoint: str) -> int | None:
+    """The block size a `scripts/train.py` checkpoint was trained at, from its run record; None without one."""
+    record = read_run_record(checkpoint) if Path(checkpoint).is_dir() else None
+    return record.get("block_size") if record else None
+
+
+def length_tables(runs: dict[str, dict]) -> str:
+    """One Markdown table per mode: a row per length, a perplexity column per run."""
+    modes = sorted({r["mode"] for run in runs.values() for r in run["results"]}, key=MODES.index)
+    return "\n".join(f"## {mode}\n\n{markdown_table(*length_table(runs, mode))}" for mode in modes)
+
+
 def write_length_report(runs: dict[str, dict], out_dir, train_length: int, title: str) -> dict[str, str]:
     """length.md (one table per mode), length.png (perplexity vs length, both modes), and
     per_position.png (loss vs position for every run that has a curve)."""
-    from pathlib import Path
-
-    from hf_posvariants.evaluation.report import line_plot, markdown_table
+    from hf_posvariants.evaluation.report import line_plot
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     modes = sorted({r["mode"] for run in runs.values() for r in run["results"]}, key=MODES.index)
-    text = [f"# {title}", "", f"Training length {train_length}; perplexity per token (– = unavailable).", ""]
+    text = [f"# {title}", "", f"Training length {train_length}; perplexity per token (– = unavailable).", "",
+            length_tables(runs)]
     series, styles = {}, {}
     for mode in modes:
         headers, rows = length_table(runs, mode)
-        text += [f"## {mode}", "", markdown_table(headers, rows)]
         for column, name in enumerate(headers[1:], start=1):
             series[f"{name} ({mode})"] = ([row[0] for row in rows], [row[column] for row in rows])
             # One colour per run, solid for non-overlapping and dashed for sliding windows.

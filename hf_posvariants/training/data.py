@@ -1,11 +1,15 @@
 """Training text: the built-in position tasks, local files and folders, JSON lines, Hub datasets.
 
-Every source ends as a `DatasetDict` with a "train" and a "validation" split and one text column;
-`pack_blocks` then tokenizes and concatenates the texts into fixed-length blocks with `datasets.map`.
+Every source ends as a `DatasetDict` with a "train" split (and "validation" when given) and one text
+column; `pack_blocks` then tokenizes the texts, ends each with the end token and concatenates them into
+fixed-length blocks with `datasets.map`, as transformers' run_clm does; `hold_out` makes the
+validation split when none was given.
 """
 
 from __future__ import annotations
 
+import codecs
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -66,26 +70,55 @@ def _builtin_splits(num_examples: int, seed: int, validation_fraction: float) ->
     )
 
 
-def _data_files(path: str) -> tuple[str, list[str]]:
+TEXT_UNITS = ("document", "paragraph", "line")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+BUILDERS = {**{suffix: "text" for suffix in TEXT_SUFFIXES}, ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def _data_files(path: str, field_name: str) -> tuple[str, list[str]]:
     """The `datasets` builder name and the files of a file or folder; refuses what does not exist."""
     source = Path(path)
     if not source.exists():
-        raise ValueError(f"data file {path!r} does not exist.")
+        raise ValueError(f"{field_name}={path!r} does not exist.")
     files = sorted(str(p) for p in source.rglob("*") if p.is_file()) if source.is_dir() else [str(source)]
     if not files:
-        raise ValueError(f"data folder {path!r} contains no files.")
+        raise ValueError(f"{field_name}={path!r} is a folder with no files.")
     if all(Path(f).stat().st_size == 0 for f in files):
-        raise ValueError(f"data {path!r} is empty: {len(files)} file(s), none with any content.")
+        raise ValueError(f"{field_name}={path!r} is empty: {len(files)} file(s), none with any content.")
     suffixes = {Path(f).suffix for f in files}
-    builders = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-    unknown = suffixes - set(builders)
-    kinds = {builders[s] for s in suffixes if s in builders}
+    unknown = suffixes - set(BUILDERS)
+    kinds = {BUILDERS[s] for s in suffixes if s in BUILDERS}
     if unknown or len(kinds) != 1:
         raise ValueError(
-            f"data files under {path!r} have extensions {sorted(suffixes)}; use one kind, with allowed "
-            f"extensions {sorted(builders)}."
+            f"{field_name}={path!r}: files have extensions {sorted(suffixes)}; use one kind, with allowed "
+            f"extensions {sorted(BUILDERS)}."
         )
+    for file in files:
+        check_utf8(file, field_name)
     return kinds.pop(), files
+
+
+def check_utf8(path: str, field_name: str, chunk_size: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 text (a NUL byte or an invalid sequence), naming the byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            position = chunk.find(b"\0")
+            try:
+                if position >= 0:
+                    raise UnicodeDecodeError("utf-8", chunk, position, position + 1, "NUL byte")
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{field_name}: {path!r} is not UTF-8 text (byte 0x{chunk[error.start]:02x} at offset "
+                    f"{offset + error.start}: {error.reason}); training files must be UTF-8 text, JSON lines or CSV."
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{field_name}: {path!r} is not UTF-8 text (it ends inside a multi-byte character).") from None
 
 
 def load_splits(
@@ -96,26 +129,62 @@ def load_splits(
     validation_fraction: float,
     seed: int,
     builtin_examples: int,
+    text_unit: str = "document",
 ) -> DatasetDict:
-    """Train/validation splits from the first source given: local files, a Hub dataset, or the built-in tasks."""
+    """Splits from the first source given: local files, a Hub dataset, or the built-in tasks.
+
+    A text file is read as documents that keep their newlines: the whole file, or with
+    `text_unit="paragraph"`/"line" each blank-line-separated paragraph or each line. There may be no
+    "validation" split yet: `hold_out` makes one after tokenization, so a single document can be split.
+    """
+    if text_unit not in TEXT_UNITS:
+        raise ValueError(f"text_unit={text_unit!r} is not supported; allowed values are {list(TEXT_UNITS)}.")
     if train_file is not None:
-        builder, files = _data_files(train_file)
+        builder, files = _data_files(train_file, "train_file")
         data_files = {"train": files}
         if validation_file is not None:
-            validation_builder, data_files["validation"] = _data_files(validation_file)
+            validation_builder, data_files["validation"] = _data_files(validation_file, "validation_file")
             if validation_builder != builder:
                 raise ValueError(f"validation_file {validation_file!r} is {validation_builder}, train_file is {builder}.")
-        splits = load_dataset(builder, data_files=data_files)
+        options = {"sample_by": text_unit, "keep_linebreaks": True} if builder == "text" else {}
+        splits = load_dataset(builder, data_files=data_files, **options)
     elif dataset_name in (None, BUILTIN):
         return _builtin_splits(builtin_examples, seed, validation_fraction)
     else:
         splits = load_dataset(dataset_name, dataset_config_name)
     if len(splits["train"]) == 0:
         raise ValueError(f"the training data ({train_file or dataset_name!r}) is empty.")
-    if "validation" not in splits:
-        held_out = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
-        splits = DatasetDict(train=held_out["train"], validation=held_out["test"])
     return splits
+
+
+def drop_blank_texts(splits: DatasetDict, text_column: str, source: str) -> DatasetDict:
+    """Remove texts with nothing but whitespace; refuse data left with no text at all."""
+    kept = splits.filter(lambda batch: [bool(text and text.strip()) for text in batch[text_column]], batched=True)
+    for split, dataset in kept.items():
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} data ({source}) has no text: its {len(splits[split])} "
+                             f"{'entries are' if len(splits[split]) != 1 else 'entry is'} blank.")
+    return kept
+
+
+def hold_out(splits: DatasetDict, fraction: float, seed: int, unit: str, shuffle: bool) -> DatasetDict:
+    """Splits with a "validation" split: the given one, or `fraction` of the training rows held out
+    (the last rows when not shuffled, so held-out text is contiguous and unseen)."""
+    if "validation" in splits:
+        return splits
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction={fraction} must lie strictly between 0 and 1 (or give validation_file).")
+    total = len(splits["train"])
+    held = int(total * fraction)
+    if held < 1 or held >= total:
+        needed = math.ceil(1 / fraction)
+        raise ValueError(
+            f"too little data for a validation split: validation_fraction={fraction} of {total} {unit} is less "
+            f"than one; at least {needed} are needed. Add data, lower validation_fraction or block_size, or give "
+            "validation_file."
+        )
+    parts = splits["train"].train_test_split(test_size=held, shuffle=shuffle, seed=seed)
+    return DatasetDict(train=parts["train"], validation=parts["test"])
 
 
 def text_column_of(dataset: Dataset, text_column: str | None) -> str:
@@ -157,9 +226,9 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
     packed = tokenized.map(group, batched=True, num_proc=num_proc)
     for split, dataset in packed.items():
         if len(dataset) == 0:
+            tokens = sum(len(ids) for ids in tokenized[split]["input_ids"]) if len(tokenized[split]) else 0
             raise ValueError(
-                f"the {split} split yields no block of block_size={block_size} tokens "
-                f"({sum(len(ids) for ids in tokenized[split]['input_ids'])} tokens in all); use a smaller "
-                "block_size or more data."
+                f"the {split} split yields no block of block_size={block_size} tokens ({tokens} tokens in all); "
+                "use a smaller block_size or more data."
             )
     return packed

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig, TrainerCallback
+from transformers import AutoConfig
 
 from .. import FAMILIES
+from .run_folder import write_text_atomic
 
 CONFIG_FILE = "config.json"
 
@@ -36,7 +37,7 @@ def complete_auto_map(folder: str | Path, config_class: type) -> None:
     path = Path(folder) / CONFIG_FILE
     config = json.loads(path.read_text())
     config["auto_map"] = family_auto_map(config_class)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def missing_source_files(folder: str | Path) -> list[str]:
@@ -63,32 +64,3 @@ def make_remote_loadable(folder: str | Path, config_class: type) -> Path:
     if missing:
         raise RuntimeError(f"{folder} lacks the model source files {missing} named in its auto_map.")
     return Path(folder)
-
-
-RUN_RECORD_FILE = "run_args.json"
-
-
-class RemoteCodeCheckpointCallback(TrainerCallback):
-    """Completes `auto_map` in every checkpoint the Trainer writes, so intermediate checkpoints load
-    with remote code too, and writes the run record (read by the model card) beside it; with a
-    `publish` function it then hands the checkpoint folder to it."""
-
-    def __init__(self, config_class: type, run_record: dict | None = None, publish=None):
-        self.config_class = config_class
-        self.run_record = run_record
-        self.publish = publish
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return control
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        make_remote_loadable(folder, self.config_class)
-        if self.run_record is not None:
-            write_run_record(folder, self.run_record)
-        if self.publish is not None:
-            self.publish(folder, f"Training checkpoint at step {state.global_step}")
-        return control
-
-
-def write_run_record(folder: str | Path, record: dict) -> None:
-    (Path(folder) / RUN_RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")

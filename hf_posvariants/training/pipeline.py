@@ -4,18 +4,25 @@
     → data splits → tokenizer (loaded, or trained on the data) → blocks (datasets.map)
     → model (from the recipe's `model:` fields, or from a checkpoint) → Trainer → export + metrics.
 
-Every check that can fail on the user's input runs before the Trainer is built.
+Every check that can fail on the user's input runs before the Trainer is built. The output folder is
+locked for the run and resumed by the same command (`run_folder`); a Hub token goes to `HfApi` only.
+The Python entry point is `train_recipe(recipe, overrides) -> RunResult(output_dir, metrics)`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import evaluate
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,26 +33,38 @@ from transformers import (
     DataCollatorWithPadding,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_posvariants import PosVarConfig
 from ..lm_loss import LM_LOSSES
 from . import fused_loss  # noqa: F401  (registers lm_loss="liger" where liger-kernel is installed)
-from .data import IGNORE_INDEX, load_splits, pack_blocks, text_column_of
-from .export import RemoteCodeCheckpointCallback, make_remote_loadable, write_run_record
-from .hub import push_folder, render_model_card
+from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_splits, pack_blocks, text_column_of
+from .export import make_remote_loadable
+from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
-from .recipes import check_config_fields, parse_recipe
+from .recipes import check_config_fields, parse_recipe, recipe_argv
+from .run_folder import (
+    RUN_RECORD_FILE,
+    RunLock,
+    RunPlan,
+    prepare,
+    read_run_record,
+    rotate,
+    run_settings,
+    seal_checkpoint,
+    write_run_record,
+)
 from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("clm", "mlm")
 TASKS = ("lm", "sequence_classification")
-LAST = "last"
+ALL_RESULTS_FILE = "all_results.json"
 
 
 @dataclass
@@ -83,7 +102,18 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per training block (max length for tasks)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens masked for objective mlm."})
     builtin_examples: int = field(default=2000, metadata={"help": "Number of built-in task lines."})
+    text_unit: str = field(default="document", metadata={"help": f"One training text per {TEXT_UNITS} of a .txt "
+                           "file; each keeps its newlines and ends with the end token."})  # fmt: skip
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+
+
+@dataclass
+class PosVarTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments, plus the output-folder guard of run_clm."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a new run in an output_dir that holds another run (by default that is refused, and the "
+                "same command resumes its own run)."})  # fmt: skip
 
 
 def _choice(name: str, value: str, allowed) -> None:
@@ -193,19 +223,23 @@ def classification_splits(splits, tokenizer, data_args: DataArguments):
     return encoded, dict(enumerate(labels))
 
 
-def resume_folder(training_args: TrainingArguments) -> str | None:
-    """`resume_from_checkpoint: last` means the newest checkpoint in output_dir; refuse when there is none."""
-    requested = training_args.resume_from_checkpoint
-    if requested is None:
-        return None
-    folder = get_last_checkpoint(training_args.output_dir) if requested == LAST else requested
-    if folder is None or not Path(folder).is_dir():
-        raise ValueError(f"resume_from_checkpoint={requested!r}: no checkpoint found (output_dir={training_args.output_dir!r}).")
-    return folder
+USAGE = """train.py RECIPE.yaml [--key value ...] [--model.field value ...]
+
+  RECIPE.yaml          a recipe from configs/ (every key is commented there)
+  --key value          overrides a recipe key: any argument listed below, e.g. --max_steps 100
+  --model.field value  overrides a field of the model config, e.g. --model.position_encoding alibi
+
+examples:
+  python scripts/train.py configs/tiny_clm.yaml
+  python scripts/train.py configs/tiny_mlm.yaml --model.position_encoding alibi --max_steps 100
+  python scripts/train.py configs/small_clm.yaml --train_file notes.txt --output_dir runs/notes
+
+Running the same command again resumes the run from its newest complete checkpoint.
+"""
 
 
 def parse(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, PosVarTrainingArguments), usage=USAGE)
     (model_args, data_args, training_args), model_fields = parse_recipe(parser, argv)
     _choice("objective", model_args.objective, OBJECTIVES)
     _choice("task", model_args.task, TASKS)
@@ -215,20 +249,42 @@ def parse(argv: list[str]):
     _choice("lm_loss", model_args.lm_loss, ["plain", *LM_LOSSES])
     if model_args.task == "sequence_classification" and model_args.model_name_or_path is None:
         raise ValueError("task='sequence_classification' fine-tunes a checkpoint: set model_name_or_path.")
+    for name in ("model_name_or_path", "tokenizer_name"):
+        check_local_source(getattr(model_args, name), name)
     return model_args, data_args, training_args, model_fields
+
+
+def check_local_source(name: str | None, field_name: str) -> None:
+    """Refuse at once a checkpoint/tokenizer name that can only be a missing local folder (rather than
+    letting transformers try the Hub with retries), or any missing one when the Hub is offline."""
+    if name is None or Path(name).expanduser().exists():
+        return
+    try:
+        validate_repo_id(name)
+        could_be_hub_id = not Path(name).parent.is_dir() or Path(name).parent == Path(".")
+    except HFValidationError:
+        could_be_hub_id = False
+    if not could_be_hub_id:
+        raise ValueError(f"{field_name}={name!r} does not exist: it is not a local folder, nor a Hub id.")
+    if constants.is_offline_mode():
+        raise ValueError(f"{field_name}={name!r} is not a local folder, and HF_HUB_OFFLINE is set, so it cannot be "
+                         "fetched from the Hub.")
 
 
 def task_inputs(model_args, data_args, training_args, splits, text_column, tokenizer, config):
     """(datasets, collator, compute_metrics, preprocess_logits_for_metrics) of the task; sets the labels in `config`."""
     metric = evaluate.load(POSVAR_ACCURACY)
     if model_args.task == "sequence_classification":
+        splits = hold_out(splits, data_args.validation_fraction, training_args.seed, "examples", shuffle=True)
         datasets_, id2label = classification_splits(splits, tokenizer, data_args)
         config.id2label, config.label2id = id2label, {label: i for i, label in id2label.items()}
         return datasets_, DataCollatorWithPadding(tokenizer), classification_metrics(metric), None
     if model_args.objective == "mlm" and tokenizer.mask_token is None:
         raise ValueError(f"objective='mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} has none.")
     with training_args.main_process_first(desc="packing"):
-        datasets_ = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
+        packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
+    datasets_ = hold_out(packed, data_args.validation_fraction, training_args.seed,
+                         f"blocks of block_size={data_args.block_size} tokens", shuffle=False)  # fmt: skip
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=model_args.objective == "mlm", mlm_probability=data_args.mlm_probability
     )
@@ -249,41 +305,104 @@ def build_model(model_args: ModelArguments, config: PosVarConfig):
     return model
 
 
-def hub_publisher(training_args: TrainingArguments, hub_client=None):
-    """A function pushing a folder (with its rendered card) to `hub_model_id`, or the output folder's name."""
-    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-    if hub_client is None:
-        from huggingface_hub import HfApi
+class CheckpointCallback(TrainerCallback):
+    """Finishes every checkpoint the Trainer writes: the family's full `auto_map` (so it loads with remote
+    code), the model card when pushing, then the run record that marks it complete; then pushes it and
+    deletes this run's checkpoints beyond `keep` (the Trainer's own rotation is off: it would delete any
+    `checkpoint-*` folder, complete or not, this run's or not)."""
 
-        hub_client = HfApi(token=training_args.hub_token)
+    def __init__(self, config_class: type, record: dict, keep: int | None, pusher: HubPusher | None = None):
+        self.config_class, self.record, self.keep, self.pusher = config_class, record, keep, pusher
 
-    def publish(folder, message):
-        card = render_model_card(folder, repo_id)
-        push_folder(folder, repo_id, hub_client, message, private=training_args.hub_private_repo, card=card)
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return control
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        make_remote_loadable(folder, self.config_class)
+        if self.pusher is not None:
+            render_model_card(folder, self.pusher.repo_id, run=self.record).save(folder / CARD_FILE)
+        seal_checkpoint(folder, self.record, state.global_step)
+        if self.pusher is not None:
+            self.pusher.push_checkpoint(folder, state.global_step)
+        rotate(args.output_dir, self.record["run_id"], self.keep, {str(state.best_model_checkpoint)},
+               before_delete=self.pusher.wait if self.pusher is not None else lambda path: None)  # fmt: skip
+        return control
 
-    return publish
+
+@dataclass
+class RunResult:
+    """Where a run wrote its model and what it measured."""
+
+    output_dir: str
+    metrics: dict
+
+
+def train_recipe(recipe: str | Path | dict, overrides: dict | list[str] | None = None, callbacks: list | None = None,
+                 hub_client=None) -> RunResult:
+    """Run a recipe (a YAML path, or the same keys as a dict) with overrides (`{"max_steps": 10,
+    "model.hidden_size": 64}` or command-line tokens). The Python entry point of `scripts/train.py`."""
+    argv = [str(recipe)] if isinstance(recipe, (str, Path)) else recipe_argv(recipe)
+    if isinstance(overrides, dict):
+        overrides = recipe_argv(overrides)
+    return run(argv + list(overrides or []), callbacks, hub_client)
 
 
 def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dict:
-    """Run a recipe; returns the final metrics. `hub_client` stands in for `huggingface_hub.HfApi`."""
+    """Run `scripts/train.py`'s command line; returns the final metrics."""
+    return run(argv, callbacks, hub_client).metrics
+
+
+def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunResult:
+    """Parse, check, then train in a locked output folder. `hub_client` stands in for `huggingface_hub.HfApi`."""
     model_args, data_args, training_args, model_fields = parse(argv)
+    # The token goes to HfApi only: TrainingArguments are pickled into training_args.bin in every checkpoint.
+    token, training_args.hub_token = training_args.hub_token, None
+    # Pushing is ours (the Trainer's pushes send whole folders and leave out the model code).
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    keep, training_args.save_total_limit = training_args.save_total_limit, None
     # Every parameter of our models takes part in every step, so DDP need not search for unused ones.
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False
-    # Pushing is ours (push_to_hub=True in TrainingArguments contacts the Hub as the Trainer is built,
-    # and its intermediate pushes leave out the model code).
-    push, training_args.push_to_hub = training_args.push_to_hub, False
     if model_args.torch_num_threads is not None:
         torch.set_num_threads(model_args.torch_num_threads)
-    set_seed(training_args.seed)
+    pusher = None
+    if push and training_args.should_save:
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+        pusher = HubPusher(hub_client or HfApi(token=token), repo_id, training_args.hub_strategy,
+                           training_args.hub_private_repo)  # fmt: skip
+        pusher.check_access()
+    settings = run_settings({"model": model_fields, "model_args": asdict(model_args), "data_args": asdict(data_args),
+                             "training_args": training_args.to_dict()})  # fmt: skip
+    with RunLock(training_args.output_dir) if training_args.should_save else nullcontext():
+        with training_args.main_process_first(desc="output_dir"):
+            plan = prepare(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                           training_args.overwrite_output_dir)  # fmt: skip
+        if training_args.should_save:
+            for note in plan.notes:
+                print(note)
+        if plan.finished:
+            metrics = json.loads((Path(training_args.output_dir) / ALL_RESULTS_FILE).read_text())
+            if pusher is not None:  # the same command with --push_to_hub added: push what was trained
+                publish_final(Path(training_args.output_dir), pusher, read_run_record(training_args.output_dir))
+        else:
+            metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher,
+                             callbacks)  # fmt: skip
+        if training_args.should_save:
+            print(summary(training_args.output_dir, metrics, _head(model_args), pusher))
+    return RunResult(training_args.output_dir, metrics)
 
-    checkpoint = resume_folder(training_args)
+
+def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, settings: dict, keep: int | None,
+           pusher: HubPusher | None, callbacks: list | None) -> dict:
+    set_seed(training_args.seed)
     splits = load_splits(data_args.dataset_name, data_args.dataset_config_name, data_args.train_file,
                          data_args.validation_file, data_args.validation_fraction, training_args.seed,
-                         data_args.builtin_examples)
+                         data_args.builtin_examples, data_args.text_unit)  # fmt: skip
     text_column = text_column_of(splits["train"], data_args.text_column)
+    if model_args.task == "lm":
+        splits = drop_blank_texts(splits, text_column, data_args.train_file or data_args.dataset_name)
     with training_args.main_process_first(desc="tokenizer"):
-        tokenizer = load_or_train_tokenizer(model_args, splits["train"][text_column], checkpoint)
+        tokenizer = load_or_train_tokenizer(model_args, splits["train"][text_column], plan.resume_from)
     config = build_config(model_args, model_fields, tokenizer)
     check_block_size(config, data_args.block_size)
 
@@ -291,9 +410,9 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
         model_args, data_args, training_args, splits, text_column, tokenizer, config
     )
     model = build_model(model_args, config)
-    publish = hub_publisher(training_args, hub_client) if push else None
-    every_save = publish is not None and training_args.hub_strategy != "end"
-    record = run_record(model_args, data_args, training_args, model)
+    record = run_record(model_args, data_args, training_args, model, plan.run_id, settings)
+    if training_args.should_save:
+        write_run_record(training_args.output_dir, record)  # from now on, this command resumes this run
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -303,9 +422,9 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[RemoteCodeCheckpointCallback(type(config), record, publish if every_save else None), *(callbacks or [])],
+        callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or [])],
     )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=plan.resume_from)
     metrics = {**train_result.metrics, "train_samples": len(datasets_["train"])}
     metrics.update(trainer.evaluate())
     trainer.log_metrics("all", metrics)
@@ -313,17 +432,51 @@ def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dic
     trainer.save_state()
 
     trainer.save_model()  # safetensors weights, config, model code, tokenizer, training_args.bin
-    if trainer.is_world_process_zero():
-        make_remote_loadable(training_args.output_dir, type(config))
-        write_run_record(training_args.output_dir, record)
-        if publish is not None:
-            publish(training_args.output_dir, "Trained model")
+    if training_args.should_save:
+        output_dir = Path(training_args.output_dir)
+        make_remote_loadable(output_dir, type(config))
+        final = {**record, "global_step": trainer.state.global_step, "finished": True}
+        write_run_record(output_dir, final)
+        if pusher is not None:
+            publish_final(output_dir, pusher, final)
     return metrics
 
 
-def run_record(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, model) -> dict:
-    """What the model card reports about the run (training_args.bin has the rest, for the Trainer)."""
+def publish_final(output_dir: Path, pusher: HubPusher, record: dict) -> None:
+    """Render the card into the final model folder and push it (after the checkpoint pushes)."""
+    render_model_card(output_dir, pusher.repo_id, run=record).save(output_dir / CARD_FILE)
+    pusher.push_final(output_dir)
+
+
+def summary(output_dir: str, metrics: dict, head, pusher: HubPusher | None) -> str:
+    """What the user reads at the end: where everything is and how to load it."""
+    folder = Path(output_dir)
+    scores = ", ".join(f"{key} {metrics[key]:.4g}" for key in ("eval_loss", "eval_perplexity", "eval_accuracy")
+                       if isinstance(metrics.get(key), float))  # fmt: skip
+    lines = [
+        f"Training finished: {scores}.",
+        f"  model (weights, config, model code): {folder}",
+        f"  tokenizer:                           {folder}",
+        f"  metrics:                             {folder / ALL_RESULTS_FILE}",
+        f"  run record:                          {folder / RUN_RECORD_FILE}",
+    ]
+    if pusher is not None:
+        lines.append(f"  pushed to:                           https://huggingface.co/{pusher.repo_id}")
+    lines += [
+        "Load it with:",
+        "  import hf_posvariants  # or pass trust_remote_code=True instead",
+        f"  from transformers import {head.__name__}, AutoTokenizer",
+        f"  model = {head.__name__}.from_pretrained({str(folder)!r})",
+        f"  tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
+    ]
+    return "\n".join(lines)
+
+
+def run_record(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, model,
+               run_id: str, settings: dict) -> dict:
+    """What the model card and a re-run read about the run (training_args.bin has the rest, for the Trainer)."""
     return {
+        "run_id": run_id,
         "objective": model_args.objective if model_args.task == "lm" else model_args.task,
         "init": model_args.model_name_or_path,
         "dataset": data_args.train_file or data_args.dataset_name,
@@ -334,4 +487,5 @@ def run_record(model_args: ModelArguments, data_args: DataArguments, training_ar
             "gradient_accumulation_steps", "seed")},
         "model_args": asdict(model_args),
         "data_args": asdict(data_args),
+        "settings": settings,
     }

@@ -34,6 +34,19 @@ def _as_argv(values: dict) -> list[str]:
     return argv
 
 
+def recipe_argv(recipe: dict) -> list[str]:
+    """A recipe (or overrides) given as a dict, as command-line tokens: flat keys as `--key value`, the
+    `model:` section and `model.field` keys as `--model.field value` (JSON, which reads back as YAML)."""
+    fields = dict(recipe.get(MODEL_SECTION) or {})
+    flat = {}
+    for key, value in recipe.items():
+        if key.startswith(f"{MODEL_SECTION}."):
+            fields[key[len(MODEL_SECTION) + 1 :]] = value
+        elif key != MODEL_SECTION:
+            flat[key] = value
+    return _as_argv(flat) + [token for name, value in fields.items() for token in (f"--{MODEL_SECTION}.{name}", json.dumps(value))]
+
+
 def _split_model_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     """Pull `--model.field value` (or `--model.field=value`) out of the command line."""
     overrides, rest = {}, []

@@ -1,0 +1,249 @@
+"""A run's output folder: kill -9 during a save then the same command, resume, refusal, the lock, rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_posvariants.training import pipeline
+from hf_posvariants.training.run_folder import LOCK_FILE, OutputDirError, is_complete, prepare, rotate
+from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
+
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_argv(output_dir: Path, *extra: str) -> list[str]:
+    """12 steps, a checkpoint every 4, no evaluation during training: a few seconds."""
+    return tiny_argv(output_dir, "clm", "posvar_llama", "--max_steps", "12", "--save_steps", "4",
+                     "--eval_strategy", "no", "--save_total_limit", "5", "--logging_steps", "4", *extra)  # fmt: skip
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file's hash, but the lock's (it names the process holding it)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}  # fmt: skip
+
+
+def assert_same_weights(folder: Path, reference: Path, names=("model.safetensors",)) -> None:
+    for name in names:
+        got, expected = load_file(folder / name), load_file(reference / name)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    torch.set_num_threads(1)
+    pipeline.main(run_argv(folder))
+    return folder
+
+
+# A child that SIGKILLs itself before or after one function of the save at step 8 (saves: 4, 8, 12).
+KILL_DURING_SAVE = """
+import json, os, signal, sys
+from transformers import Trainer
+from hf_posvariants.training import pipeline
+
+name, when, step, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+owner = Trainer if hasattr(Trainer, name) else pipeline
+original = getattr(owner, name)
+
+def killing(*args, **kwargs):
+    # Trainer methods know the step from the trainer; seal_checkpoint(folder, record, step) is told it.
+    current = args[0].state.global_step if owner is Trainer else args[2]
+    if current == step and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    if current == step and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, name, killing)
+pipeline.main(argv)
+"""
+
+# (function, before/after it, what checkpoint-8 is then, the checkpoint the same command resumes from)
+KILL_POINTS = {
+    "before the save": ("_save_checkpoint", "before", None, "checkpoint-4"),
+    "after the weights": ("save_model", "after", "incomplete", "checkpoint-4"),
+    "after the optimizer": ("_save_rng_state", "before", "incomplete", "checkpoint-4"),
+    "after every Trainer file": ("seal_checkpoint", "before", "incomplete", "checkpoint-4"),
+    "after the seal": ("seal_checkpoint", "after", "complete", "checkpoint-8"),
+}
+DEFAULT_SUITE = {"after every Trainer file", "after the seal"}  # the others are slow: ~10 s each
+
+
+@pytest.mark.parametrize(
+    "point", [p if p in DEFAULT_SUITE else pytest.param(p, marks=pytest.mark.slow) for p in KILL_POINTS]
+)
+def test_kill_during_save_then_same_command_matches_uninterrupted_run(tmp_path, point, uninterrupted, capsys):
+    name, when, state_of_8, resumed_from = KILL_POINTS[point]
+    argv = run_argv(tmp_path)
+    child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, name, when, "8", json.dumps(argv)],
+                           env=CHILD_ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert is_complete(tmp_path / "checkpoint-4")
+    checkpoint_8 = tmp_path / "checkpoint-8"
+    assert {None: not checkpoint_8.exists(), "incomplete": checkpoint_8.is_dir() and not is_complete(checkpoint_8),
+            "complete": is_complete(checkpoint_8)}[state_of_8]  # fmt: skip
+
+    capsys.readouterr()
+    pipeline.main(argv)  # the same command, nothing added
+    out = capsys.readouterr().out
+    assert f"Resuming from {tmp_path / resumed_from} " in out
+    if state_of_8 == "incomplete":
+        assert "Skipping checkpoint-8: not a complete checkpoint of this run" in out
+    assert_same_weights(tmp_path, uninterrupted)
+    assert_same_weights(tmp_path / "checkpoint-12", uninterrupted / "checkpoint-12")
+    resumed = torch.load(tmp_path / "checkpoint-12" / "optimizer.pt", weights_only=True)["state"]
+    reference = torch.load(uninterrupted / "checkpoint-12" / "optimizer.pt", weights_only=True)["state"]
+    for index, moments in reference.items():
+        for key, value in moments.items():
+            torch.testing.assert_close(resumed[index][key], value, rtol=0, atol=0)
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"crash at step {self.step}")
+
+
+def test_same_command_resumes_and_deletes_nothing_it_did_not_write(tmp_path, uninterrupted, capsys):
+    argv = run_argv(tmp_path, "--save_total_limit", "1")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(argv, callbacks=[CrashAt(6)])
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
+    # What the user puts there: a hand-made checkpoint folder and notes.
+    (tmp_path / "checkpoint-999").mkdir()
+    (tmp_path / "checkpoint-999" / "mine.txt").write_text("keep me")
+    (tmp_path / "notes.txt").write_text("my notes")
+
+    capsys.readouterr()
+    pipeline.main(argv)
+    out = capsys.readouterr().out
+    assert f"Resuming from {tmp_path / 'checkpoint-4'} " in out
+    assert "Skipping checkpoint-999" in out
+    assert (tmp_path / "checkpoint-999" / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    # save_total_limit=1 rotated this run's own checkpoints only.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-999"]
+    assert_same_weights(tmp_path, uninterrupted)
+
+    # Once finished, the same command trains nothing and changes nothing.
+    before = folder_digest(tmp_path)
+    metrics = pipeline.main(argv)
+    assert "has already finished" in capsys.readouterr().out
+    assert metrics == json.loads((tmp_path / "all_results.json").read_text())
+    assert folder_digest(tmp_path) == before
+
+
+def test_another_runs_folder_is_refused_unless_overwritten(tmp_path, capsys):
+    first = tiny_argv(tmp_path, "clm", "posvar_llama", "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no")
+    pipeline.main(first)
+    before = folder_digest(tmp_path)
+    with pytest.raises(OutputDirError, match=r"learning_rate: 0\.003 → 0\.001") as refusal:
+        pipeline.main([*first, "--learning_rate", "0.001"])
+    assert str(tmp_path) in str(refusal.value) and "--overwrite_output_dir" in str(refusal.value)
+    assert folder_digest(tmp_path) == before
+
+    # A folder with files but no run record (someone else's) is refused too.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_text("not ours")
+    with pytest.raises(OutputDirError, match="holds no run record"):
+        pipeline.main(tiny_argv(foreign, "clm", "posvar_llama", "--max_steps", "2"))
+    assert (foreign / "model.safetensors").read_text() == "not ours" and not (foreign / "run_args.json").exists()
+
+    # --overwrite_output_dir starts a new run; files it does not write (the old checkpoints) stay.
+    old_checkpoints = {name: digest for name, digest in before.items() if name.startswith("checkpoint-")}
+    pipeline.main([*first, "--learning_rate", "0.001", "--max_steps", "1", "--overwrite_output_dir", "true"])
+    assert "Overwriting output_dir" in capsys.readouterr().out
+    after = folder_digest(tmp_path)
+    assert {name: after.get(name) for name in old_checkpoints} == old_checkpoints
+    assert json.loads((tmp_path / "run_args.json").read_text())["settings"]["training_args.learning_rate"] == 0.001
+
+
+# Trains until step 1, says so in a file, and waits for the parent's go-ahead file.
+HOLD_AT_STEP_ONE = """
+import json, sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from hf_posvariants.training import pipeline
+
+class Hold(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            Path(sys.argv[1], "at_step_1").write_text("")
+            while not Path(sys.argv[1], "go").exists():
+                time.sleep(0.05)
+
+pipeline.main(json.loads(sys.argv[2]), callbacks=[Hold()])
+"""
+
+
+def test_a_concurrent_run_on_the_same_folder_fails_at_once(tmp_path):
+    folder, signals = tmp_path / "run", tmp_path / "signals"
+    signals.mkdir()
+    argv = tiny_argv(folder, "clm", "posvar_llama", "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no")
+    child = subprocess.Popen([sys.executable, "-c", HOLD_AT_STEP_ONE, str(signals), json.dumps(argv)], env=CHILD_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (signals / "at_step_1").exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(OutputDirError) as refusal:
+            pipeline.main(argv)
+        assert time.monotonic() - started < 10
+        assert str(folder) in str(refusal.value) and f"pid {child.pid}" in str(refusal.value)
+    finally:
+        (signals / "go").write_text("")
+        _, stderr = child.communicate(timeout=240)
+    assert child.returncode == 0, stderr[-3000:]
+    assert json.loads((folder / "run_args.json").read_text())["finished"]
+    assert is_complete(folder / "checkpoint-4")
+
+
+def test_rotation_keeps_the_newest_the_best_and_everything_not_ours(tmp_path):
+    def checkpoint(step, run_id=None):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if run_id is not None:
+            (folder / "run_args.json").write_text(json.dumps({"run_id": run_id, "global_step": step}))
+        return folder
+
+    ours = [checkpoint(step, "ours") for step in (1, 2, 3, 4, 5)]
+    theirs, unsealed = checkpoint(6, "theirs"), checkpoint(7)
+    deleted = rotate(tmp_path, "ours", keep=2, protected={str(ours[0])})
+    assert deleted == ours[1:4]
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "checkpoint-7"]
+    assert theirs.is_dir() and unsealed.is_dir()
+
+
+def test_a_folder_left_by_a_kill_before_the_run_record_counts_as_empty(tmp_path):
+    """A kill while loading data leaves the lock; one while writing the record leaves its temporary file."""
+    (tmp_path / LOCK_FILE).write_text("pid 1")
+    (tmp_path / ".run_args.json.k3j2").write_text('{"run_id": ')
+    plan = prepare(tmp_path, {"training_args.seed": 0}, resume=None, overwrite=False)
+    assert plan.resume_from is None and not plan.finished and not plan.notes
+    (tmp_path / "stray.txt").write_text("")
+    with pytest.raises(OutputDirError, match=r"is not empty \(stray.txt\)"):
+        prepare(tmp_path, {"training_args.seed": 0}, resume=None, overwrite=False)
