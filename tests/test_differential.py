@@ -89,9 +89,11 @@ def random_diffllama(attn_implementation: str, tie_word_embeddings: bool = False
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied):
+@pytest.mark.parametrize("path", KERNEL_CALLS)
+def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied, path):
     reference = random_diffllama(attn_implementation, tied)
     converted = from_diffllama(reference).eval()
+    force_kernel_calls(converted, path)
     assert converted.config._attn_implementation == attn_implementation
     ids, mask = padded_batch(left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # DiffLlama counts padding unless told; ours never does
