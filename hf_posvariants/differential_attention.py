@@ -16,17 +16,26 @@ Two head layouts say which projected heads form a pair (`config.differential_hea
 An additive position bias has one slice per softmax map, in the layout's own head order (also when the
 model has folded it into the mask).
 
-The kernels are transformers' attention interface, called twice (once per value half, each call computing
-both maps), so eager, SDPA, flex and flash all work, with grouped KV heads and every position encoding.
+The kernels are transformers' attention interface, so eager, SDPA, flex and flash all work, with grouped KV
+heads and every position encoding. Each pair's two maps meet its 2d-wide value in one kernel call (QKᵀ once)
+where the kernel takes a value wider than the query, in one call with zero-padded queries and keys where it
+needs equal widths, or in two calls, one per value half; `KERNEL_CALL_CHOICES` picks per backend and device,
+and the paths agree to float rounding.
+
+`output_attentions=True` returns, per layer, (B, num_attention_heads, Q, K): every softmax map, the first
+maps of the H/2 differential heads followed by their second maps (whatever the head layout), i.e. the
+kernel's own tensor. `DifferentialAttention.differential_map` turns it into the H/2 maps softmax₁ − λ·softmax₂.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
@@ -34,6 +43,36 @@ from .attention import PosVarAttention, register_attention_variant, run_attentio
 from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
+
+# How the two maps of every pair reach the pair's 2d-wide value:
+#   "one_call":    one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
+#   "padded_call": the same call with queries and keys zero-padded to 2d, for kernels that need equal widths
+#                  (flash): the matmul flops of two calls, but exp/softmax and the kernel's passes run once;
+#   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
+KERNEL_CALLS = ("one_call", "padded_call", "two_calls")
+
+# (backend, device type) → the path that measured fastest there (scripts/bench_diff_paths.py: CPU time of a
+# training step at hidden 256, 4 layers, 8 heads / 4 KV heads, batch 4 × 256, one thread); absent pairs take
+# "two_calls", which every kernel runs.
+KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
+    # Eager materialises the maps anyway: one matmul and one softmax instead of two (CPU: one_call 0.90×
+    # DiffLlama's time, padded_call 0.94×, two_calls 1.10×).
+    ("eager", "cpu"): "one_call",
+    ("eager", "cuda"): "one_call",
+    # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98×
+    # DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×. Both flash
+    # paths do the same matmul flops; padded runs the exp and the kernel's passes once, which pays at d = 32
+    # and evens out at d = 64 (4 heads: padded 1.00×, two_calls 0.98×, within the noise of a shared CPU).
+    ("sdpa", "cpu"): "padded_call",
+    # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
+    # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
+    ("sdpa", "cuda"): "two_calls",
+}
+
+
+def choose_kernel_calls(backend: str, device_type: str) -> str:
+    """The kernel path (one of `KERNEL_CALLS`) of differential attention on `backend` and `device_type`."""
+    return KERNEL_CALL_CHOICES.get((backend, device_type), "two_calls")
 
 
 def depth_lambda_init(layer_idx: int) -> float:
@@ -54,6 +93,7 @@ class DifferentialAttention(PosVarAttention):
             self.lambda_init = depth_lambda_init(layer_idx)
         else:
             self.lambda_init = config.differential_lambda_init
+        self.kernel_calls: str | None = None  # one of KERNEL_CALLS forces that path (tests, benchmarks)
         self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
@@ -117,6 +157,13 @@ class DifferentialAttention(PosVarAttention):
             return states
         return torch.cat(self.split_pair(states), dim=1)
 
+
+    def differential_map(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, H, Q, K) softmax maps as `output_attentions` returns them → (B, H/2, Q, K) differential maps
+        softmax₁ − λ·softmax₂ (rows sum to 1 − λ)."""
+        first, second = weights.chunk(2, dim=1)
+        return first - self.differential_lambda().to(weights.dtype) * second
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -130,25 +177,42 @@ class DifferentialAttention(PosVarAttention):
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
             attention_mask = self.maps_first(attention_mask)
-        halves, weights = [], None
-        for value_half in self.split_pair(value):  # each (B, H_kv/2, K, d)
-            # Both maps of a KV pair read this value half: tile it over the first- and second-map KV heads.
-            output, map_weights = run_attention_kernel(
-                self, query, key, torch.cat((value_half, value_half), dim=1), attention_mask, **kwargs
-            )
-            first, second = output.chunk(2, dim=2)  # (B, Q, H/2, d) each: first and second maps
-            halves.append((first, second))
-            if weights is None and map_weights is not None:
-                weights = map_weights  # (B, H, Q, K), identical for both value halves
-        first = torch.cat([first for first, _ in halves], dim=-1)  # (B, Q, H/2, 2d)
-        second = torch.cat([second for _, second in halves], dim=-1)
+        first, second, weights = self.attend_pairs(query, key, value, attention_mask, **kwargs)
         lam = self.differential_lambda().to(first.dtype)
         output = self.groupnorm(first - lam * second) * (1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
-        if weights is not None:
-            first_map, second_map = weights.chunk(2, dim=1)
-            weights = first_map - lam * second_map  # (B, H/2, Q, K): the differential map
-        return output, weights
+        return output, weights  # weights: the kernel's own maps, so a gradient reaches them
+
+    def attend_pairs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Both maps of every pair applied to the pair's 2d-wide value, by the kernel path of
+        `choose_kernel_calls(backend, device)` unless `self.kernel_calls` forces one.
+
+        Takes maps-first queries/keys (B, H, Q, d), (B, H_kv, K, d) and the projected values (B, H_kv, K, d);
+        returns the first- and second-map outputs, each (B, Q, H/2, 2d), and the maps (B, H, Q, K) or None.
+        """
+        path = self.kernel_calls or choose_kernel_calls(self.config._attn_implementation, query.device.type)
+        if path not in KERNEL_CALLS:
+            raise ValueError(f"kernel_calls={path!r} is not a differential kernel path; allowed: {list(KERNEL_CALLS)}.")
+        # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d); both maps of the
+        # pair read it, so it is tiled over the first- and second-map KV heads.
+        value_halves = self.split_pair(value)
+        attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
+        if path in ("one_call", "padded_call"):
+            wide_value = torch.cat(value_halves, dim=-1)
+            if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
+                query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
+            output, weights = attend(query, key, torch.cat((wide_value, wide_value), dim=1))  # (B, Q, H, 2d)
+            first, second = output.chunk(2, dim=2)
+            return first, second, weights
+        # One call per value half: each computes QKᵀ and both maps again, on equal widths.
+        outputs = []
+        for value_half in value_halves:
+            output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
+            outputs.append(output)
+        first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
+        return first, second, weights
 
     def bias_in_kernel_order(self, arguments: dict, device: torch.device) -> dict:
         """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""

@@ -36,6 +36,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from .lm_loss import LM_LOSSES
 from .position_encodings import POSITION_ENCODINGS, PositionEncoding, Positions
 
 
@@ -351,6 +352,7 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
     """Causal language model: always causal, with a KV cache and `generate()`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    lm_loss = "plain"  # the training loss: "plain" (from the logits) or a name in LM_LOSSES (`use_lm_loss`)
 
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
@@ -359,6 +361,13 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         if not self.model.position_encoding.cacheable:
             self.generation_config.use_cache = False
         self.post_init()
+
+    def use_lm_loss(self, name: str) -> None:
+        """Train with loss `name`: "plain", or one of `LM_LOSSES` computed from the hidden states without the
+        (tokens × vocab) logits, which training steps then do not return (evaluation still does)."""
+        if name != "plain" and name not in LM_LOSSES:
+            raise ValueError(f"lm_loss={name!r} is not available; allowed values are {['plain', *LM_LOSSES]}.")
+        self.lm_loss = name
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -383,10 +392,13 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if labels is not None and self.training and self.lm_loss != "plain":
+            logits, loss = None, LM_LOSSES[self.lm_loss](hidden_states, self.lm_head.weight, labels, **kwargs)
+        else:
+            logits, loss = self.lm_head(hidden_states), None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -20,8 +20,15 @@ from transformers import (
 )
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarDiffConfig, PosVarLlamaConfig
+from hf_posvariants import differential_attention
+from hf_posvariants.attention import run_attention_kernel
+from hf_posvariants.differential_attention import (
+    KERNEL_CALL_CHOICES,
+    KERNEL_CALLS,
+    DifferentialAttention,
+    choose_kernel_calls,
+)
 from hf_posvariants.position_encodings import Positions
-from hf_posvariants.differential_attention import DifferentialAttention
 from hf_posvariants.diffllama_conversion import config_from_diffllama, convert_diffllama_state_dict, from_diffllama
 
 CACHEABLE = [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
@@ -81,9 +88,11 @@ def random_diffllama(attn_implementation: str, tie_word_embeddings: bool = False
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied):
+@pytest.mark.parametrize("path", KERNEL_CALLS)
+def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied, path):
     reference = random_diffllama(attn_implementation, tied)
     converted = from_diffllama(reference).eval()
+    force_kernel_calls(converted, path)
     assert converted.config._attn_implementation == attn_implementation
     ids, mask = padded_batch(left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # DiffLlama counts padding unless told; ours never does
@@ -159,12 +168,14 @@ def paper_differential_attention(module: DifferentialAttention, x: torch.Tensor,
 
 @pytest.mark.parametrize("kv_heads", [8, 4, 2], ids=["mha", "gqa2", "gqa4"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_attention_matches_paper_maths_in_reference_layout(kv_heads, affine):
+@pytest.mark.parametrize("path", KERNEL_CALLS)
+def test_attention_matches_paper_maths_in_reference_layout(kv_heads, affine, path):
     config = diff_config(
         "nope", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=kv_heads, differential_norm_affine=affine
     )
     model = build(AutoModel, config)
     randomise_lambdas_and_norms(model)
+    force_kernel_calls(model, path)
     x = torch.randn(1, 6, 32)
     for layer_number, layer in enumerate(model.layers, start=1):
         attention = layer.self_attn
@@ -183,14 +194,114 @@ def test_constant_lambda_init_option():
     )
 
 
-def test_eager_returns_the_differential_map():
-    model = build(AutoModelForCausalLM, diff_config())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_attentions_returns_every_softmax_map(layout):
+    """transformers' contract (test_attention_outputs): one (B, num_attention_heads, Q, K) tensor per layer."""
+    config = diff_config(num_hidden_layers=3, num_attention_heads=8, differential_head_layout=layout)
+    model = build(AutoModelForCausalLM, config)
     randomise_lambdas_and_norms(model)
     with torch.no_grad():
-        attentions = model(input_ids=random_ids(2, 7), output_attentions=True).attentions
-    assert len(attentions) == 2 and attentions[0].shape == (2, 2, 7, 7)  # four maps → two differential heads
-    lam = model.model.layers[0].self_attn.differential_lambda()
-    torch.testing.assert_close(attentions[0].sum(-1), torch.full((2, 2, 7), 1 - lam.item()), rtol=0, atol=1e-5)
+        by_argument = model(input_ids=random_ids(2, 7), output_attentions=True).attentions
+        model.config.output_attentions = True
+        by_config = model(input_ids=random_ids(2, 7)).attentions
+    for attentions in (by_argument, by_config):
+        assert [maps.shape for maps in attentions] == [(2, 8, 7, 7)] * 3
+    maps = by_argument[0]
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 8, 7), rtol=0, atol=1e-5)  # plain softmax maps
+    assert maps.triu(1).abs().max() == 0  # causal
+    attention = model.model.layers[0].self_attn
+    differential = attention.differential_map(maps)
+    lam = attention.differential_lambda().item()
+    assert differential.shape == (2, 4, 7, 7)
+    torch.testing.assert_close(differential.sum(-1), torch.full((2, 4, 7), 1 - lam), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", KERNEL_CALLS)
+def test_attention_maps_keep_their_gradient(layout, path):
+    """transformers' contract (test_retain_grad_hidden_states_attentions): the returned maps lie on the
+    output's autograd path, so `retain_grad` on them receives a gradient."""
+    model = build(AutoModelForCausalLM, diff_config(differential_head_layout=layout)).train()
+    force_kernel_calls(model, path)
+    outputs = model(input_ids=random_ids(2, 7), output_attentions=True)
+    maps = outputs.attentions[0]
+    maps.retain_grad()
+    outputs.logits.flatten()[0].backward()
+    assert maps.grad is not None and maps.grad.abs().sum() > 0
+
+
+def test_output_attentions_equal_diffllama_maps():
+    reference = random_diffllama("eager")
+    converted = from_diffllama(reference).eval()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, output_attentions=True).attentions
+        actual = converted(input_ids=ids, output_attentions=True).attentions
+    assert len(actual) == len(expected) == 3
+    for ours, theirs in zip(actual, expected):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+# --- the two kernel paths ------------------------------------------------------------------------------
+
+
+def force_kernel_calls(model: torch.nn.Module, path: str) -> None:
+    for module in model.modules():
+        if isinstance(module, DifferentialAttention):
+            module.kernel_calls = path
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encoding, layout):
+    """One call with 2d-wide values (queries/keys as they are or zero-padded) ≡ two calls on the halves (the
+    reference, on eager), with padding and GQA."""
+    config = diff_config(encoding, num_attention_heads=8, num_key_value_heads=4, differential_head_layout=layout)
+    ids, mask = padded_batch(left=True)
+    results = {}
+    for backend, path in [("eager", "two_calls")] + [(attn_implementation, path) for path in KERNEL_CALLS]:
+        model = build(AutoModelForCausalLM, config, backend).train()
+        randomise_lambdas_and_norms(model)
+        force_kernel_calls(model, path)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[mask.bool()].square().mean().backward()
+        results[backend, path] = logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+    reference_logits, reference_grads = results["eager", "two_calls"]
+    assert reference_logits[mask.bool()].std() > 0.1
+    for logits, grads in results.values():
+        torch.testing.assert_close(logits[mask.bool()], reference_logits[mask.bool()], rtol=0, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_kernel_path_choice_per_backend_and_device(monkeypatch):
+    assert choose_kernel_calls("eager", "cpu") == choose_kernel_calls("eager", "cuda") == "one_call"
+    assert choose_kernel_calls("sdpa", "cpu") == "padded_call"  # CPU flash needs equal widths
+    assert choose_kernel_calls("flash_attention_2", "cuda") == "two_calls"  # flash: equal widths
+    assert set(KERNEL_CALL_CHOICES.values()) <= set(KERNEL_CALLS)
+    # The model follows the table: each kernel call's layer and query width (head_dim 8).
+    calls = []
+
+    def recording(module, query, *args, **kwargs):
+        calls.append((module.layer_idx, query.shape[-1]))
+        return run_attention_kernel(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(differential_attention, "run_attention_kernel", recording)
+    cases = [("eager", "one_call", [8]), ("sdpa", "padded_call", [16]), ("sdpa", "two_calls", [8, 8])]
+    for backend, path, widths in cases:
+        monkeypatch.setitem(KERNEL_CALL_CHOICES, (backend, "cpu"), path)
+        calls.clear()
+        with torch.no_grad():
+            build(AutoModelForCausalLM, diff_config(), backend)(input_ids=random_ids(1, 5))
+        assert calls == [(layer, width) for layer in range(2) for width in widths], (backend, path)
+
+
+def test_unknown_forced_kernel_path_is_refused():
+    model = build(AutoModelForCausalLM, diff_config())
+    force_kernel_calls(model, "three_calls")
+    with pytest.raises(ValueError, match=r"kernel_calls='three_calls'.*\['one_call', 'padded_call', 'two_calls'\]"):
+        model(input_ids=random_ids(1, 5))
 
 
 # --- backends, causality, cache, padding, MLM ----------------------------------------------------------
@@ -211,9 +322,11 @@ def test_eager_matches_sdpa_with_padding(encoding, layout, auto_class):
 
 
 @pytest.mark.flex
-def test_eager_matches_flex_with_bias_and_gqa():
+@pytest.mark.parametrize("path", KERNEL_CALLS)
+def test_eager_matches_flex_with_bias_and_gqa(path):
     config = diff_config("alibi")
     eager, flex = build(AutoModelForCausalLM, config, "eager"), build(AutoModelForCausalLM, config, "flex_attention")
+    force_kernel_calls(flex, path)
     ids, mask = padded_batch(left=True)
     with torch.no_grad():
         expected = eager(input_ids=ids, attention_mask=mask).logits

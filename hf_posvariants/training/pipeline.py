@@ -40,6 +40,8 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_posvariants import PosVarConfig
+from ..lm_loss import LM_LOSSES
+from . import fused_loss  # noqa: F401  (registers lm_loss="liger" where liger-kernel is installed)
 from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_splits, pack_blocks, text_column_of
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
@@ -79,6 +81,10 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow checkpoints that ship model code."})
     torch_num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads for torch; 1 is fastest for tiny models (measured 20x on 2 cores)."}
+    )
+    lm_loss: str = field(
+        default="plain",
+        metadata={"help": "Causal-LM training loss: plain, chunked (no full fp32 logits), liger (fused; GPU, liger-kernel)."},
     )
 
 
@@ -237,6 +243,10 @@ def parse(argv: list[str]):
     (model_args, data_args, training_args), model_fields = parse_recipe(parser, argv)
     _choice("objective", model_args.objective, OBJECTIVES)
     _choice("task", model_args.task, TASKS)
+    if model_args.lm_loss != "plain" and (model_args.objective, model_args.task) != ("clm", "lm"):
+        raise ValueError(f"lm_loss={model_args.lm_loss!r} applies to objective='clm', task='lm'; allowed value "
+                         "for other objectives and tasks is 'plain'.")
+    _choice("lm_loss", model_args.lm_loss, ["plain", *LM_LOSSES])
     if model_args.task == "sequence_classification" and model_args.model_name_or_path is None:
         raise ValueError("task='sequence_classification' fine-tunes a checkpoint: set model_name_or_path.")
     for name in ("model_name_or_path", "tokenizer_name"):
@@ -285,9 +295,14 @@ def build_model(model_args: ModelArguments, config: PosVarConfig):
     """The task head, fresh from `config` or with the checkpoint's weights."""
     head = _head(model_args)
     if model_args.model_name_or_path is None:
-        return head.from_config(config, attn_implementation=model_args.attn_implementation)
-    return head.from_pretrained(model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code,
-                                attn_implementation=model_args.attn_implementation)
+        model = head.from_config(config, attn_implementation=model_args.attn_implementation)
+    else:
+        model = head.from_pretrained(model_args.model_name_or_path, config=config,
+                                     trust_remote_code=model_args.trust_remote_code,
+                                     attn_implementation=model_args.attn_implementation)
+    if model_args.lm_loss != "plain":
+        model.use_lm_loss(model_args.lm_loss)
+    return model
 
 
 class CheckpointCallback(TrainerCallback):
