@@ -158,7 +158,7 @@ def configs(draw, backends: tuple[str, ...]) -> dict:
     )
     if deberta:
         config.update(
-            attention_variant=config["attention_variant"] if draw(one_in(6)) else "standard",
+            attention_variant=config["attention_variant"] if draw(one_in(6)) else "disentangled",
             is_decoder=config["is_decoder"] if draw(one_in(6)) else False,
             relative_attention=draw(st.booleans()),
             pos_att_type=draw(st.sampled_from(["c2p|p2c", ["c2p"], ["p2c"], [], "p2c"])),
@@ -286,7 +286,7 @@ VALID_BASES = {
         "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0]}),
     "t5 bias": dict(position_encoding="t5_bias", relative_attention_num_buckets=8, relative_attention_max_distance=16),
     "differential": dict(attention_variant="differential"),
-    "deberta": dict(position_encoding="nope", position_buckets=4),
+    "deberta": dict(position_encoding="nope", position_buckets=4, attention_variant="disentangled"),
 }
 
 
