@@ -149,6 +149,77 @@ def flex_score_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+# Elements of one (batch, heads, query chunk, keys) block of the bias gradient: 16M floats, 64 MiB in fp32.
+BIAS_GRADIENT_BLOCK = 1 << 24
+
+
+class FlashAttentionWithBiasGradient(torch.autograd.Function):
+    """SDPA's CPU flash kernel for an additive mask that needs a gradient (a learned position bias folded in).
+
+    Given such a mask, CPU SDPA falls back to its math kernel, which keeps the (B, H, Q, K) weights of every
+    layer for the backward. Here the forward runs the flash kernel on the detached mask and keeps nothing
+    of size Q × K; the backward recomputes the weights one block of queries at a time and gets dQ, dK, dV and
+    the mask gradient dS = P ⊙ (dP − rowsum(dO ⊙ O)), summed over the batch where the mask is shared, so the
+    gradient is the mask's own size, never batch-sized. (The flash kernel's own backward is not used: it
+    rebuilds P from the log-sum-exp, which rounds to the mask's minimum in fully masked rows and so gives
+    weights of 1 instead of 1/K there.)
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scale):
+        output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
+        )
+        ctx.save_for_backward(query, key, value, mask, output)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, mask, output = ctx.saved_tensors
+        batch, heads, query_length, _ = query.shape
+        rows = max(1, BIAS_GRADIENT_BLOCK // (batch * heads * key.shape[2]))
+        query32, key32, value32, grad32 = query.float(), key.float(), value.float(), grad_output.float()
+        row_sums = (grad32 * output.float()).sum(-1, keepdim=True)  # (B, H, Q, 1)
+        grad_query, grad_key, grad_value = torch.empty_like(query32), torch.zeros_like(key32), torch.zeros_like(value32)
+        grad_mask = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+        reduce = [dim for dim in (0, 1) if mask.shape[dim] == 1 and query.shape[dim] > 1]
+        for start in range(0, query_length, rows):
+            block = slice(start, start + rows)
+            scores = torch.matmul(query32[:, :, block], key32.transpose(-1, -2)) * ctx.scale + mask[:, :, block].float()
+            weights = torch.softmax(scores, dim=-1)  # (B, H, rows, K)
+            grad_scores = weights * (torch.matmul(grad32[:, :, block], value32.transpose(-1, -2)) - row_sums[:, :, block])
+            grad_value += torch.matmul(weights.transpose(-1, -2), grad32[:, :, block])
+            grad_query[:, :, block] = torch.matmul(grad_scores, key32) * ctx.scale
+            grad_key += torch.matmul(grad_scores.transpose(-1, -2), query32[:, :, block]) * ctx.scale
+            grad_mask[:, :, block] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), grad_mask.to(mask.dtype), None
+
+
+def learned_mask_on_cpu(module: nn.Module, query: torch.Tensor, attention_mask, kwargs: dict) -> bool:
+    """Whether SDPA gets a float mask carrying a bias that needs a gradient, on CPU, with nothing the flash
+    kernel path above cannot do (dropout, weights to return, a separate bias)."""
+    return (
+        module.config._attn_implementation == "sdpa"
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.requires_grad
+        and attention_mask.is_floating_point()
+        and query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not (module.training and module.attention_dropout > 0)
+        and "position_bias" not in kwargs
+        and not torch.compiler.is_compiling()
+    )
+
+
+def flash_attention_with_bias_gradient(module, query, key, value, attention_mask) -> tuple[torch.Tensor, None]:
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    mask = attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
+    output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, module.scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
 def run_attention_kernel(
     module: nn.Module,
     query: torch.Tensor,
@@ -162,6 +233,8 @@ def run_attention_kernel(
     transformers' attention interface (a tensor `position_bias` in kwargs included)."""
     if score_mod is not None:
         return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
+    if learned_mask_on_cpu(module, query, attention_mask, kwargs):
+        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask)
     return attention_function(module)(
         module,
         query,

@@ -9,7 +9,8 @@ from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig
-from hf_posvariants.attention import ATTENTION_VARIANTS
+from hf_posvariants import attention
+from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasGradient
 from hf_posvariants.position_encodings import distance_grid
 
 BIAS_ENCODINGS = sorted(name for name in ENCODINGS if POSITION_ENCODINGS[name].kind == "bias")
@@ -132,3 +133,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(config_class, encoding)
         assert candidate.keys() == reference.keys()
         for name, gradient in reference.items():
             torch.testing.assert_close(candidate[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["mask-shared-by-the-batch", "mask-per-row"])
+def test_flash_attention_with_bias_gradient_matches_sdpa_math(shared):
+    """The CPU kernel for a learned bias folded into the mask ≡ SDPA's math kernel, values and every gradient,
+    with fully masked rows (left padding) and the mask shared by the batch or not."""
+    batch, heads, length, dim = 2, 3, 9, 8
+    query, key, value = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1 if shared else batch, heads, length, length, requires_grad=True)
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    allowed[0, :, :, :3] = False  # row 0 left-padded by three: its first three queries see nothing
+    probe = torch.randn(batch, heads, length, dim)
+    results = []
+    for kernel in ("math", "ours"):
+        mask = torch.where(allowed, bias, torch.finfo(torch.float32).min)
+        if kernel == "math":
+            output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
+        else:
+            output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, 0.3)
+        gradients = torch.autograd.grad((output * probe).sum(), (query, key, value, bias))
+        results.append((output, *gradients))
+    for reference, candidate in zip(*results):
+        torch.testing.assert_close(candidate, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch):
+    # T5's learned bias on SDPA takes the flash path above; the step equals the math kernel's.
+    config = tiny_config(FAMILY_CONFIGS[1], "t5_bias")
+    ids = torch.randint(3, VOCAB, (2, 10))
+    gradients, calls = [], []
+    original = FlashAttentionWithBiasGradient.apply
+    monkeypatch.setattr(FlashAttentionWithBiasGradient, "apply", lambda *args: calls.append(1) or original(*args))
+    for flash in (True, False):
+        monkeypatch.setattr(attention, "learned_mask_on_cpu", lambda *args, flash=flash: flash)
+        model = build(AutoModelForCausalLM, config, "sdpa").train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    assert len(calls) == config.num_hidden_layers
+    for name, gradient in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
