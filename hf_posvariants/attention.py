@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .position_encodings import Positions, ScoreBias, ScoreMod, apply_rotary
+from .position_encodings import Positions, ScoreBias, ScoreMod, apply_rotary, distance_grid
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -149,61 +149,76 @@ def flex_score_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-# Elements of one (batch, heads, query chunk, keys) block of the bias gradient: 16M floats, 64 MiB in fp32.
-BIAS_GRADIENT_BLOCK = 1 << 24
+# Elements of one (batch, heads, query rows, keys) block in the backward below: 1M floats, 4 MiB in fp32.
+BIAS_GRADIENT_BLOCK = 1 << 20
 
 
 class FlashAttentionWithBiasGradient(torch.autograd.Function):
-    """SDPA's CPU flash kernel for an additive mask that needs a gradient (a learned position bias folded in).
+    """SDPA's CPU flash kernel for an additive mask carrying a learned position bias.
 
-    Given such a mask, CPU SDPA falls back to its math kernel, which keeps the (B, H, Q, K) weights of every
-    layer for the backward. Here the forward runs the flash kernel on the detached mask and keeps nothing
-    of size Q × K; the backward recomputes the weights one block of queries at a time and gets dQ, dK, dV and
-    the mask gradient dS = P ⊙ (dP − rowsum(dO ⊙ O)), summed over the batch where the mask is shared, so the
-    gradient is the mask's own size, never batch-sized. (The flash kernel's own backward is not used: it
-    rebuilds P from the log-sum-exp, which rounds to the mask's minimum in fully masked rows and so gives
-    weights of 1 instead of 1/K there.)
+    Given a mask that needs a gradient, CPU SDPA falls back to its math kernel, which keeps the (B, H, Q, K)
+    weights of every layer for the backward. Here the forward runs the flash kernel on the detached mask and
+    keeps nothing of size Q × K; the backward recomputes the weights one block of queries at a time for dQ,
+    dK, dV and dS = P ⊙ (dP − rowsum(dO ⊙ O)). dS goes either to the mask (summed over the batch where the
+    mask is shared) or, given the per-distance `table` the mask was gathered from (`DistanceBias`), straight
+    into that table's (H, Q + K − 1) gradient, so no layer returns a (Q, K) gradient at all. (The flash
+    kernel's own backward is not used: it rebuilds P from the log-sum-exp, which rounds to the mask's minimum
+    in fully masked rows and so gives weights of 1 instead of 1/K there.)
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, scale):
-        output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
-        )
-        ctx.save_for_backward(query, key, value, mask, output)
+    def forward(ctx, query, key, value, mask, table, scale):
+        if query.shape[-1] == value.shape[-1]:
+            output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
+            )
+        else:  # wider values (differential attention's one-call path): SDPA's math kernel, keeping nothing
+            output = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.detach(), scale=scale)
+        ctx.save_for_backward(query, key, value, mask, output, table)
         ctx.scale = scale
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, mask, output = ctx.saved_tensors
+        query, key, value, mask, output, table = ctx.saved_tensors
         batch, heads, query_length, _ = query.shape
-        rows = max(1, BIAS_GRADIENT_BLOCK // (batch * heads * key.shape[2]))
+        key_length = key.shape[2]
+        rows = max(1, BIAS_GRADIENT_BLOCK // (batch * heads * key_length))
         query32, key32, value32, grad32 = query.float(), key.float(), value.float(), grad_output.float()
         row_sums = (grad32 * output.float()).sum(-1, keepdim=True)  # (B, H, Q, 1)
         grad_query, grad_key, grad_value = torch.empty_like(query32), torch.zeros_like(key32), torch.zeros_like(value32)
-        grad_mask = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+        by_table = table.numel() > 0
+        grad_bias = torch.zeros(table.shape if by_table else mask.shape, dtype=torch.float32, device=mask.device)
         reduce = [dim for dim in (0, 1) if mask.shape[dim] == 1 and query.shape[dim] > 1]
+        blocked = torch.finfo(mask.dtype).min / 2
         for start in range(0, query_length, rows):
             block = slice(start, start + rows)
-            scores = torch.matmul(query32[:, :, block], key32.transpose(-1, -2)) * ctx.scale + mask[:, :, block].float()
+            block_mask = mask[:, :, block].float()
+            scores = torch.matmul(query32[:, :, block], key32.transpose(-1, -2)) * ctx.scale + block_mask
             weights = torch.softmax(scores, dim=-1)  # (B, H, rows, K)
             grad_scores = weights * (torch.matmul(grad32[:, :, block], value32.transpose(-1, -2)) - row_sums[:, :, block])
             grad_value += torch.matmul(weights.transpose(-1, -2), grad32[:, :, block])
             grad_query[:, :, block] = torch.matmul(grad_scores, key32) * ctx.scale
             grad_key += torch.matmul(grad_scores.transpose(-1, -2), query32[:, :, block]) * ctx.scale
-            grad_mask[:, :, block] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), grad_mask.to(mask.dtype), None
+            if by_table:
+                # Only where the bias entered the scores: blocked slots of fully masked rows still get weight 1/K.
+                grad_scores = (grad_scores * (block_mask > blocked)).sum(0)  # (H, rows, K)
+                distances = distance_grid(query_length, key_length, mask.device)[block]
+                grad_bias.index_add_(1, distances.flatten(), grad_scores.flatten(1))
+            else:
+                grad_bias[:, :, block] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
+        grad_mask, grad_table = (None, grad_bias.to(table.dtype)) if by_table else (grad_bias.to(mask.dtype), None)
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), grad_mask, grad_table, None
 
 
 def learned_mask_on_cpu(module: nn.Module, query: torch.Tensor, attention_mask, kwargs: dict) -> bool:
-    """Whether SDPA gets a float mask carrying a bias that needs a gradient, on CPU, with nothing the flash
-    kernel path above cannot do (dropout, weights to return, a separate bias)."""
+    """Whether SDPA gets a float mask carrying a learned bias (needing a gradient itself, or routing it to the
+    `folded_bias` tables), on CPU, with nothing the kernel above cannot do (dropout, a separate bias)."""
+    if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
+        return False
     return (
-        module.config._attn_implementation == "sdpa"
-        and isinstance(attention_mask, torch.Tensor)
-        and attention_mask.requires_grad
-        and attention_mask.is_floating_point()
+        (kwargs.get("folded_bias") is not None or attention_mask.requires_grad)
+        and module.config._attn_implementation == "sdpa"
         and query.device.type == "cpu"
         and torch.is_grad_enabled()
         and not (module.training and module.attention_dropout > 0)
@@ -212,11 +227,14 @@ def learned_mask_on_cpu(module: nn.Module, query: torch.Tensor, attention_mask, 
     )
 
 
-def flash_attention_with_bias_gradient(module, query, key, value, attention_mask) -> tuple[torch.Tensor, None]:
+def flash_attention_with_bias_gradient(
+    module, query, key, value, attention_mask, folded_bias: ScoreBias | None = None
+) -> tuple[torch.Tensor, None]:
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     mask = attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
-    output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, module.scaling)
+    table = folded_bias.tables[0] if folded_bias is not None else query.new_empty(0)
+    output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, table, module.scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -234,7 +252,8 @@ def run_attention_kernel(
     if score_mod is not None:
         return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
     if learned_mask_on_cpu(module, query, attention_mask, kwargs):
-        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask)
+        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, kwargs.get("folded_bias"))
+    kwargs.pop("folded_bias", None)
     return attention_function(module)(
         module,
         query,
@@ -334,10 +353,12 @@ class PosVarAttention(nn.Module):
         return self.attend(query, key, value, attention_mask, **self.bias_arguments(positions.bias, query.dtype), **kwargs)
 
     def bias_arguments(self, bias: ScoreBias | None, dtype: torch.dtype) -> dict:
-        """How the kernel receives a shared bias the model did not fold into the mask: flex as a score function,
-        any other backend as the (1, H, Q, K) tensor `position_bias`."""
+        """How the kernel receives a shared bias: flex as a score function, any other backend as the (1, H, Q, K)
+        tensor `position_bias`; a bias already folded into the mask only as the tables its gradient goes to."""
         if bias is None:
             return {}
+        if bias.folded:
+            return {"folded_bias": bias}
         if self.config._attn_implementation == "flex_attention":
             return {"score_mod": bias.score_mod()}
         return {"position_bias": bias.materialise().to(dtype)}

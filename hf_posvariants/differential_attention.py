@@ -31,6 +31,7 @@ This file imports only torch and transformers: it travels with remote-code check
 from __future__ import annotations
 
 import functools
+import dataclasses
 import math
 
 import torch
@@ -218,6 +219,9 @@ class DifferentialAttention(PosVarAttention):
         """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""
         if "position_bias" in arguments:
             return {"position_bias": self.maps_first(arguments["position_bias"])}
+        if "folded_bias" in arguments:  # per-distance rows of a bias already in the (reordered) mask
+            bias = arguments["folded_bias"]
+            return {"folded_bias": dataclasses.replace(bias, tables=(self.maps_first(bias.tables[0][None])[0],))}
         if "score_mod" not in arguments:
             return arguments
         score_mod = arguments["score_mod"]

@@ -9,6 +9,8 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -37,7 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
-from .position_encodings import POSITION_ENCODINGS, PositionEncoding, Positions
+from .position_encodings import POSITION_ENCODINGS, PositionEncoding, Positions, ScoreBias
 
 
 class RMSNorm(nn.Module):
@@ -281,6 +283,19 @@ class PosVarModel(PosVarPreTrainedModel):
         """Whether the shared position bias may ride in the mask (flex takes it as a score function instead)."""
         return self.config._attn_implementation in MASK_BIAS_BACKENDS
 
+    def routes_bias_gradient(self, bias: ScoreBias, hidden_states: torch.Tensor) -> bool:
+        """Whether the learned per-distance bias folded into the mask sends its gradient straight to its table: on
+        CPU SDPA, whose kernel for it (`FlashAttentionWithBiasGradient`) then keeps no (Q, K) tensor per layer."""
+        return (
+            self.config._attn_implementation == "sdpa"
+            and hidden_states.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and bias.encoding.gathered_from_table
+            and bias.tables[0].requires_grad
+            and not (self.training and self.config.attention_dropout > 0)
+            and not torch.compiler.is_compiling()
+        )
+
     def compute_positions(
         self,
         hidden_states: torch.Tensor,
@@ -294,9 +309,11 @@ class PosVarModel(PosVarPreTrainedModel):
         encoding = self.position_encoding
         bias = encoding.score_bias(query_slots, key_slots)
         if bias is not None and self.can_fold_bias():
-            materialised = bias.materialise().to(hidden_states.dtype)
-            mask = fold_bias_into_mask(materialised, mask, query_slots, key_slots, self.is_causal)
-            bias = None
+            routed = self.routes_bias_gradient(bias, hidden_states)
+            with torch.no_grad() if routed else contextlib.nullcontext():
+                materialised = bias.materialise().to(hidden_states.dtype)
+                mask = fold_bias_into_mask(materialised, mask, query_slots, key_slots, self.is_causal)
+            bias = dataclasses.replace(bias, folded=True) if routed else None
         relative = None
         if self.relative_positions is not None:
             relative = self.relative_positions.relative_positions(query_slots, key_slots)

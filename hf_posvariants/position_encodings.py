@@ -70,6 +70,7 @@ class ScoreBias:
     tables: tuple[torch.Tensor, ...]
     query_length: int
     key_length: int
+    folded: bool = False  # already in the mask; a kernel that takes the mask detached sends the gradient to `tables`
 
     def score_mod(self) -> ScoreMod:
         return self.encoding.score_function(self.tables, self.query_length, self.key_length)
@@ -374,6 +375,8 @@ class DistanceBias(PositionEncoding):
 
     kind = "bias"
     backends = SCORE_BIAS_BACKENDS
+    # The bias is `tables[0]` gathered at `distance_grid`, so a kernel can reduce its gradient per distance.
+    gathered_from_table: ClassVar[bool] = True
 
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
@@ -436,6 +439,8 @@ class ALiBiBias(DistanceBias):
     where it equals the paper's causal form m_h·(i - j). Flex computes the bias from the slopes in the
     kernel, reading no table at all.
     """
+
+    gathered_from_table = False  # computed from the slopes
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)

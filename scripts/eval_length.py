@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-position-multiple", type=int, help="length (as a multiple) of the per-position "
                                                                   "loss curve; default: the largest")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--attn-implementation", default="auto",
+                        help='"auto": flex_attention for encodings that add a score bias (ALiBi, T5, DeBERTa), which '
+                             'keeps memory linear at 16k-64k tokens, SDPA otherwise; or force "sdpa", "eager", ...')
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/length"))
     args = parser.parse_args(argv)
 

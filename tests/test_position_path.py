@@ -8,9 +8,10 @@ import torch
 from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig
+from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, PosVarModel
 from hf_posvariants import attention
 from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasGradient
+from hf_posvariants.evaluation.length import load_causal_lm, token_losses
 from hf_posvariants.position_encodings import distance_grid
 
 BIAS_ENCODINGS = sorted(name for name in ENCODINGS if POSITION_ENCODINGS[name].kind == "bias")
@@ -151,25 +152,50 @@ def test_flash_attention_with_bias_gradient_matches_sdpa_math(shared):
         if kernel == "math":
             output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
         else:
-            output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, 0.3)
+            output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, query.new_empty(0), 0.3)
         gradients = torch.autograd.grad((output * probe).sum(), (query, key, value, bias))
         results.append((output, *gradients))
     for reference, candidate in zip(*results):
         torch.testing.assert_close(candidate, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch):
-    # T5's learned bias on SDPA takes the flash path above; the step equals the math kernel's.
-    config = tiny_config(FAMILY_CONFIGS[1], "t5_bias")
-    ids = torch.randint(3, VOCAB, (2, 10))
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=lambda c: c.model_type)
+def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch, config_class):
+    """T5's bias on CPU SDPA: the flash kernel with the gradient sent per distance to the bias table (the default),
+    or to the mask, gives the math kernel's step; padding leaves fully masked query rows."""
+    config = tiny_config(config_class, "t5_bias")
+    ids, mask = padded(AutoModelForCausalLM)
     gradients, calls = [], []
     original = FlashAttentionWithBiasGradient.apply
-    monkeypatch.setattr(FlashAttentionWithBiasGradient, "apply", lambda *args: calls.append(1) or original(*args))
-    for flash in (True, False):
-        monkeypatch.setattr(attention, "learned_mask_on_cpu", lambda *args, flash=flash: flash)
+    monkeypatch.setattr(FlashAttentionWithBiasGradient, "apply", lambda *args: calls.append(args[4].numel()) or original(*args))
+    for route_to_table, flash in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(PosVarModel, "routes_bias_gradient", lambda *args, r=route_to_table: r)
+        monkeypatch.setattr(attention, "learned_mask_on_cpu", lambda *args, f=flash: f)
         model = build(AutoModelForCausalLM, config, "sdpa").train()
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters()})
-    assert len(calls) == config.num_hidden_layers
-    for name, gradient in gradients[1].items():
-        torch.testing.assert_close(gradients[0][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+    # Every layer's kernel ran in both flash modes: given the (H, Q + K - 1) table, then no table (the mask's gradient).
+    per_mode = len(calls) // 2
+    assert per_mode >= config.num_hidden_layers
+    assert calls == [4 * (2 * ids.shape[1] - 1)] * per_mode + [0] * per_mode
+    for candidate in gradients[:2]:
+        for name, gradient in gradients[2].items():
+            torch.testing.assert_close(candidate[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.flex
+def test_long_context_evaluation_runs_bias_encodings_on_flex(tmp_path):
+    """eval_length's default backend: flex for a score bias, where 16k tokens need no (length × length) tensor;
+    its losses equal SDPA's where both fit."""
+    model = build(AutoModelForCausalLM, tiny_config(FAMILY_CONFIGS[1], "alibi", max_position_embeddings=32))
+    model.save_pretrained(tmp_path / "alibi")
+    build(AutoModelForCausalLM, tiny_config(FAMILY_CONFIGS[1], "rope")).save_pretrained(tmp_path / "rope")
+    assert load_causal_lm(str(tmp_path / "rope")).config._attn_implementation == "sdpa"
+    flex = load_causal_lm(str(tmp_path / "alibi"))
+    assert flex.config._attn_implementation == "flex_attention"
+    sdpa = load_causal_lm(str(tmp_path / "alibi"), attn_implementation="sdpa")
+    short = torch.randint(3, VOCAB, (1, 64))
+    torch.testing.assert_close(token_losses(flex, short), token_losses(sdpa, short), atol=1e-5, rtol=1e-5)
+    long = torch.randint(3, VOCAB, (1, 16384))
+    losses = token_losses(flex, long)
+    assert losses.shape == (1, 16383) and torch.isfinite(losses).all()

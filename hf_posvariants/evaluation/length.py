@@ -75,19 +75,40 @@ def rope_scaled_config(config, rope_type: str, factor: float, train_length: int)
     return config
 
 
+def long_context_backend(config, requested: str = "auto") -> str:
+    """The attention backend for long inputs: with "auto", flex attention where the model adds a score bias
+    (declared by its encoding or attention variant), which flex computes per block from small tables instead
+    of materialising a (heads × length × length) tensor; SDPA otherwise."""
+    if requested != "auto":
+        return requested
+    adds_score_bias = hasattr(config, "backend_requirements") and bool(config.backend_requirements())
+    return "flex_attention" if adds_score_bias else "sdpa"
+
+
 def load_causal_lm(checkpoint: str, rope_scaling: str | None = None, rope_factor: float | None = None,
-                   train_length: int | None = None, attn_implementation: str = "sdpa") -> PreTrainedModel:
+                   train_length: int | None = None, attn_implementation: str = "auto") -> PreTrainedModel:
     config = AutoConfig.from_pretrained(checkpoint)
     if rope_scaling:
         config = rope_scaled_config(config, rope_scaling, rope_factor, train_length or config.max_position_embeddings)
-    return AutoModelForCausalLM.from_pretrained(checkpoint, config=config, attn_implementation=attn_implementation).eval()
+    backend = long_context_backend(config, attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, config=config, attn_implementation=backend).eval()
+
+
+# Positions whose logits are computed at once: at 64k tokens the full (length × vocab) fp32 logits would not fit.
+LOGIT_CHUNK = 4096
 
 
 @torch.no_grad()
 def token_losses(model: PreTrainedModel, input_ids: torch.LongTensor) -> torch.Tensor:
-    """(B, L) ids → (B, L-1) next-token losses in nats."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    """(B, L) ids → (B, L-1) next-token losses in nats, projecting the hidden states to logits in chunks."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    head, targets = model.get_output_embeddings(), input_ids[:, 1:]
+    losses = [
+        F.cross_entropy(head(hidden[:, start : start + LOGIT_CHUNK]).float().transpose(1, 2),
+                        targets[:, start : start + LOGIT_CHUNK], reduction="none")
+        for start in range(0, hidden.shape[1], LOGIT_CHUNK)
+    ]
+    return torch.cat(losses, dim=1)
 
 
 def nonoverlapping(model, tokens: torch.LongTensor, length: int, batch_size: int) -> tuple[float, int, torch.Tensor]:
