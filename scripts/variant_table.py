@@ -1,9 +1,71 @@
-"""Regenerate README.md's variant table from the registries: python scripts/variant_table.py"""
+"""README.md's variant table, generated from the registries so a new encoding or family appears by itself.
+
+    PYTHONPATH=$PWD python scripts/variant_table.py            # rewrite the table between the markers
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
 
-from hf_posvariants.catalog import update_readme
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from hf_posvariants import FAMILIES, POSITION_ENCODINGS
+from hf_posvariants.configuration_posvariants import BIASLESS_BACKENDS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- variant-table:begin -->", "<!-- variant-table:end -->"
+
+
+def summary(cls: type) -> str:
+    """The first paragraph of a docstring, on one line, safe inside a Markdown table."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines()).replace("|", "\\|")
+
+
+def encoding_rows() -> list[str]:
+    rows = [
+        "| `position_encoding` | kind | paper | eager | sdpa | flex | flash | KV cache | length limit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, encoding in POSITION_ENCODINGS.items():
+        paper = summary(encoding)
+        flash = "refused (bias)" if encoding.kind == "bias" else "yes"
+        cache = "yes" if encoding.cacheable else "no (recomputes)"
+        limit = "`max_position_embeddings`" if encoding.bounded else "none"
+        rows.append(f"| `{name}` | {encoding.kind} | {paper} | yes | yes | yes | {flash} | {cache} | {limit} |")
+    return rows
+
+
+def family_rows() -> list[str]:
+    rows = ["| `model_type` | block | default encoding | heads |", "|---|---|---|---|"]
+    for config_class, models in FAMILIES.items():
+        defaults = config_class()
+        block = f"{defaults.norm_type} ({defaults.norm_position}-norm), {defaults.mlp_type} MLP, {defaults.attention_variant} attention"
+        heads = ", ".join(f"`{auto.__name__}`" for auto in models)
+        rows.append(f"| `{config_class.model_type}` | {block} | `{defaults.position_encoding}` | {heads} |")
+    return rows
+
+
+def variant_table() -> str:
+    flash_backends = ", ".join(f"`{backend}`" for backend in BIASLESS_BACKENDS)
+    note = (
+        f"Every encoding works in every family that has `{AutoModelForCausalLM.__name__}` (causal, `generate()`), "
+        f"with it and with `{AutoModelForMaskedLM.__name__}` (bidirectional); `posvar_deberta` takes absolute "
+        f"encodings (or `nope`) for its input positions beside its own relative ones. Flash backends ({flash_backends}) "
+        "have no place for a score bias, so bias encodings refuse them with a ValueError."
+    )
+    return "\n".join([*family_rows(), "", *encoding_rows(), "", note])
+
+
+def update_readme(readme: Path = README) -> bool:
+    """Rewrite the table between the markers; returns whether anything changed."""
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{variant_table()}\n{END}{tail}"
+    readme.write_text(new)
+    return new != text
+
 
 if __name__ == "__main__":
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    print("README.md updated" if update_readme(readme) else "README.md already up to date")
+    print("README.md updated" if update_readme() else "README.md already up to date")
