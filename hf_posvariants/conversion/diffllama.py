@@ -40,16 +40,19 @@ _SHARED_FIELDS = {
 }
 
 
+# How DiffLlama reads the paper, in our config's terms (the benchmarks build the same function from it).
+DIFFLLAMA_CONVENTIONS = {
+    "position_encoding": "rope",
+    "differential_head_layout": "halves",
+    "differential_norm_affine": False,
+    "differential_lambda_init": None,  # the paper's depth schedule
+}
+
+
 def convert_diffllama_config(config: DiffLlamaConfig) -> PosVarDiffConfig:
     """The posvar_diff config computing what `DiffLlamaForCausalLM(config)` computes."""
     fields = {ours: getattr(config, theirs) for theirs, ours in _SHARED_FIELDS.items()}
-    return PosVarDiffConfig(
-        **fields,
-        position_encoding="rope",
-        differential_head_layout="halves",
-        differential_norm_affine=False,
-        differential_lambda_init=None,
-    )
+    return PosVarDiffConfig(**fields, **DIFFLLAMA_CONVENTIONS)
 
 
 def convert_diffllama_state_dict(
