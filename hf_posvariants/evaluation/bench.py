@@ -13,8 +13,9 @@ the median of the rounds after warm-up. On a GPU a step is timed with CUDA event
 time, or with this process's CPU time (`clock="cpu"`: waiting for a core on a shared machine is not
 counted). `amp=True` runs forward and loss under bf16 autocast.
 
-FLOPs per step are counted once per case by `torch.utils.flop_counter.FlopCounterMode` (every matmul
-and attention kernel the step runs, backward included); divided by the median time they give the
+FLOPs per step are model FLOPs: counted once per model by `torch.utils.flop_counter.FlopCounterMode`
+on one step of the same model at the eager backend (every matmul, attention's included, backward
+included), so they do not depend on the kernel that runs them; divided by the median time they give the
 achieved FLOP/s, and divided by the device's peak (`peak_tflops`, or the table below for bf16 on known
 GPUs) the model FLOPs utilisation (MFU).
 
@@ -107,10 +108,13 @@ def family_config_classes() -> dict[str, type]:
     return {config_class.model_type: config_class for config_class in FAMILIES}
 
 
-def families_with(**defaults) -> list[str]:
-    """Model types of the registered families whose default config has these field values."""
+def families_with(auto_class: type = AutoModelForCausalLM, **defaults) -> list[str]:
+    """Model types of the registered families that have `auto_class` (a causal head by default) and whose
+    default config has these field values."""
     found = []
     for model_type, config_class in family_config_classes().items():
+        if auto_class not in FAMILIES[config_class]:
+            continue
         config = config_class()
         if all(getattr(config, name) == value for name, value in defaults.items()):
             found.append(model_type)
@@ -313,8 +317,7 @@ def variants_case_set(backends: list[str], families: list[str] | None = None,
         for name, spec in differential_pairs(backend).items():
             chosen.compare(name, *spec)
         for name, spec in deberta_pairs(backend).items():
-            if spec[3] == "time":
-                chosen.compare(name, *spec)
+            chosen.compare(name, *spec)
     if "eager" in backends and "sdpa" in backends and llama:
         for encoding in sorted(POSITION_ENCODINGS):
             if POSITION_ENCODINGS[encoding].kind != "bias" and (not encodings or encoding in encodings):
@@ -473,6 +476,12 @@ def count_flops(runner: Runner, task: str) -> int:
     return counter.get_total_flops()
 
 
+def model_flops(case: Case, shape: BenchShape, length: int, task: str, device: str, amp: bool = False) -> int:
+    """FLOPs of one step of the model, whichever kernel runs it: counted on the same model at the eager
+    backend, whose attention is plain matmuls (fused kernels such as SDPA's on CPU have no FLOP formula)."""
+    return count_flops(Runner(dataclasses.replace(case, backend="eager"), shape, length, device, amp), task)
+
+
 @dataclass
 class Timing:
     case: Case
@@ -509,12 +518,16 @@ def time_cases(cases: list[Case], shape: BenchShape, length: int, task: str, war
     with its error (e.g. flex attention without a compiler) instead of stopping the run."""
     timings = [Timing(case, task, length) for case in cases]
     runners: dict[int, Runner] = {}
+    flops: dict[Case, int] = {}  # per model: the same at every backend
     for index, timing in enumerate(timings):
         try:
             runners[index] = Runner(timing.case, shape, length, device, amp)
             for _ in range(warmup):
                 runners[index].step(task)
-            timing.flops = count_flops(runners[index], task)
+            eager = dataclasses.replace(timing.case, backend="eager")
+            if eager not in flops:
+                flops[eager] = model_flops(eager, shape, length, task, device, amp)
+            timing.flops = flops[eager]
         except Exception as error:  # noqa: BLE001 — a backend that does not work here is a result
             timing.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             runners.pop(index, None)

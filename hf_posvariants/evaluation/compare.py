@@ -132,7 +132,6 @@ class Study:
     held_out: torch.LongTensor
     train_length: int
     lengths: list[int]
-    config_class: type
     reference: int
     tolerance: float
 
@@ -173,27 +172,30 @@ def prepare_study(recipe: dict, root: Path, write_files: bool = True) -> Study:
         write_document(data_dir / "validation.jsonl", text_of_tokens(held_out_text, eval_tokens, tokenizer))
     base.update(train_file=str(data_dir / "train.jsonl"), validation_file=str(data_dir / "validation.jsonl"),
                 tokenizer_name=str(data_dir / "tokenizer"))
-    config_class = config_class_of(base.get("model_type", pipeline.ModelArguments.model_type))
     model_fields = base.setdefault(MODEL_SECTION, {})
-    model_fields.setdefault("vocab_size", len(tokenizer))
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        model_fields.setdefault(name, getattr(tokenizer, name))
-    reference = count_parameters(config_class(**{**model_fields, "position_encoding": "nope"}))
-    return Study(recipe, out_dir, base, tokenizer, held_out, train_length, lengths, config_class, reference,
+    model_fields.setdefault("vocab_size", len(tokenizer))  # the parameter counts below need it
+    reference = count_parameters(config_class_for(base)(**{**model_fields, "position_encoding": "nope"}))
+    return Study(recipe, out_dir, base, tokenizer, held_out, train_length, lengths, reference,
                  recipe.get("parameter_tolerance", 0.02))
+
+
+def config_class_for(recipe: dict) -> type:
+    return config_class_of(recipe.get("model_type", pipeline.ModelArguments.model_type))
 
 
 def train_variant(study: Study, variant: Variant, threads: int, log=print) -> dict:
     """Train one variant through the pipeline; returns its parameter count, wall time, losses."""
     variant_dir = study.out_dir / variant.name
     recipe = merged_recipe(study.base, variant.overrides)
-    recipe[MODEL_SECTION], parameters = matched_fields(study.config_class, recipe[MODEL_SECTION], study.reference,
+    config_class = config_class_for(recipe)
+    recipe[MODEL_SECTION], parameters = matched_fields(config_class, recipe[MODEL_SECTION], study.reference,
                                                        study.tolerance)
     recipe.update(output_dir=str(variant_dir), torch_num_threads=threads)
-    variant_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path = variant_dir / "recipe.yaml"
+    # Beside the run, not in it: the pipeline decides what may already be in its output_dir.
+    recipe_path = study.out_dir / "recipes" / f"{variant.name}.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    intermediate_size = study.config_class(**recipe[MODEL_SECTION]).intermediate_size
+    intermediate_size = config_class(**recipe[MODEL_SECTION]).intermediate_size
     log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {intermediate_size}")
     metrics = pipeline.main([str(recipe_path)])
     state = json.loads((variant_dir / "trainer_state.json").read_text())
