@@ -263,8 +263,11 @@ class CaseSet:
                 self.cases.append(case)
 
     def compare(self, name: str, numerator: Case, denominator: Case, target: str, metric: str = "time") -> None:
-        self.add(numerator, denominator)
-        self.ratios.append(RatioSpec(name, numerator, denominator, target, metric))
+        self.add_ratio(RatioSpec(name, numerator, denominator, target, metric))
+
+    def add_ratio(self, spec: RatioSpec) -> None:
+        self.add(spec.numerator, spec.denominator)
+        self.ratios.append(spec)
 
 
 def variant_cases(backends: list[str], families: list[str] | None = None,
@@ -314,10 +317,8 @@ def variants_case_set(backends: list[str], families: list[str] | None = None,
             chosen.compare(f"ours / MptForCausalLM time ({backend})",
                            Case("ours", transformer[0], "causal", backend, "alibi", overrides=pre_ln_gelu + no_biases),
                            reference_case("MptForCausalLM", "causal", backend), "≤1.15×")
-        for name, spec in differential_pairs(backend).items():
-            chosen.compare(name, *spec)
-        for name, spec in deberta_pairs(backend).items():
-            chosen.compare(name, *spec)
+        for spec in differential_ratios(backend) + deberta_ratios(backend):
+            chosen.add_ratio(spec)
     if "eager" in backends and "sdpa" in backends and llama:
         for encoding in sorted(POSITION_ENCODINGS):
             if POSITION_ENCODINGS[encoding].kind != "bias" and (not encodings or encoding in encodings):
@@ -326,55 +327,55 @@ def variants_case_set(backends: list[str], families: list[str] | None = None,
     return chosen
 
 
-def differential_pairs(backend: str) -> dict[str, tuple]:
+def differential_ratios(backend: str) -> list[RatioSpec]:
     """Ours, computing what DiffLlama computes, against DiffLlama and against standard attention."""
-    if "differential" not in ATTENTION_VARIANTS:
-        return {}
     family = (families_with(attention_variant="differential") or families_with(**LLAMA_BLOCK))[:1]
-    if not family:
-        return {}
+    if "differential" not in ATTENTION_VARIANTS or not family:
+        return []
     conventions = tuple(sorted((k, v) for k, v in DIFFLLAMA_CONVENTIONS.items() if k != "position_encoding"))
     ours = Case("ours", family[0], "causal", backend, DIFFLLAMA_CONVENTIONS["position_encoding"], "differential",
                 conventions)
     standard = Case("ours", family[0], "causal", backend, DIFFLLAMA_CONVENTIONS["position_encoding"], "standard")
-    return {
-        f"ours / DiffLlamaForCausalLM time ({backend})":
-            (ours, reference_case("DiffLlamaForCausalLM", "causal", backend), "≤1.00×", "time"),
-        f"differential / standard attention time ({backend})": (ours, standard, "≤1.15×", "time"),
-    }
+    return [
+        RatioSpec(f"ours / DiffLlamaForCausalLM time ({backend})", ours,
+                  reference_case("DiffLlamaForCausalLM", "causal", backend), "≤1.00×"),
+        RatioSpec(f"differential / standard attention time ({backend})", ours, standard, "≤1.15×"),
+    ]
 
 
-def deberta_pairs(backend: str) -> dict[str, tuple]:
+def deberta_ratios(backend: str) -> list[RatioSpec]:
     """The relative-attention family (the one declaring `position_buckets`) without its Enhanced Mask Decoder
     (transformers' DebertaV2 has none) against DebertaV2ForMaskedLM and BertForMaskedLM: issue 3's targets."""
     family = families_declaring("position_buckets")
     if not family:
-        return {}
+        return []
     ours = Case("ours", family[0], "masked", backend, overrides=(("emd_layers", 0),))
     deberta = reference_case("DebertaV2ForMaskedLM", "masked", backend)
     bert = reference_case("BertForMaskedLM", "masked", backend)
-    return {
-        f"ours / DebertaV2ForMaskedLM time ({backend})": (ours, deberta, "≤0.55×", "time"),
-        f"ours / BertForMaskedLM time ({backend})": (ours, bert, "≤1.30×", "time"),
-        f"ours / DebertaV2ForMaskedLM memory ({backend})": (ours, deberta, "≤0.70×", "memory"),
-    }
+    return [
+        RatioSpec(f"ours / DebertaV2ForMaskedLM time ({backend})", ours, deberta, "≤0.55×"),
+        RatioSpec(f"ours / BertForMaskedLM time ({backend})", ours, bert, "≤1.30×"),
+        RatioSpec(f"ours / DebertaV2ForMaskedLM memory ({backend})", ours, deberta, "≤0.70×", "memory"),
+    ]
 
 
 def deberta_case_set(backends: list[str], families=None, encodings=None) -> CaseSet:
+    """Issue 3's DeBERTa targets, plus ours with its Enhanced Mask Decoder (what it costs)."""
     chosen = CaseSet()
     for backend in backends:
-        for name, spec in deberta_pairs(backend).items():
-            chosen.compare(name, *spec)
+        for spec in deberta_ratios(backend):
+            chosen.add_ratio(spec)
         for model_type in families_declaring("emd_layers"):
             chosen.add(Case("ours", model_type, "masked", backend, overrides=(("emd_layers", 2),)))
     return chosen
 
 
 def differential_case_set(backends: list[str], families=None, encodings=None) -> CaseSet:
+    """Differential attention against transformers' DiffLlama and against standard attention."""
     chosen = CaseSet()
     for backend in backends:
-        for name, spec in differential_pairs(backend).items():
-            chosen.compare(name, *spec)
+        for spec in differential_ratios(backend):
+            chosen.add_ratio(spec)
     return chosen
 
 
