@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, defau
 from hf_posvariants import PosVarLlamaConfig
 from hf_posvariants.evaluation import bench, data, diagnostics, length, probes
 from hf_posvariants.evaluation.compare import load_recipe, merged_recipe, parse_variants, rewrite_report, run_compare
+from hf_posvariants.training.recipes import config_class_of
 
 pytest.importorskip("matplotlib")
 
@@ -352,7 +353,7 @@ def test_bench_case_sets_pick_families_by_what_their_configs_declare():
     differential = bench.differential_case_set(["sdpa"])
     ours = [case for case in differential.cases if case.source == "ours"]
     assert {case.attention_variant for case in ours} == {"differential", "standard"}
-    assert all(bench.family_config_classes()[case.model_type]().attention_variant == "differential" for case in ours)
+    assert all(config_class_of(case.model_type)().attention_variant == "differential" for case in ours)
 
 
 @pytest.mark.parametrize("case_set", ["deberta", "differential"])

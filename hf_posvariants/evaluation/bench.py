@@ -104,26 +104,22 @@ class Case:
 
 # ---- choosing families and encodings by what they declare ------------------------------------------
 
-def family_config_classes() -> dict[str, type]:
-    return {config_class.model_type: config_class for config_class in FAMILIES}
-
-
 def families_with(auto_class: type = AutoModelForCausalLM, **defaults) -> list[str]:
     """Model types of the registered families that have `auto_class` (a causal head by default) and whose
     default config has these field values."""
     found = []
-    for model_type, config_class in family_config_classes().items():
-        if auto_class not in FAMILIES[config_class]:
+    for config_class, heads in FAMILIES.items():
+        if auto_class not in heads:
             continue
         config = config_class()
         if all(getattr(config, name) == value for name, value in defaults.items()):
-            found.append(model_type)
+            found.append(config_class.model_type)
     return found
 
 
 def families_declaring(field_name: str) -> list[str]:
     """Model types whose config class declares `field_name` (e.g. DeBERTa's `position_buckets`)."""
-    return [model_type for model_type, config_class in family_config_classes().items()
+    return [config_class.model_type for config_class in FAMILIES
             if field_name in {f.name for f in dataclasses.fields(config_class)}]
 
 
@@ -275,8 +271,9 @@ def variant_cases(backends: list[str], families: list[str] | None = None,
     """Every family with a causal head × position encoding at every backend, plus every attention
     variant that is not the family's default, with the family's default encoding."""
     cases = []
-    for model_type, config_class in family_config_classes().items():
-        if (families and model_type not in families) or AutoModelForCausalLM not in FAMILIES[config_class]:
+    for config_class, heads in FAMILIES.items():
+        model_type = config_class.model_type
+        if (families and model_type not in families) or AutoModelForCausalLM not in heads:
             continue
         for backend in backends:
             for encoding in sorted(POSITION_ENCODINGS):
