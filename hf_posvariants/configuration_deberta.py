@@ -2,7 +2,7 @@
 
 The DeBERTa-specific keys carry the names of transformers' `DebertaV2Config` (relative_attention,
 pos_att_type, position_buckets, max_relative_positions, share_att_key, norm_rel_ebd) with the same
-meaning, so a DeBERTa-v2/v3 config translates key by key (see `convert_deberta.py`).
+meaning, so a DeBERTa-v2/v3 config translates key by key (see `conversion/deberta.py`).
 This file imports only torch, transformers and huggingface_hub (a dependency of transformers): it travels
 with remote-code checkpoints.
 """

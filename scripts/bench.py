@@ -1,10 +1,17 @@
-"""Time a training step and an inference forward of every variant against transformers' own models.
+"""Time, count and measure our variants against transformers' own models: the one benchmark entry point.
 
-    PYTHONPATH=$PWD python scripts/bench.py --lengths 128 512 --out-dir bench_results
+    PYTHONPATH=$PWD python scripts/bench.py --lengths 128 512 --out-dir bench_results       # every variant
+    PYTHONPATH=$PWD python scripts/bench.py --case-set deberta --lengths 512 --vocab-size 8000 --dropout 0.1
+    PYTHONPATH=$PWD python scripts/bench.py --case-set differential --lengths 512 --heads 8 --kv-heads 4 \
+        --intermediate-size 680 --vocab-size 1024
+    PYTHONPATH=$PWD python scripts/bench.py --case-set kernels --lengths 512 --heads 4 --head-dim 64
+    PYTHONPATH=$PWD python scripts/bench.py --device cuda --amp --lengths 1024 2048   # GPU: CUDA events, bf16, MFU
     PYTHONPATH=$PWD python scripts/bench.py --quick            # seconds; what the tests run
 
-Prints the ratios of issue 2 (ours vs LlamaForCausalLM, SDPA vs eager, ALiBi/T5 vs RoPE) measured in
-this run, and writes bench.json and bench.md. See hf_posvariants/evaluation/bench.py for the method.
+Case sets: `variants` (every family × encoding × backend, and each transformers reference against the case of
+ours built to match it), `deberta` (issue 3's targets), `differential` (DiffLlama and standard attention),
+`kernels` (the attention kernel alone, forward + backward, by torch.utils.benchmark). Prints the ratios
+measured in this run and writes bench.json and bench.md. See hf_posvariants/evaluation/bench.py for the method.
 """
 
 from __future__ import annotations
@@ -15,11 +22,21 @@ from pathlib import Path
 
 import torch
 
-from hf_posvariants.evaluation.bench import BenchShape, markdown_report, run_benchmark
+from hf_posvariants.evaluation.bench import (
+    CASE_SETS,
+    BenchShape,
+    kernel_markdown_report,
+    markdown_report,
+    run_benchmark,
+    run_kernel_benchmark,
+)
+
+KERNELS = "kernels"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case-set", choices=[*CASE_SETS, KERNELS], default="variants", help="what to measure")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--backends", nargs="+", default=["eager", "sdpa"],
                         help="attention backends; add flex_attention to try it (it compiles, and is skipped with "
@@ -27,33 +44,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: as many as --heads)")
     parser.add_argument("--intermediate-size", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of every model")
+    parser.add_argument("--head-dim", type=int, default=64, help="kernels: width of one head")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="kernels: seconds of calls per case")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--families", nargs="*", help="model types to include (default: every registered family)")
-    parser.add_argument("--encodings", nargs="*", help="position encodings to include (default: all registered)")
+    parser.add_argument("--families", nargs="*", help="variants: model types to include (default: every family)")
+    parser.add_argument("--encodings", nargs="*", help="variants: position encodings to include (default: all)")
     parser.add_argument("--tasks", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory measurement")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: CPU time of this process per step, robust on a shared CPU (use --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (bf16 inputs for the kernel cases)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="device peak for MFU (default: known GPUs' bf16 peak with --amp; none on CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny models, one short length, two rounds, no memory")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = BenchShape(args.hidden_size, args.layers, args.heads, args.intermediate_size, args.vocab_size,
-                       args.batch_size)
-    lengths, warmup, rounds, memory = args.lengths, args.warmup, args.rounds, not args.no_memory
-    if args.quick:
-        shape, lengths, warmup, rounds, memory = BenchShape(32, 2, 4, 64, 97, 2), [32], 1, 2, False
-    result = run_benchmark(shape, lengths, args.backends, warmup, rounds, args.device, tuple(args.tasks), memory,
-                           args.families, args.encodings, args.clock)
-    report = markdown_report(result)
+    if args.case_set == KERNELS:
+        lengths, min_run_time = ([32], 0.05) if args.quick else (args.lengths, args.min_run_time)
+        result = run_kernel_benchmark(args.backends, args.batch_size, args.heads, lengths,
+                                      8 if args.quick else args.head_dim, args.device, args.clock, args.amp,
+                                      min_run_time)
+        report = kernel_markdown_report(result)
+    else:
+        shape = BenchShape(args.hidden_size, args.layers, args.heads, args.intermediate_size, args.vocab_size,
+                           args.batch_size, args.kv_heads, args.dropout)
+        lengths, warmup, rounds, memory = args.lengths, args.warmup, args.rounds, not args.no_memory
+        if args.quick:
+            shape, lengths, warmup, rounds, memory = BenchShape(32, 2, 4, 64, 97, 2), [32], 1, 2, False
+        result = run_benchmark(shape, lengths, args.backends, warmup, rounds, args.device, tuple(args.tasks), memory,
+                               args.families, args.encodings, args.clock, args.case_set, args.amp, args.peak_tflops)
+        report = markdown_report(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
     (args.out_dir / "bench.md").write_text(report)

@@ -4,7 +4,7 @@ write one report ranking them.
     PYTHONPATH=$PWD python scripts/compare.py configs/compare/war_and_peace.yaml
 
 Paths in the recipe are relative to the repository root (the data lives in ../shared/data).
-`--set section.key=value` overrides one recipe value (YAML syntax), e.g. `--set training.max_steps=10`.
+`--set section.key=value` overrides one recipe value (YAML syntax), e.g. `--set base.max_steps=10`.
 """
 
 from __future__ import annotations

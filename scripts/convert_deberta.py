@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoConfig, AutoTokenizer, DebertaV2ForMaskedLM, DebertaV2Model  # noqa: E402
 
-from hf_posvariants.convert_deberta import convert_deberta  # noqa: E402
+from hf_posvariants.conversion import convert_deberta  # noqa: E402
 
 
 def main() -> None:

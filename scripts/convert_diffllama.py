@@ -12,7 +12,7 @@ import argparse
 
 from transformers import AutoTokenizer, DiffLlamaForCausalLM
 
-from hf_posvariants.diffllama_conversion import from_diffllama
+from hf_posvariants.conversion import convert_diffllama
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("source", help="directory (or Hub id) of a DiffLlamaForCausalLM checkpoint")
     parser.add_argument("output", help="directory to write the posvar_diff checkpoint to")
     args = parser.parse_args()
-    model = from_diffllama(DiffLlamaForCausalLM.from_pretrained(args.source))
+    model = convert_diffllama(DiffLlamaForCausalLM.from_pretrained(args.source))
     model.save_pretrained(args.output)
     try:
         AutoTokenizer.from_pretrained(args.source).save_pretrained(args.output)

@@ -19,6 +19,16 @@ FAMILY_CONFIGS = [config for config, heads in FAMILIES.items() if AutoModelForCa
 ENCODINGS = sorted(selectable_position_encodings())
 
 
+def family_with(**defaults) -> type:
+    """The first registered family whose default config has these field values: tests pick a family by what
+    it is (tied embeddings, post-norm, ...), not by where it sits in FAMILIES."""
+    for config_class in FAMILY_CONFIGS:
+        config = config_class()
+        if all(getattr(config, name) == value for name, value in defaults.items()):
+            return config_class
+    raise LookupError(f"no registered family has the defaults {defaults}")
+
+
 def tiny_config(config_class, position_encoding: str, **overrides):
     """A two-layer model small enough that a forward takes milliseconds on one CPU core."""
     fields = dict(

@@ -23,7 +23,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 
 from conftest import VOCAB, build, tiny_config
 from hf_posvariants import PosVarDebertaConfig
-from hf_posvariants.convert_deberta import convert_deberta
+from hf_posvariants.conversion import convert_deberta
 from hf_posvariants.position_encodings import deberta_log_bucket
 
 LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised

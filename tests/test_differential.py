@@ -29,7 +29,7 @@ from hf_posvariants.differential_attention import (
     choose_kernel_calls,
 )
 from hf_posvariants.position_encodings import Positions
-from hf_posvariants.diffllama_conversion import config_from_diffllama, convert_diffllama_state_dict, from_diffllama
+from hf_posvariants.conversion.diffllama import convert_diffllama, convert_diffllama_config, convert_diffllama_state_dict
 
 CACHEABLE = [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
 LAYOUTS = ["pairs", "halves"]
@@ -91,7 +91,7 @@ def random_diffllama(attn_implementation: str, tie_word_embeddings: bool = False
 @pytest.mark.parametrize("path", KERNEL_CALLS)
 def test_converted_diffllama_matches_logits_with_padding(attn_implementation, tied, path):
     reference = random_diffllama(attn_implementation, tied)
-    converted = from_diffllama(reference).eval()
+    converted = convert_diffllama(reference).eval()
     force_kernel_calls(converted, path)
     assert converted.config._attn_implementation == attn_implementation
     ids, mask = padded_batch(left=True)
@@ -106,7 +106,7 @@ def test_converted_diffllama_matches_logits_with_padding(attn_implementation, ti
 
 def test_converted_diffllama_greedy_generation_under_cache_is_equal():
     reference = random_diffllama("sdpa")
-    converted = from_diffllama(reference).eval()
+    converted = convert_diffllama(reference).eval()
     ids, mask = padded_batch(left=True)
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
     expected = reference.generate(ids, **settings)
@@ -116,7 +116,7 @@ def test_converted_diffllama_greedy_generation_under_cache_is_equal():
 
 
 def test_diffllama_config_maps_to_halves_layout_without_affine():
-    config = config_from_diffllama(random_diffllama("eager").config)
+    config = convert_diffllama_config(random_diffllama("eager").config)
     assert (config.differential_head_layout, config.differential_norm_affine) == ("halves", False)
     assert config.differential_lambda_init is None and config.differential_lambda_std == 0.3
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 4, 4)
@@ -124,7 +124,7 @@ def test_diffllama_config_maps_to_halves_layout_without_affine():
 
 def test_converter_refuses_foreign_state_dict():
     reference = random_diffllama("eager")
-    config = config_from_diffllama(reference.config)
+    config = convert_diffllama_config(reference.config)
     state_dict = dict(reference.state_dict())
     state_dict["model.layers.0.self_attn.subln.weight"] = torch.ones(8)
     del state_dict["model.layers.1.self_attn.lambda_q2"]
@@ -232,7 +232,7 @@ def test_attention_maps_keep_their_gradient(layout, path):
 
 def test_output_attentions_equal_diffllama_maps():
     reference = random_diffllama("eager")
-    converted = from_diffllama(reference).eval()
+    converted = convert_diffllama(reference).eval()
     ids = random_ids(2, 9)
     with torch.no_grad():
         expected = reference(input_ids=ids, output_attentions=True).attentions

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from hf_posvariants import PosVarLlamaConfig
 from hf_posvariants.evaluation import bench, data, diagnostics, length, probes
-from hf_posvariants.evaluation.compare import load_recipe, rewrite_report, run_compare
+from hf_posvariants.evaluation.compare import load_recipe, merged_recipe, parse_variants, rewrite_report, run_compare
+from hf_posvariants.training.recipes import config_class_of
 
 pytest.importorskip("matplotlib")
 
@@ -105,10 +107,10 @@ def test_learned_table_is_unavailable_beyond_its_length_not_an_error(checkpoints
 def test_perplexity_at_training_length_equals_trainer_eval_loss(checkpoints, corpus, tmp_path):
     model = length.load_causal_lm(str(checkpoints["rope"]))
     tokens = data.encode(data.read_corpus(corpus), data.byte_tokenizer())[:12 * TRAIN_LENGTH]
-    from hf_posvariants.evaluation.compare import training_dataset
-
+    ids = data.blocks(tokens, TRAIN_LENGTH).tolist()
+    eval_dataset = Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
     arguments = TrainingArguments(str(tmp_path), per_device_eval_batch_size=8, use_cpu=True, report_to="none")
-    trainer = Trainer(model=model, args=arguments, eval_dataset=training_dataset(tokens, TRAIN_LENGTH),
+    trainer = Trainer(model=model, args=arguments, eval_dataset=eval_dataset,
                       data_collator=default_data_collator)
     eval_loss = trainer.evaluate()["eval_loss"]
     ours = length.evaluate_lengths(model, tokens, [TRAIN_LENGTH], ["nonoverlapping"], batch_size=3)["results"][0]
@@ -220,12 +222,20 @@ def compare_recipe(corpus, tmp_path, output_dir: str = "out", workers: int = 1):
 output_dir: {output_dir}
 workers: {workers}
 data: {{corpus: {corpus}, held_out_fraction: 0.2, tokenizer: bytes}}
-model: {{family: posvar_llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4}}
+base:
+  model_type: posvar_llama
+  block_size: {TRAIN_LENGTH}
+  max_steps: 2
+  per_device_train_batch_size: 4
+  logging_steps: 1
+  report_to: none
+  disable_tqdm: true
+  model: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4,
+           max_position_embeddings: {TRAIN_LENGTH}}}
 variants:
-  learned: {{position_encoding: learned}}
-  rope: {{position_encoding: rope}}
+  learned: {{model: {{position_encoding: learned}}}}
+  rope: {{model: {{position_encoding: rope}}}}
   rope+yarn: {{from: rope, eval_rope_scaling: yarn}}
-training: {{train_length: {TRAIN_LENGTH}, max_steps: 2, per_device_train_batch_size: 4, logging_steps: 1}}
 evaluation: {{multiples: [1, 2], eval_tokens: 256}}
 probes: {{tasks: [copy], lengths: [16], examples: 2}}
 """)
@@ -260,7 +270,8 @@ def test_compare_in_two_worker_processes_matches_one_process(corpus, tmp_path):
                 assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
     budget = json.loads((tmp_path / "parallel" / "compare.json").read_text())["budget"]
     assert budget["workers"] == 2 and budget["cpu_seconds"] > 0
-    assert (tmp_path / "parallel" / "rope" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "parallel" / "rope" / "model.safetensors").exists()
+    assert (tmp_path / "parallel" / "recipes" / "rope.yaml").exists()  # what the pipeline ran
 
 
 def test_compare_refuses_a_bad_worker_count(corpus, tmp_path):
@@ -272,6 +283,22 @@ def test_recipe_keys_are_checked(tmp_path):
     (tmp_path / "r.yaml").write_text("output_dir: x\ntrainer: {}\n")
     with pytest.raises(ValueError, match=r"recipe keys \['trainer'\]"):
         load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("output_dir: x\nbase: {train_file: a.txt}\n")
+    with pytest.raises(ValueError, match=r"base keys \['train_file'\] are set by the study"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_variant_is_the_base_recipe_with_its_overrides():
+    base = {"block_size": 16, "learning_rate": 0.1, "model": {"hidden_size": 32, "position_encoding": "rope"}}
+    merged = merged_recipe(base, {"learning_rate": 0.2, "model": {"position_encoding": "alibi"}})
+    assert merged == {"block_size": 16, "learning_rate": 0.2, "model": {"hidden_size": 32, "position_encoding": "alibi"}}
+    assert base["model"]["position_encoding"] == "rope"  # the base is not modified
+
+
+def test_an_evaluation_only_variant_refuses_training_keys():
+    recipe = {"variants": {"rope": {}, "yarn": {"from": "rope", "model": {"position_encoding": "alibi"}}}}
+    with pytest.raises(ValueError, match=r"variants.yarn evaluates 'rope'"):
+        parse_variants(recipe)
 
 
 def test_war_and_peace_recipe_comments_every_key():
@@ -296,18 +323,69 @@ def test_bench_quick_prints_the_issue_ratios(tmp_path):
             "t5_bias / rope time (sdpa)"} <= names
     timed = [t for t in result["timings"] if t["error"] is None]
     assert all(t["median_ms"] > 0 and math.isfinite(t["median_ms"]) for t in timed)
-    unavailable = {t["label"] for t in result["timings"] if t["error"]}
-    assert unavailable == {"MptForCausalLM@sdpa"}  # MPT has no SDPA path in transformers: reported, not fatal
+    assert all(t["error"] is None for t in result["timings"])
+    assert all(t["flops_per_step"] > 0 and t["achieved_tflops"] > 0 and t["mfu"] is None for t in timed)
+    # MPT has no SDPA path in transformers: ours at SDPA is compared with what MPT's users get, eager.
+    assert any(r["denominator"] == "MptForCausalLM@eager" and "(sdpa)" in r["name"] for r in result["ratios"])
 
 
-def test_attention_core_bench_times_every_kernel_form():
+def test_bench_kernel_cases_time_every_kernel_form(tmp_path):
     threads = torch.get_num_threads()
     try:
-        results = script("bench_attention_core").main(["--length", "16", "--head-dim", "8", "--rounds", "1"])
+        result = script("bench").main(["--case-set", "kernels", "--quick", "--out-dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    assert set(results) == {"eager", "sdpa", "differential_two_calls", "differential_one_wide_call"}
-    assert all(ms > 0 and math.isfinite(ms) for ms in results.values())
+    forms = {(t["case"]["backend"], t["case"]["bias"], t["case"]["calls"], t["case"]["value_width"])
+             for t in result["timings"]}
+    assert forms == {(backend, *form) for backend in ("eager", "sdpa")
+                     for form in ((False, 1, 1), (True, 1, 1), (False, 2, 1), (False, 1, 2))}
+    assert all(t["error"] is None and t["median_ms"] > 0 for t in result["timings"])
+    assert {r["name"] for r in result["ratios"]} >= {"SDPA speed-up over eager (causal)",
+                                                      "differential, two calls / one wide call (sdpa)"}
+    assert (tmp_path / "bench.md").read_text().startswith("# Attention kernels alone")
+
+
+def test_bench_case_sets_pick_families_by_what_their_configs_declare():
+    deberta = bench.deberta_case_set(["sdpa"])
+    relative = {case.model_type for case in deberta.cases if case.source == "ours"}
+    assert relative == set(bench.families_declaring("position_buckets")) == {"posvar_deberta"}
+    assert bench.reference_case("DebertaV2ForMaskedLM", "masked", "sdpa").backend == "eager"  # eager-only upstream
+    differential = bench.differential_case_set(["sdpa"])
+    ours = [case for case in differential.cases if case.source == "ours"]
+    assert {case.attention_variant for case in ours} == {"differential", "standard"}
+    assert all(config_class_of(case.model_type)().attention_variant == "differential" for case in ours)
+
+
+@pytest.mark.parametrize("case_set", ["deberta", "differential"])
+def test_bench_case_sets_run_and_report_their_ratios(case_set, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = script("bench").main(["--quick", "--case-set", case_set, "--backends", "sdpa", "--tasks", "train",
+                                       "--threads", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(t["error"] is None for t in result["timings"])
+    assert result["ratios"] and all(r["value"] > 0 for r in result["ratios"])
+
+
+def test_flops_of_a_training_step_are_about_three_forwards_at_every_backend():
+    shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    case = bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope")
+    runner = bench.Runner(case, shape, 16, "cpu")
+    forward, train = (bench.model_flops(case, shape, 16, task, "cpu") for task in ("forward", "train"))
+    linear = sum(m.weight.numel() for m in runner.model.modules() if isinstance(m, nn.Linear))
+    tokens = shape.batch_size * 16
+    attention = 2 * 2 * shape.num_hidden_layers * shape.hidden_size * 16 * tokens  # QKᵀ and AV, full square
+    assert forward == 2 * linear * tokens + attention  # every projection and the two attention products
+    assert 2.8 < train / forward < 3.2  # backward: two matmuls per forward matmul
+    assert bench.count_flops(runner, "forward") < forward  # the fused CPU kernel is not counted: hence eager
+
+
+def test_mfu_is_achieved_flops_over_the_peak():
+    timing = bench.Timing(bench.Case("ours", "posvar_llama", "causal", "sdpa"), "train", 16, [0.5, 0.5], flops=10**12)
+    assert timing.as_dict(peak_tflops=4.0)["achieved_tflops"] == pytest.approx(2.0)
+    assert timing.as_dict(peak_tflops=4.0)["mfu"] == pytest.approx(0.5)
+    assert timing.as_dict()["mfu"] is None  # no peak known: achieved FLOP/s only
 
 
 def test_ratio_targets():
@@ -324,9 +402,9 @@ def test_cpu_peak_memory_grows_with_length():
     assert 0 < short < long
 
 
-def test_bench_shape_rejects_a_width_mpt_cannot_build():
+def test_mpt_reference_rejects_a_width_it_cannot_build():
     with pytest.raises(ValueError, match="intermediate_size=100"):
-        bench.BenchShape(hidden_size=32, intermediate_size=100)
+        bench.REFERENCE_BUILDERS["MptForCausalLM"](bench.BenchShape(hidden_size=32, intermediate_size=100), 16)
 
 
 if __name__ == "__main__":

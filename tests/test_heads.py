@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, VOCAB, build, tiny_config
+from conftest import FAMILY_CONFIGS, VOCAB, build, family_with, tiny_config
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -44,8 +44,9 @@ def test_sequence_classification_pools_the_same_token_with_and_without_padding(c
         torch.testing.assert_close(output.logits[1], model(input_ids=alone).logits[0], rtol=0, atol=1e-5)
 
 
-def test_mean_pooling_and_regression():
-    config = tiny_config(FAMILY_CONFIGS[0], "alibi", num_labels=1, classifier_pooling="mean", problem_type="regression")
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_mean_pooling_and_regression(config_class):
+    config = tiny_config(config_class, "alibi", num_labels=1, classifier_pooling="mean", problem_type="regression")
     model = build(AutoModelForSequenceClassification, config, "sdpa")
     ids, mask = torch.randint(3, VOCAB, (2, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     output = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0.5, -1.0]))
@@ -65,10 +66,10 @@ def test_token_classification_ignores_padding_labels(config_class):
     torch.testing.assert_close(output.loss, expected)
 
 
-def test_transformer_family_ties_and_llama_family_unties_embeddings():
-    tied = build(AutoModelForMaskedLM, tiny_config(FAMILY_CONFIGS[0], "sinusoidal"))
+def test_tie_word_embeddings_shares_the_embedding_matrix_and_its_absence_does_not():
+    tied = build(AutoModelForMaskedLM, tiny_config(family_with(tie_word_embeddings=True), "sinusoidal"))
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
-    untied = build(AutoModelForCausalLM, tiny_config(FAMILY_CONFIGS[1], "rope"))
+    untied = build(AutoModelForCausalLM, tiny_config(family_with(tie_word_embeddings=False), "rope"))
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
@@ -99,7 +100,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(config_class):
 
 
 def test_pre_norm_transformer_has_a_final_norm_and_post_norm_has_none():
-    post = build(AutoModel, tiny_config(FAMILY_CONFIGS[0], "sinusoidal"))
-    pre = build(AutoModel, tiny_config(FAMILY_CONFIGS[0], "sinusoidal", norm_position="pre"))
+    family = family_with(norm_position="post")
+    post = build(AutoModel, tiny_config(family, "sinusoidal"))
+    pre = build(AutoModel, tiny_config(family, "sinusoidal", norm_position="pre"))
     assert not any("model.norm" in name or name.startswith("norm.") for name, _ in post.named_parameters())
     assert any(name.startswith("norm.") for name, _ in pre.named_parameters())

@@ -1,11 +1,18 @@
-"""Side-by-side comparison of variants under one budget, driven by a YAML recipe.
+"""Side-by-side comparison of variants under one budget: a base training recipe plus per-variant overrides.
 
-Every trained variant sees the same blocks of the same text in the same order (one seed), for the
-same number of steps, with parameter counts matched to the variant without position parameters
-within a tolerance (by shrinking the feed-forward width of variants that carry a position table).
-Then each is evaluated at multiples of the training length and on the position probes, and one
-report ranks them. Evaluation-only variants (`from: <trained variant>` plus a RoPE scaling) reuse a
-trained checkpoint, e.g. rope with YaRN applied at evaluation time.
+Every trained variant runs through `hf_posvariants.training.pipeline` (the same tokenizer handling,
+packing, Trainer, logging and export as `scripts/train.py`) from a recipe that is the `base:` recipe
+(keys exactly those of `configs/*.yaml`) with the variant's overrides merged in (its `model:` keys into
+the base's `model:`). Every variant sees the same blocks of the same text in the same order (one seed),
+for the same number of steps, with parameter counts matched to the variant without position parameters
+within a tolerance (by shrinking the feed-forward width of variants that carry a position table). Then
+each is evaluated at multiples of the training length and on the position probes, and one report ranks
+them. Evaluation-only variants (`from: <trained variant>` plus a RoPE scaling) reuse a trained
+checkpoint, e.g. rope with YaRN applied at evaluation time.
+
+The `data:` section says how the study cuts its corpus: the end of the text is held out, and the two
+parts are written as one JSON-lines document each (so the pipeline packs the text as one contiguous
+stream), beside the tokenizer, under `output_dir/data/`.
 """
 
 from __future__ import annotations
@@ -22,23 +29,25 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+from transformers import AutoModelForCausalLM
 
-from hf_posvariants import FAMILIES
-from hf_posvariants.evaluation.data import blocks, encode, load_tokenizer, read_corpus, split_held_out
+from hf_posvariants.evaluation.data import encode, load_tokenizer, read_corpus, split_held_out
 from hf_posvariants.evaluation.length import evaluate_lengths, load_causal_lm, write_length_report
 from hf_posvariants.evaluation.probes import probe_sweep, write_probe_report
 from hf_posvariants.evaluation.report import line_plot, markdown_table
+from hf_posvariants.training import pipeline
+from hf_posvariants.training.recipes import MODEL_SECTION, config_class_of
 
-RECIPE_SECTIONS = ("output_dir", "seed", "data", "model", "variants", "training", "evaluation", "probes",
-                   "parameter_tolerance", "workers")
+RECIPE_SECTIONS = ("output_dir", "data", "base", "variants", "evaluation", "probes", "parameter_tolerance", "workers")
+# Base-recipe keys the study sets itself, per variant.
+STUDY_KEYS = ("output_dir", "train_file", "validation_file", "tokenizer_name", "torch_num_threads")
+EVALUATION_ONLY_KEYS = ("from", "eval_rope_scaling", "eval_rope_factor")
 
 
 @dataclass
 class Variant:
     name: str
-    config_fields: dict
+    overrides: dict  # merged into the base recipe
     parent: str | None = None  # evaluation-only variants: the trained variant whose weights they reuse
     rope_scaling: str | None = None
     rope_factor: float | None = None
@@ -50,14 +59,21 @@ def load_recipe(path: str | Path) -> dict:
     unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
     if unknown:
         raise ValueError(f"recipe keys {unknown} are not supported; allowed keys are {list(RECIPE_SECTIONS)}.")
+    claimed = sorted(set(recipe.get("base") or {}) & set(STUDY_KEYS))
+    if claimed:
+        raise ValueError(f"base keys {claimed} are set by the study for each variant; remove them from the recipe.")
     return recipe
 
 
-def family_config_class(model_type: str):
-    classes = {config_class.model_type: config_class for config_class in FAMILIES}
-    if model_type not in classes:
-        raise ValueError(f"model.family={model_type!r} is not supported; allowed values are {sorted(classes)}.")
-    return classes[model_type]
+def merged_recipe(base: dict, overrides: dict) -> dict:
+    """The base recipe with a variant's overrides: flat keys replace, `model:` keys merge."""
+    recipe = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if key == MODEL_SECTION:
+            recipe[MODEL_SECTION] = {**recipe.get(MODEL_SECTION, {}), **value}
+        else:
+            recipe[key] = value
+    return recipe
 
 
 def parse_variants(recipe: dict) -> list[Variant]:
@@ -70,6 +86,9 @@ def parse_variants(recipe: dict) -> list[Variant]:
         if parent is not None and parent not in recipe["variants"]:
             raise ValueError(f"variants.{name}.from={parent!r} is not a variant; allowed values are "
                              f"{sorted(recipe['variants'])}.")
+        if parent is not None and spec:
+            raise ValueError(f"variants.{name} evaluates {parent!r}'s weights; keys {sorted(spec)} would not apply. "
+                             f"Allowed keys are {list(EVALUATION_ONLY_KEYS)}.")
         variants.append(Variant(name, spec, parent, scaling, factor))
     return sorted(variants, key=lambda variant: variant.parent is not None)  # trained ones first
 
@@ -80,43 +99,16 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_config(config_class, fields: dict, reference: int, tolerance: float):
-    """The config, with intermediate_size reduced just enough to bring the parameter count within
+def matched_fields(config_class, fields: dict, reference: int, tolerance: float) -> tuple[dict, int]:
+    """The fields, with intermediate_size reduced just enough to bring the parameter count within
     `tolerance` of `reference` (a position table adds parameters the others do not have)."""
-    config = config_class(**fields)
-    count = count_parameters(config)
+    count = count_parameters(config_class(**fields))
     if abs(count - reference) <= tolerance * reference:
-        return config, count
-    narrower = config_class(**{**fields, "intermediate_size": fields["intermediate_size"] - 1})
-    per_unit = count - count_parameters(narrower)
-    width = fields["intermediate_size"] - math.ceil((count - reference) / per_unit)
-    config = config_class(**{**fields, "intermediate_size": width})
-    return config, count_parameters(config)
-
-
-def training_dataset(tokens: torch.LongTensor, length: int) -> Dataset:
-    ids = blocks(tokens, length)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
-
-
-def train_variant(config, train_data: Dataset, eval_data: Dataset, training: dict, seed: int, out_dir: Path) -> dict:
-    """Train with the HF Trainer; returns the wall time, loss history and the Trainer's eval loss."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    arguments = TrainingArguments(
-        output_dir=str(out_dir), seed=seed, data_seed=seed, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True, disable_tqdm=True,
-        per_device_eval_batch_size=training.get("per_device_train_batch_size", 8), **training,
-    )
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
-                      data_collator=default_data_collator)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"]
-    model.save_pretrained(out_dir / "checkpoint")
-    history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    return {"train_seconds": seconds, "trainer_eval_loss": eval_loss, "loss_history": history}
+        return fields, count
+    width = config_class(**fields).intermediate_size
+    per_unit = count - count_parameters(config_class(**{**fields, "intermediate_size": width - 1}))
+    fields = {**fields, "intermediate_size": width - math.ceil((count - reference) / per_unit)}
+    return fields, count_parameters(config_class(**fields))
 
 
 def cpu_seconds() -> float:
@@ -131,64 +123,102 @@ def cpu_seconds() -> float:
 
 @dataclass
 class Study:
-    """What every variant shares: data, model fields, budget. Rebuilt identically in each worker process."""
+    """What every variant shares: the base recipe, data files, held-out text, budget."""
 
     recipe: dict
     out_dir: Path
-    seed: int
+    base: dict  # the base recipe with the study's data files and tokenizer filled in
     tokenizer: object
-    train_data: Dataset
-    eval_blocks: Dataset
     held_out: torch.LongTensor
     train_length: int
     lengths: list[int]
-    training: dict
-    config_class: type
-    model_fields: dict
     reference: int
     tolerance: float
 
 
-def prepare_study(recipe: dict, root: Path) -> Study:
-    data, model_fields, training = recipe["data"], dict(recipe["model"]), dict(recipe["training"])
+def write_document(path: Path, text: str) -> str:
+    """One JSON-lines record: the pipeline packs it as one stream, with no separators inside."""
+    path.write_text(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
+def text_of_tokens(text: str, tokens: int, tokenizer) -> str:
+    """The shortest prefix of `text` that encodes to at least `tokens` tokens (all of it if shorter)."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high) // 2
+        if encode(text[:middle], tokenizer).numel() >= tokens:
+            high = middle
+        else:
+            low = middle + 1
+    return text[:low]
+
+
+def prepare_study(recipe: dict, root: Path, write_files: bool = True) -> Study:
+    data, base = recipe["data"], copy.deepcopy(recipe["base"])
+    out_dir = root / recipe["output_dir"]
+    data_dir = out_dir / "data"
     tokenizer = load_tokenizer(data.get("tokenizer", "bytes"))
     train_text, held_out_text = split_held_out(read_corpus(root / data["corpus"]), data["held_out_fraction"])
-    train_length = training.pop("train_length")
+    train_length = base.get("block_size", pipeline.DataArguments.block_size)
     lengths = [train_length * m for m in recipe["evaluation"]["multiples"]]
-    held_out = encode(held_out_text, tokenizer)[: recipe["evaluation"].get("eval_tokens", 4 * max(lengths))]
-    config_class = family_config_class(model_fields.pop("family"))
-    model_fields.setdefault("vocab_size", len(tokenizer))
-    model_fields.setdefault("max_position_embeddings", train_length)
-    model_fields.setdefault("pad_token_id", tokenizer.pad_token_id)
-    model_fields.setdefault("eos_token_id", tokenizer.eos_token_id)
-    reference = count_parameters(config_class(**{**model_fields, "position_encoding": "nope"}))
-    return Study(recipe, root / recipe["output_dir"], recipe.get("seed", 0), tokenizer,
-                 training_dataset(encode(train_text, tokenizer), train_length),
-                 training_dataset(held_out, train_length), held_out, train_length, lengths, training,
-                 config_class, model_fields, reference, recipe.get("parameter_tolerance", 0.02))
+    eval_tokens = recipe["evaluation"].get("eval_tokens", 4 * max(lengths))
+    held_out = encode(held_out_text, tokenizer)[:eval_tokens]
+    if write_files:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(data_dir / "tokenizer")
+        write_document(data_dir / "train.jsonl", train_text)
+        # The Trainer's evaluation sees the same held-out tokens as ours at the training length.
+        write_document(data_dir / "validation.jsonl", text_of_tokens(held_out_text, eval_tokens, tokenizer))
+    base.update(train_file=str(data_dir / "train.jsonl"), validation_file=str(data_dir / "validation.jsonl"),
+                tokenizer_name=str(data_dir / "tokenizer"))
+    model_fields = base.setdefault(MODEL_SECTION, {})
+    model_fields.setdefault("vocab_size", len(tokenizer))  # the parameter counts below need it
+    reference = count_parameters(config_class_for(base)(**{**model_fields, "position_encoding": "nope"}))
+    return Study(recipe, out_dir, base, tokenizer, held_out, train_length, lengths, reference,
+                 recipe.get("parameter_tolerance", 0.02))
 
 
-def run_variant(study: Study, variant: Variant, parent_result: dict | None = None, log=print) -> dict:
+def config_class_for(recipe: dict) -> type:
+    return config_class_of(recipe.get("model_type", pipeline.ModelArguments.model_type))
+
+
+def train_variant(study: Study, variant: Variant, threads: int, log=print) -> dict:
+    """Train one variant through the pipeline; returns its parameter count, wall time, losses."""
+    variant_dir = study.out_dir / variant.name
+    recipe = merged_recipe(study.base, variant.overrides)
+    config_class = config_class_for(recipe)
+    recipe[MODEL_SECTION], parameters = matched_fields(config_class, recipe[MODEL_SECTION], study.reference,
+                                                       study.tolerance)
+    recipe.update(output_dir=str(variant_dir), torch_num_threads=threads)
+    # Beside the run, not in it: the pipeline decides what may already be in its output_dir.
+    recipe_path = study.out_dir / "recipes" / f"{variant.name}.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    intermediate_size = config_class(**recipe[MODEL_SECTION]).intermediate_size
+    log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {intermediate_size}")
+    metrics = pipeline.main([str(recipe_path)])
+    state = json.loads((variant_dir / "trainer_state.json").read_text())
+    history = [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+    return {"parameters": parameters, "intermediate_size": intermediate_size,
+            "parameter_deviation": (parameters - study.reference) / study.reference,
+            "train_seconds": metrics["train_runtime"], "trainer_eval_loss": metrics["eval_loss"],
+            "loss_history": history}
+
+
+def run_variant(study: Study, variant: Variant, parent_result: dict | None = None, threads: int = 1,
+                log=print) -> dict:
     """Train the variant (or load its parent's checkpoint with an evaluation-time RoPE scaling), then
     evaluate it at every length and on the probes; returns its result."""
-    result = {}
-    variant_dir = study.out_dir / variant.name
     evaluation, probes = study.recipe["evaluation"], study.recipe.get("probes")
     if variant.parent is None:
-        config, parameters = matched_config(study.config_class, {**study.model_fields, **variant.config_fields},
-                                            study.reference, study.tolerance)
-        log(f"[{variant.name}] training: {parameters:,} parameters, intermediate_size {config.intermediate_size}")
-        result.update(parameters=parameters, intermediate_size=config.intermediate_size,
-                      parameter_deviation=(parameters - study.reference) / study.reference)
-        result.update(train_variant(config, study.train_data, study.eval_blocks, study.training, study.seed,
-                                    variant_dir))
-        model = load_causal_lm(str(variant_dir / "checkpoint"))
+        result = train_variant(study, variant, threads, log)
+        model = load_causal_lm(str(study.out_dir / variant.name))
     else:
-        result.update({k: parent_result[k] for k in ("parameters", "intermediate_size", "parameter_deviation",
-                                                      "train_seconds")})
+        result = {k: parent_result[k] for k in ("parameters", "intermediate_size", "parameter_deviation",
+                                                "train_seconds")}
         factor = variant.rope_factor or max(evaluation["multiples"])
-        model = load_causal_lm(str(study.out_dir / variant.parent / "checkpoint"), variant.rope_scaling, factor,
-                               study.train_length)
+        model = load_causal_lm(str(study.out_dir / variant.parent), variant.rope_scaling, factor, study.train_length)
     log(f"[{variant.name}] evaluating at {study.lengths}")
     result["length"] = evaluate_lengths(
         model, study.held_out, study.lengths, evaluation.get("modes", ["nonoverlapping", "sliding"]),
@@ -202,7 +232,7 @@ def run_variant(study: Study, variant: Variant, parent_result: dict | None = Non
 def run_variant_in_worker(recipe: dict, root: Path, variant: Variant, parent_result: dict | None, threads: int) -> dict:
     """Entry point of a worker process: one variant, on its share of the cores."""
     torch.set_num_threads(threads)
-    return run_variant(prepare_study(recipe, root), variant, parent_result)
+    return run_variant(prepare_study(recipe, root, write_files=False), variant, parent_result, threads)
 
 
 def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
@@ -213,13 +243,12 @@ def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
         raise ValueError(f"workers={workers!r} is not supported; allowed values are whole numbers from 1.")
     wall_start, cpu_start = time.perf_counter(), cpu_seconds()
     study = prepare_study(recipe, root)
-    study.out_dir.mkdir(parents=True, exist_ok=True)
     variants = parse_variants(recipe)  # trained ones first
     results = {v.name: v.result for v in variants}  # filled in place below
     threads = torch.get_num_threads() if workers == 1 else max(1, torch.get_num_threads() // workers)
     if workers == 1:
         for variant in variants:
-            variant.result.update(run_variant(study, variant, results.get(variant.parent), log))
+            variant.result.update(run_variant(study, variant, results.get(variant.parent), threads, log))
     else:
         context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -243,7 +272,7 @@ def run_compare(recipe: dict, root: Path = Path("."), log=print) -> dict:
 def rewrite_report(out_dir: Path) -> None:
     """Write the report again from compare.json (after a change to the report, without retraining)."""
     saved = json.loads((out_dir / "compare.json").read_text())
-    train_length = saved["recipe"]["training"]["train_length"]
+    train_length = saved["recipe"]["base"].get("block_size", pipeline.DataArguments.block_size)
     write_compare_report(saved["results"], out_dir, train_length, saved["recipe"].get("parameter_tolerance", 0.02),
                          saved["reference_parameters"])
 

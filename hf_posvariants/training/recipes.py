@@ -86,12 +86,17 @@ def parse_recipe(parser: HfArgumentParser, argv: list[str]) -> tuple[tuple, dict
     return parser.parse_args_into_dataclasses(args=_as_argv(recipe) + argv), model_fields
 
 
-def check_config_fields(model_type: str, fields: dict) -> type:
-    """The config class of `model_type`, after checking every recipe key is one of its fields."""
+def config_class_of(model_type: str) -> type:
+    """The config class registered with transformers' AutoConfig under `model_type`: the one lookup."""
     if model_type not in CONFIG_MAPPING:
         posvar_types = sorted(t for t in CONFIG_MAPPING if t.startswith("posvar"))
         raise ValueError(f"model_type={model_type!r} is not a registered config type; allowed values are {posvar_types}.")
-    config_class = CONFIG_MAPPING[model_type]
+    return CONFIG_MAPPING[model_type]
+
+
+def check_config_fields(model_type: str, fields: dict) -> type:
+    """The config class of `model_type`, after checking every recipe key is one of its fields."""
+    config_class = config_class_of(model_type)
     allowed = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(fields) - allowed)
     if unknown:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
 
-from .configuration_differential import PosVarDiffConfig
-from .modeling_differential import PosVarDiffForCausalLM
+from ..configuration_differential import PosVarDiffConfig
+from ..modeling_differential import PosVarDiffForCausalLM
 
 # DiffLlamaConfig field → PosVarDiffConfig field, where the two differ only in name or not at all.
 _SHARED_FIELDS = {
@@ -40,16 +40,19 @@ _SHARED_FIELDS = {
 }
 
 
-def config_from_diffllama(config: DiffLlamaConfig) -> PosVarDiffConfig:
+# How DiffLlama reads the paper, in our config's terms (the benchmarks build the same function from it).
+DIFFLLAMA_CONVENTIONS = {
+    "position_encoding": "rope",
+    "differential_head_layout": "halves",
+    "differential_norm_affine": False,
+    "differential_lambda_init": None,  # the paper's depth schedule
+}
+
+
+def convert_diffllama_config(config: DiffLlamaConfig) -> PosVarDiffConfig:
     """The posvar_diff config computing what `DiffLlamaForCausalLM(config)` computes."""
     fields = {ours: getattr(config, theirs) for theirs, ours in _SHARED_FIELDS.items()}
-    return PosVarDiffConfig(
-        **fields,
-        position_encoding="rope",
-        differential_head_layout="halves",
-        differential_norm_affine=False,
-        differential_lambda_init=None,
-    )
+    return PosVarDiffConfig(**fields, **DIFFLLAMA_CONVENTIONS)
 
 
 def convert_diffllama_state_dict(
@@ -78,9 +81,9 @@ def _expected_keys(config: PosVarDiffConfig) -> set[str]:
     return keys
 
 
-def from_diffllama(model: DiffLlamaForCausalLM) -> PosVarDiffForCausalLM:
+def convert_diffllama(model: DiffLlamaForCausalLM) -> PosVarDiffForCausalLM:
     """A `PosVarDiffForCausalLM` with the weights of `model`, on the same backend and dtype."""
-    config = config_from_diffllama(model.config)
+    config = convert_diffllama_config(model.config)
     state_dict = convert_diffllama_state_dict(model.state_dict(), config)
     converted = PosVarDiffForCausalLM._from_config(
         config, attn_implementation=model.config._attn_implementation, dtype=model.dtype

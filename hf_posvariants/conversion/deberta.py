@@ -15,8 +15,8 @@ import re
 import torch
 from transformers import DebertaV2Config
 
-from .configuration_deberta import PosVarDebertaConfig
-from .modeling_deberta import PosVarDebertaForMaskedLM, PosVarDebertaModel
+from ..configuration_deberta import PosVarDebertaConfig
+from ..modeling_deberta import PosVarDebertaForMaskedLM, PosVarDebertaModel
 
 # (pattern on transformers' name, replacement in ours); applied in order, first match wins.
 PARAMETER_RENAMES: list[tuple[str, str]] = [
@@ -47,7 +47,7 @@ PARAMETER_RENAMES: list[tuple[str, str]] = [
 TIED_IN_TRANSFORMERS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
-def convert_config(config: DebertaV2Config, emd_layers: int = 0) -> PosVarDebertaConfig:
+def convert_deberta_config(config: DebertaV2Config, emd_layers: int = 0) -> PosVarDebertaConfig:
     """The posvar_deberta config computing what `config` computes (with the EMD off by default)."""
     unsupported = {
         "type_vocab_size": getattr(config, "type_vocab_size", 0) > 0,
@@ -97,7 +97,7 @@ def rename(name: str) -> str | None:
     raise ValueError(f"No posvar_deberta parameter for transformers' DeBERTa parameter {name!r}.")
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_deberta_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a `DebertaV2ForMaskedLM` or `DebertaV2Model` state dict (bare-model keys lack the
     `deberta.` prefix; they are accepted too) to posvar_deberta's masked-LM names."""
     converted = {}
@@ -115,8 +115,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def convert_deberta(model, emd_layers: int = 0):
     """A posvar_deberta model with the weights of a transformers `DebertaV2ForMaskedLM` (→ our masked LM)
     or `DebertaV2Model` (→ our base model)."""
-    config = convert_config(model.config, emd_layers=emd_layers)
-    state_dict = convert_state_dict(model.state_dict())
+    config = convert_deberta_config(model.config, emd_layers=emd_layers)
+    state_dict = convert_deberta_state_dict(model.state_dict())
     is_masked_lm = any(name.startswith("transform.") for name in state_dict)
     if is_masked_lm:
         target = PosVarDebertaForMaskedLM(config)
