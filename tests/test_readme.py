@@ -36,8 +36,11 @@ def test_variant_table_names_every_registered_family_and_encoding():
         assert f"| `{config_class.model_type}` |" in table
     for name, encoding in POSITION_ENCODINGS.items():
         row = next(line for line in table.splitlines() if line.startswith(f"| `{name}` |"))
-        assert f"| {encoding.kind} |" in row
-        assert ("refused (bias)" in row) == (encoding.kind == "bias")
+        assert f"| {encoding.kind}" in row
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        flash_cell = cells[6]  # name, kind, paper, eager, sdpa, flex, flash, ...
+        refuses_flash = encoding.backends is not None and "flash_attention_2" not in encoding.backends
+        assert (flash_cell == "refused") == refuses_flash, row
         assert ("no (recomputes)" in row) == (not encoding.cacheable)
 
 
