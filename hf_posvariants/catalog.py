@@ -26,10 +26,15 @@ def encoding_rows() -> list[str]:
     ]
     for name, encoding in POSITION_ENCODINGS.items():
         paper = summary(encoding)
-        flash = "refused (bias)" if encoding.kind == "bias" else "yes"
+
+        def runs_on(backend: str) -> str:
+            return "yes" if encoding.backends is None or backend in encoding.backends else f"refused ({encoding.kind})"
+
+        eager, sdpa, flex = (runs_on(backend) for backend in ("eager", "sdpa", "flex_attention"))
+        flash = runs_on(BIASLESS_BACKENDS[0])
         cache = "yes" if encoding.cacheable else "no (recomputes)"
         limit = "`max_position_embeddings`" if encoding.bounded else "none"
-        rows.append(f"| `{name}` | {encoding.kind} | {paper} | yes | yes | yes | {flash} | {cache} | {limit} |")
+        rows.append(f"| `{name}` | {encoding.kind} | {paper} | {eager} | {sdpa} | {flex} | {flash} | {cache} | {limit} |")
     return rows
 
 
@@ -47,8 +52,10 @@ def variant_table() -> str:
     note = (
         f"Every encoding works in every family that has `{AutoModelForCausalLM.__name__}` (causal, `generate()`), "
         f"with it and with `{AutoModelForMaskedLM.__name__}` (bidirectional); `posvar_deberta` takes absolute "
-        "encodings (or `nope`) for its input positions beside its own relative ones. Flash backends ({', '.join(BIASLESS_BACKENDS)}) "
-        "have no place for a score bias, so bias encodings refuse them with a ValueError."
+        f"encodings (or `nope`) for its input positions beside its own relative ones. Flash backends ({', '.join(BIASLESS_BACKENDS)}) "
+        "have no place for a score bias, so bias encodings refuse them with a ValueError; CoPE's bias needs a sum over "
+        "each score row, which flex's score function cannot see, so it runs on eager and SDPA. "
+        "`layer_position_encodings` gives layers different encodings (e.g. RoPE in three of four layers, NoPE in the fourth)."
     )
     return "\n".join([*family_rows(), "", *encoding_rows(), "", note])
 
