@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Extend the context of a pretrained Llama-style decoder: convert to posvar_llama, rescale RoPE, fine-tune at
+factor × the trained length from a recipe, and score perplexity before and after.
+
+    PYTHONPATH=$PWD python scripts/extend_context.py CHECKPOINT configs/extend/tiny_llama.yaml \
+        --rope-scaling yarn --factor 4 --out-dir runs/extend [--max_steps 300 ...]
+
+CHECKPOINT is a LlamaForCausalLM or posvar_llama folder with its tokenizer (or pass --tokenizer). Arguments after
+the recipe that the command does not know go to the training pipeline (`--key value`, `--model.field value`).
+Writes OUT_DIR/extension.json and extension.md (perplexity at the trained and the extended length for the converted
+model, the rescaled one before fine-tuning, and the fine-tuned one) and the fine-tuned model in OUT_DIR/extended.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from hf_posvariants.context_extension import EXTENSION_SCALINGS, extend
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("recipe", help="fine-tuning recipe, e.g. configs/extend/tiny_llama.yaml")
+    parser.add_argument("--rope-scaling", choices=EXTENSION_SCALINGS, default="yarn")
+    parser.add_argument("--factor", type=float, default=4.0, help="extended length / trained length")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/extend"))
+    parser.add_argument("--tokenizer", help="tokenizer folder when the checkpoint has none")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored at every length")
+    args, overrides = parser.parse_known_args(argv)
+    report = extend(args.checkpoint, args.recipe, args.rope_scaling, args.factor, args.out_dir, overrides,
+                    args.tokenizer, args.eval_tokens)
+    print((args.out_dir / "extension.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
