@@ -23,18 +23,11 @@ from hf_posvariants.context_extension import (
 )
 from hf_posvariants.evaluation.data import byte_tokenizer
 from hf_posvariants.training import pipeline
+from test_training import _one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import extend_context  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def llama_config(**overrides) -> LlamaConfig:
