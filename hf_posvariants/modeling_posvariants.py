@@ -253,7 +253,7 @@ class PosVarModel(PosVarPreTrainedModel):
         """The one `Positions` value for every layer of `encoding` (by default the model's), and the mask with a
         shared bias folded in where the backend adds masks (eager, SDPA): in the compute dtype, (1, H, Q, K) unless
         the mask or the bias is per batch row."""
-        encoding = encoding or self.position_encoding
+        encoding = self.position_encoding if encoding is None else encoding
         bias = encoding.score_bias(query_slots, key_slots, position_ids)
         if bias is not None and self.can_fold_bias():
             materialised = bias.materialise().to(hidden_states.dtype)
