@@ -20,10 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from .configuration_posvariants import PosVarLlamaConfig
 from .evaluation.length import evaluate_lengths
+from .evaluation.probes import probe_sweep
 from .training import pipeline
 from .training.data import load_splits, pack_blocks, text_column_of
 
 EXTENSION_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+PROBE_TASKS = ["passkey", "copy", "associative_recall"]
 # Llama fields that posvar_llama spells differently; every other shared field keeps its name.
 RENAMED_FIELDS = {"rms_norm_eps": "norm_eps"}
 SHARED_FIELDS = (
@@ -100,11 +102,16 @@ def held_out_tokens(recipe_argv: list[str], tokenizer, max_tokens: int) -> torch
     return torch.tensor(packed["validation"]["input_ids"], dtype=torch.long).flatten()[:max_tokens]
 
 
-def perplexities(folder: Path, tokens, lengths: list[int]) -> dict[int, float]:
-    """Perplexity of the causal LM in `folder` over consecutive blocks of each length."""
+def score(folder: Path, tokens: torch.LongTensor, lengths: list[int], probe_examples: int) -> tuple[dict, dict]:
+    """Perplexity of the causal LM in `folder` over consecutive blocks of each length, and its accuracy on the
+    position probes (passkey, copy, associative recall) at each length."""
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     results = evaluate_lengths(model, tokens, lengths, modes=("nonoverlapping",))["results"]
-    return {row["length"]: row["perplexity"] for row in results}
+    probes = {}
+    if probe_examples:
+        rows = probe_sweep(model, AutoTokenizer.from_pretrained(folder), PROBE_TASKS, lengths, [0.5], probe_examples)
+        probes = {f"{row['task']} @ {row['length']}": row["accuracy"] for row in rows}
+    return {row["length"]: row["perplexity"] for row in results}, probes
 
 
 def extend(
@@ -116,8 +123,10 @@ def extend(
     overrides: list[str] = (),
     tokenizer: str | None = None,
     eval_tokens: int = 8192,
+    probe_examples: int = 8,
 ) -> dict:
-    """Convert, rescale, fine-tune at factor × the trained length and score the three stages; writes
+    """Convert, rescale, fine-tune at factor × the trained length and score the three stages (perplexity on the
+    recipe's validation text, and the position probes with `probe_examples` examples per task and length); writes
     `extension.json` and `extension.md` to `out_dir` and returns the report."""
     out_dir = Path(out_dir)
     converted, extended = out_dir / "converted", out_dir / "extended"
@@ -129,12 +138,14 @@ def extend(
                    "--output_dir", str(extended), *overrides]  # fmt: skip
     tokens = held_out_tokens(recipe_argv, AutoTokenizer.from_pretrained(converted), eval_tokens)
     lengths = [original, longer]
-    stages = {"as trained": perplexities(converted, tokens, lengths)}
-    stages[f"{rope_type} ×{factor:g}, no fine-tuning"] = perplexities(scaled, tokens, lengths)
+    stages = {"as trained": converted, f"{rope_type} ×{factor:g}, no fine-tuning": scaled}
+    scores = {stage: score(folder, tokens, lengths, probe_examples) for stage, folder in stages.items()}
     metrics = pipeline.main(recipe_argv)
-    stages[f"{rope_type} ×{factor:g}, fine-tuned at {longer}"] = perplexities(extended, tokens, lengths)
+    scores[f"{rope_type} ×{factor:g}, fine-tuned at {longer}"] = score(extended, tokens, lengths, probe_examples)
     report = {"checkpoint": str(checkpoint), "rope_scaling": rope_type, "factor": factor, "original_length": original,
-              "extended_length": longer, "eval_tokens": int(tokens.numel()), "perplexity": stages,
+              "extended_length": longer, "eval_tokens": int(tokens.numel()),
+              "perplexity": {stage: perplexity for stage, (perplexity, _) in scores.items()},
+              "probes": {stage: probes for stage, (_, probes) in scores.items()},
               "fine_tuning": {key: metrics[key] for key in ("train_loss", "eval_loss") if key in metrics},
               "model": str(extended)}  # fmt: skip
     write_report(report, out_dir)
@@ -142,9 +153,13 @@ def extend(
 
 
 def write_report(report: dict, out_dir: Path) -> None:
+    """extension.md: perplexity and probe accuracy per stage; extension.json: the whole report."""
     lengths = [report["original_length"], report["extended_length"]]
-    rows = ["| stage | " + " | ".join(f"perplexity at {length}" for length in lengths) + " |", "|---|---|---|"]
+    columns = [f"perplexity at {length}" for length in lengths] + list(next(iter(report["probes"].values())))
+    rows = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for stage, by_length in report["perplexity"].items():
-        rows.append(f"| {stage} | " + " | ".join(f"{by_length[length]:.3f}" for length in lengths) + " |")
+        cells = [f"{by_length[length]:.3f}" for length in lengths]
+        cells += ["n/a" if value is None else f"{value:.2f}" for value in report["probes"][stage].values()]
+        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
     (out_dir / "extension.md").write_text("\n".join(rows) + "\n")
     (out_dir / "extension.json").write_text(json.dumps(report, indent=2))

@@ -7,8 +7,9 @@ factor × the trained length from a recipe, and score perplexity before and afte
 
 CHECKPOINT is a LlamaForCausalLM or posvar_llama folder with its tokenizer (or pass --tokenizer). Arguments after
 the recipe that the command does not know go to the training pipeline (`--key value`, `--model.field value`).
-Writes OUT_DIR/extension.json and extension.md (perplexity at the trained and the extended length for the converted
-model, the rescaled one before fine-tuning, and the fine-tuned one) and the fine-tuned model in OUT_DIR/extended.
+Writes OUT_DIR/extension.json and extension.md (perplexity and position-probe accuracy at the trained and the
+extended length for the converted model, the rescaled one before fine-tuning, and the fine-tuned one) and the
+fine-tuned model in OUT_DIR/extended.
 """
 
 import argparse
@@ -27,9 +28,11 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/extend"))
     parser.add_argument("--tokenizer", help="tokenizer folder when the checkpoint has none")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored at every length")
+    parser.add_argument("--probe-examples", type=int, default=8, help="position-probe examples per task and length "
+                                                                      "(0: no probes)")
     args, overrides = parser.parse_known_args(argv)
     report = extend(args.checkpoint, args.recipe, args.rope_scaling, args.factor, args.out_dir, overrides,
-                    args.tokenizer, args.eval_tokens)
+                    args.tokenizer, args.eval_tokens, args.probe_examples)
     print((args.out_dir / "extension.md").read_text())
     return report
 

@@ -125,10 +125,11 @@ def test_extension_command_end_to_end(tmp_path):
                                   "--rope-scaling", "yarn", "--factor", "4", "--out-dir", str(out),
                                   "--eval-tokens", "4096"])  # fmt: skip
     elapsed = time.perf_counter() - start
-    stages = list(report["perplexity"].values())
+    stages, stage_names = list(report["perplexity"].values()), list(report["perplexity"])
     as_trained, fine_tuned = stages[0], stages[-1]
     assert fine_tuned[128] < as_trained[128], report["perplexity"]
     assert json.loads((out / "extension.json").read_text())["extended_length"] == 128
+    assert set(report["probes"]) == set(report["perplexity"]) and "copy @ 128" in report["probes"][stage_names[-1]]
     extended = AutoConfig.from_pretrained(out / "extended")
     assert extended.rope_parameters["rope_type"] == "yarn" and extended.max_position_embeddings == 128
     print(f"end to end: {elapsed:.1f} s; perplexity {report['perplexity']}")
