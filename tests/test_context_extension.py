@@ -28,6 +28,7 @@ from test_training import _one_thread  # noqa: F401  (autouse: tiny models run f
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import extend_context  # noqa: E402
+import extension_study  # noqa: E402
 
 
 def llama_config(**overrides) -> LlamaConfig:
@@ -115,16 +116,25 @@ def pretrain_llama(folder: Path) -> None:
             (folder / name).write_bytes((posvar / name).read_bytes())
 
 
-def test_extension_command_end_to_end(tmp_path):
-    """The README's command on a tiny Llama pretrained at 32 tokens: perplexity at 128 falls after extension."""
+@pytest.fixture(scope="module")
+def pretrained_llama(tmp_path_factory) -> tuple[Path, float]:
+    """(folder, seconds it took) of the tiny LlamaForCausalLM pretrained at 32 tokens."""
     start = time.perf_counter()
-    pretrain_llama(tmp_path / "llama")
-    assert AutoConfig.from_pretrained(tmp_path / "llama").model_type == "llama"
+    folder = tmp_path_factory.mktemp("pretrained") / "llama"
+    pretrain_llama(folder)
+    return folder, time.perf_counter() - start
+
+
+def test_extension_command_end_to_end(tmp_path, pretrained_llama):
+    """The README's command on a tiny Llama pretrained at 32 tokens: perplexity at 128 falls after extension."""
+    llama, pretraining_seconds = pretrained_llama
+    start = time.perf_counter()
+    assert AutoConfig.from_pretrained(llama).model_type == "llama"
     out = tmp_path / "extend"
-    report = extend_context.main([str(tmp_path / "llama"), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"),
+    report = extend_context.main([str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"),
                                   "--rope-scaling", "yarn", "--factor", "4", "--out-dir", str(out),
                                   "--eval-tokens", "4096"])  # fmt: skip
-    elapsed = time.perf_counter() - start
+    elapsed = pretraining_seconds + time.perf_counter() - start
     stages, stage_names = list(report["perplexity"].values()), list(report["perplexity"])
     as_trained, fine_tuned = stages[0], stages[-1]
     assert fine_tuned[128] < as_trained[128], report["perplexity"]
@@ -134,3 +144,17 @@ def test_extension_command_end_to_end(tmp_path):
     assert extended.rope_parameters["rope_type"] == "yarn" and extended.max_position_embeddings == 128
     print(f"end to end: {elapsed:.1f} s; perplexity {report['perplexity']}")
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_extension_study_compares_rescalings(tmp_path, pretrained_llama):
+    llama, _ = pretrained_llama
+    reports = extension_study.main([str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"),
+                                    "--scalings", "linear", "dynamic", "--work-dir", str(tmp_path / "work"),
+                                    "--out-dir", str(tmp_path / "out"), "--eval-tokens", "2048",
+                                    "--probe-examples", "2", "--max_steps", "40"])  # fmt: skip
+    table = (tmp_path / "out" / "study.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["as trained (no rescaling)", "PI (linear)", "dynamic NTK"]
+    after = float(table[3].split("|")[5])  # PI's perplexity at 128 after fine-tuning, as in its report
+    assert after == pytest.approx(list(reports["linear"]["perplexity"].values())[2][128], abs=1e-3)
+    assert (tmp_path / "out" / "perplexity.png").stat().st_size > 0
