@@ -695,9 +695,11 @@ class FIREBias(PositionEncoding):
     def score_function(self, tables, query_length, key_length):
         positions, offset, c, threshold, w1, b1, w2, b2 = tables
         width = w1.shape[0]
+        shared = positions.shape[0] == 1  # one row of positions for the whole batch (position_ids of shape (1, Q))
 
         def add_fire_bias(score, batch, head, query, key):
-            x = self.interpolated_distance(key - query + offset, positions[batch, query], c, threshold)
+            position = positions[0, query] if shared else positions[batch, query]
+            x = self.interpolated_distance(key - query + offset, position, c, threshold)
             bias = b2[head]
             for unit in range(width):  # the MLP, one hidden unit at a time: a score function sees scalars
                 bias = bias + w2[head, unit] * torch.relu(w1[unit] * x + b1[unit])

@@ -164,6 +164,17 @@ def test_fire_score_function_equals_materialised_bias(offset):
     torch.testing.assert_close(from_function, materialised, rtol=1e-5, atol=1e-5)
 
 
+def test_fire_score_function_with_one_row_of_positions_for_a_batch():
+    # position_ids of shape (1, Q) serve every row: the score function must not read past that row.
+    encoding = randomised_fire()
+    slots = torch.arange(6)
+    bias = encoding.score_bias(slots, slots, slots[None])
+    batch, heads = torch.arange(3)[:, None, None, None], torch.arange(4)[None, :, None, None]
+    queries, keys = torch.arange(6)[None, None, :, None], torch.arange(6)[None, None, None, :]
+    from_function = bias.score_mod()(torch.zeros(()), batch, heads, queries, keys)  # reading row 1 or 2 would fail
+    torch.testing.assert_close(from_function.expand(3, -1, -1, -1), bias.materialise().expand(3, -1, -1, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_fire_threshold_parameters_learn():
     encoding = randomised_fire()
     slots = torch.arange(8)
