@@ -1,6 +1,7 @@
 """Context extension of a pretrained decoder (issue 14): a `LlamaForCausalLM` (or posvar_llama) checkpoint becomes a
 posvar_llama whose RoPE is rescaled for a longer context, is fine-tuned at the longer block by the training pipeline,
-and is scored before and after at the original and the extended length.
+and is scored before and after at the original and the extended length. Instead of rescaling RoPE, the model can
+switch to another (unbounded) position encoding and learn it in the fine-tune.
 
     python scripts/extend_context.py CHECKPOINT configs/extend/tiny_llama.yaml --rope-scaling yarn --factor 4
 
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .configuration_posvariants import PosVarLlamaConfig
+from .position_encodings import POSITION_ENCODINGS, selectable_position_encodings
 from .evaluation.length import evaluate_lengths
 from .evaluation.probes import probe_sweep
 from .training import pipeline
@@ -74,21 +76,33 @@ def extended_rope_parameters(rope_parameters: dict, rope_type: str, factor: floa
     return parameters
 
 
-def extend_config(folder: Path, rope_type: str, factor: float) -> tuple[int, int]:
-    """Rescale the RoPE of the posvar_llama config in `folder`; returns (original, extended) lengths."""
+def extend_config(folder: Path, factor: float, rope_type: str | None = None, encoding: str | None = None) -> tuple[int, int]:
+    """Give the posvar_llama config in `folder` a context `factor` × longer, by rescaling its RoPE (`rope_type`) or by
+    switching to another position `encoding`; returns (original, extended) lengths."""
+    if (rope_type is None) == (encoding is None):
+        raise ValueError(f"give exactly one of rope_scaling={rope_type!r} and encoding={encoding!r}.")
     config = AutoConfig.from_pretrained(folder)
-    if config.position_encoding != "rope":
-        raise ValueError(
-            f"context extension rescales RoPE, but position_encoding={config.position_encoding!r}; allowed "
-            "encodings are ['rope']."
-        )
-    original = config.max_position_embeddings
-    config.rope_parameters = extended_rope_parameters(config.rope_parameters, rope_type, factor, original)
-    # Dynamic NTK rescales once a sequence exceeds max_position_embeddings, so that stays the trained length.
-    config.max_position_embeddings = original if rope_type == "dynamic" else int(original * factor)
+    original, longer = config.max_position_embeddings, int(config.max_position_embeddings * factor)
+    if encoding is not None:
+        unbounded = [name for name in selectable_position_encodings() if not POSITION_ENCODINGS[name].bounded]
+        if encoding not in unbounded:
+            raise ValueError(
+                f"encoding={encoding!r} is not supported for context extension; allowed values are {sorted(unbounded)} "
+                "(an encoding with a table of positions would meet the extended ones untrained)."
+            )
+        config.position_encoding, config.max_position_embeddings = encoding, longer
+    else:
+        if config.position_encoding != "rope":
+            raise ValueError(
+                f"context extension rescales RoPE, but position_encoding={config.position_encoding!r}; allowed "
+                "encodings are ['rope'] (or switch the encoding instead)."
+            )
+        config.rope_parameters = extended_rope_parameters(config.rope_parameters, rope_type, factor, original)
+        # Dynamic NTK rescales once a sequence exceeds max_position_embeddings, so that stays the trained length.
+        config.max_position_embeddings = original if rope_type == "dynamic" else longer
     config.validate_architecture()
     config.save_pretrained(folder)
-    return original, int(original * factor)
+    return original, longer
 
 
 def held_out_tokens(recipe_argv: list[str], tokenizer, max_tokens: int) -> torch.LongTensor:
@@ -117,33 +131,35 @@ def score(folder: Path, tokens: torch.LongTensor, lengths: list[int], probe_exam
 def extend(
     checkpoint: str | Path,
     recipe: str | Path,
-    rope_type: str,
     factor: float,
     out_dir: Path,
+    rope_type: str | None = None,
+    encoding: str | None = None,
     overrides: list[str] = (),
     tokenizer: str | None = None,
     eval_tokens: int = 8192,
     probe_examples: int = 8,
 ) -> dict:
-    """Convert, rescale, fine-tune at factor × the trained length and score the three stages (perplexity on the
-    recipe's validation text, and the position probes with `probe_examples` examples per task and length); writes
-    `extension.json` and `extension.md` to `out_dir` and returns the report."""
+    """Convert, rescale RoPE by `rope_type` (or switch to `encoding`), fine-tune at factor × the trained length and
+    score the three stages (perplexity on the recipe's validation text, and the position probes with
+    `probe_examples` examples per task and length); writes `extension.json` and `extension.md` to `out_dir` and
+    returns the report."""
     out_dir = Path(out_dir)
-    converted, extended = out_dir / "converted", out_dir / "extended"
+    converted, changed, extended = out_dir / "converted", out_dir / "changed", out_dir / "extended"
     convert_checkpoint(checkpoint, converted, tokenizer)
-    scaled = out_dir / "scaled"
-    shutil.copytree(converted, scaled, dirs_exist_ok=True)
-    original, longer = extend_config(scaled, rope_type, factor)
-    recipe_argv = [str(recipe), "--model_name_or_path", str(scaled), "--block_size", str(longer),
+    shutil.copytree(converted, changed, dirs_exist_ok=True)
+    original, longer = extend_config(changed, factor, rope_type, encoding)
+    recipe_argv = [str(recipe), "--model_name_or_path", str(changed), "--block_size", str(longer),
                    "--output_dir", str(extended), *overrides]  # fmt: skip
     tokens = held_out_tokens(recipe_argv, AutoTokenizer.from_pretrained(converted), eval_tokens)
     lengths = [original, longer]
-    stages = {"as trained": converted, f"{rope_type} ×{factor:g}, no fine-tuning": scaled}
+    change = f"{rope_type} ×{factor:g}" if encoding is None else f"{encoding} in place of rope"
+    stages = {"as trained": converted, f"{change}, no fine-tuning": changed}
     scores = {stage: score(folder, tokens, lengths, probe_examples) for stage, folder in stages.items()}
     metrics = pipeline.main(recipe_argv)
-    scores[f"{rope_type} ×{factor:g}, fine-tuned at {longer}"] = score(extended, tokens, lengths, probe_examples)
-    report = {"checkpoint": str(checkpoint), "rope_scaling": rope_type, "factor": factor, "original_length": original,
-              "extended_length": longer, "eval_tokens": int(tokens.numel()),
+    scores[f"{change}, fine-tuned at {longer}"] = score(extended, tokens, lengths, probe_examples)
+    report = {"checkpoint": str(checkpoint), "rope_scaling": rope_type, "encoding": encoding, "factor": factor,
+              "original_length": original, "extended_length": longer, "eval_tokens": int(tokens.numel()),
               "perplexity": {stage: perplexity for stage, (perplexity, _) in scores.items()},
               "probes": {stage: probes for stage, (_, probes) in scores.items()},
               "fine_tuning": {key: metrics[key] for key in ("train_loss", "eval_loss") if key in metrics},

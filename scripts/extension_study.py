@@ -76,8 +76,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--probe-examples", type=int, default=8)
     args, overrides = parser.parse_known_args(argv)
     reports = {
-        scaling: extend(args.checkpoint, args.recipe, scaling, args.factor, args.work_dir / scaling, overrides,
-                        eval_tokens=args.eval_tokens, probe_examples=args.probe_examples)
+        scaling: extend(args.checkpoint, args.recipe, args.factor, args.work_dir / scaling, rope_type=scaling,
+                        overrides=overrides, eval_tokens=args.eval_tokens, probe_examples=args.probe_examples)
         for scaling in args.scalings
     }  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)

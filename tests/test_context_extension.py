@@ -86,10 +86,21 @@ def test_bad_rescalings_are_refused(arguments, message):
         extended_rope_parameters({"rope_theta": 10_000.0}, *arguments, 16)
 
 
-def test_only_rotary_checkpoints_are_extended(tmp_path):
+def test_only_rotary_checkpoints_are_rescaled(tmp_path):
     AutoModelForCausalLM.from_config(tiny_config(PosVarLlamaConfig, "alibi")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="position_encoding='alibi'.*'rope'"):
-        extend_config(tmp_path, "yarn", 4.0)
+        extend_config(tmp_path, 4.0, rope_type="yarn")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(dict(encoding="learned"), "encoding='learned' is not supported"), (dict(), "exactly one"),
+     (dict(rope_type="yarn", encoding="alibi"), "exactly one")],
+)
+def test_encoding_switches_are_checked(tmp_path, change, message):
+    AutoModelForCausalLM.from_config(tiny_config(PosVarLlamaConfig, "rope")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        extend_config(tmp_path, 4.0, **change)
 
 
 def pretrain_llama(folder: Path) -> None:
@@ -158,3 +169,14 @@ def test_extension_study_compares_rescalings(tmp_path, pretrained_llama):
     after = float(table[3].split("|")[5])  # PI's perplexity at 128 after fine-tuning, as in its report
     assert after == pytest.approx(list(reports["linear"]["perplexity"].values())[2][128], abs=1e-3)
     assert (tmp_path / "out" / "perplexity.png").stat().st_size > 0
+
+
+def test_extension_by_switching_the_encoding(tmp_path, pretrained_llama):
+    llama, _ = pretrained_llama
+    report = extend_context.main([str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"), "--encoding",
+                                  "alibi", "--out-dir", str(tmp_path), "--eval-tokens", "2048", "--probe-examples", "0",
+                                  "--max_steps", "60"])  # fmt: skip
+    switched, fine_tuned = list(report["perplexity"].values())[1:]
+    assert fine_tuned[128] < switched[128]  # the fine-tune learns the new encoding
+    config = AutoConfig.from_pretrained(tmp_path / "extended")
+    assert config.position_encoding == "alibi" and config.max_position_embeddings == 128
