@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .position_encodings import Positions, ScoreBias, ScoreMod, apply_rotary, distance_grid
+from .position_encodings import POSITION_ENCODINGS, Positions, ScoreBias, ScoreMod, distance_grid, rotate
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -248,7 +248,13 @@ def run_attention_kernel(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The configured backend on (B, H, T, D) heads: a score function goes to flex, anything else through
-    transformers' attention interface (a tensor `position_bias` in kwargs included)."""
+    transformers' attention interface (a tensor `position_bias` in kwargs included). A layer with contextual
+    positions (CoPE) adds their bias, computed from these very queries and keys (in the kernel's head order)."""
+    if module.contextual_positions is not None:
+        bias = module.contextual_positions(query, repeat_kv(key, module.num_key_value_groups), attention_mask, module.scaling)
+        if kwargs.get("position_bias") is not None:
+            bias = bias + kwargs["position_bias"]
+        kwargs["position_bias"] = bias.to(query.dtype)
     if score_mod is not None:
         return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
     if learned_mask_on_cpu(module, query, attention_mask, kwargs):
@@ -309,6 +315,8 @@ class PosVarAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
+        encoding = POSITION_ENCODINGS[config.layer_position_encoding(layer_idx)]
+        self.contextual_positions: nn.Module | None = encoding.layer_module(config, is_causal)
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -336,7 +344,7 @@ class PosVarAttention(nn.Module):
         key = self.k_proj(source).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         value = self.v_proj(source).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         if positions.rotary is not None:
-            query, key = apply_rotary(query, key, *positions.rotary)
+            query, key = rotate(query, *positions.rotary), rotate(key, *(positions.key_rotary or positions.rotary))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         return query, key, value

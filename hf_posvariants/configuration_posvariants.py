@@ -28,7 +28,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from .attention import ATTENTION_VARIANTS
 from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
 from .disentangled_attention import DisentangledAttention  # noqa: F401  (registers "disentangled")
-from .position_encodings import POSITION_ENCODINGS, binary_width, selectable_position_encodings
+from .position_encodings import KERPLE_VARIANTS, POSITION_ENCODINGS, binary_width, selectable_position_encodings
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -109,7 +109,8 @@ class PosVarConfig(PreTrainedConfig):
 
     Args:
         position_encoding (`str`): one of the registered encodings (`POSITION_ENCODINGS`): "sinusoidal",
-            "learned", "index", "normalized_index", "binary", "rope", "t5_bias", "alibi", "nope".
+            "learned", "index", "normalized_index", "binary", "rope", "xpos", "t5_bias", "alibi", "kerple",
+            "dynamic_bias", "fire", "cope", "nope".
         attention_variant (`str`): one of the registered attention modules (`ATTENTION_VARIANTS`).
         is_decoder (`bool`): causal attention for the base model and the classification heads;
             `...ForCausalLM` is always causal and `...ForMaskedLM` always bidirectional.
@@ -126,6 +127,20 @@ class PosVarConfig(PreTrainedConfig):
         differential_lambda_init (`float`, *optional*): a constant λ_init in [0, 1); None for the paper's
             depth schedule 0.8 − 0.6·exp(−0.3·(l − 1)).
         differential_lambda_std (`float`): standard deviation of the initial λ vectors.
+        kerple_variant (`str`): the kernel of position_encoding="kerple": "log" (−r1·log(1 + r2·|i − j|)) or
+            "power" (−r1·|i − j|^r2).
+        dynamic_bias_hidden_size / dynamic_bias_layers (`int`): width and number of SiLU layers of the MLP of
+            position_encoding="dynamic_bias".
+        fire_mlp_width (`int`): hidden units of FIRE's MLP (the paper's 32). fire_threshold (`float`): the initial
+            threshold L of FIRE's progressive interpolation ψ(i − j) / ψ(max(L, i)) (the paper's 512).
+        xpos_scale_base (`float`): B in xPos's per-channel decay ζ^((n − m)/B) (the paper's 512).
+        cope_max_positions (`int`): number of CoPE's learned position embeddings per layer; gated counts beyond
+            it share the last one.
+        layer_position_encodings (`list[str]`, *optional*): a per-layer schedule: layer i uses entry
+            i mod len(list), e.g. ["rope", "rope", "rope", "nope"] (Llama 4) or ["alibi", "nope"] with two layers.
+            Entries act inside attention (rotary, bias, contextual or no encoding); the length must divide
+            num_hidden_layers. `position_encoding` then is either an absolute encoding added to the embeddings (or
+            "nope") or one of the scheduled encodings. Each distinct encoding is computed once per forward.
     """
 
     model_type = "posvar"
@@ -170,6 +185,14 @@ class PosVarConfig(PreTrainedConfig):
     differential_norm_affine: bool = True
     differential_lambda_init: float | None = None
     differential_lambda_std: float = 0.1
+    kerple_variant: str = "log"
+    dynamic_bias_hidden_size: int = 64
+    dynamic_bias_layers: int = 2
+    fire_mlp_width: int = 32
+    fire_threshold: float = 512.0
+    xpos_scale_base: float = 512.0
+    cope_max_positions: int = 64
+    layer_position_encodings: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         self._validate_field_types()  # before the derivations below compute with the values
@@ -177,8 +200,8 @@ class PosVarConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        encoding = POSITION_ENCODINGS.get(self.position_encoding)
-        if encoding is not None and not encoding.cacheable:
+        encodings = [POSITION_ENCODINGS.get(name) for name in self.position_encodings_in_use]
+        if any(encoding is not None and not encoding.cacheable for encoding in encodings):
             self.use_cache = False  # the encoding of earlier tokens changes as the sequence grows
         super().__post_init__(**kwargs)
         # Run our checks here too, so users get a plain ValueError rather than strict's wrapper.
@@ -194,6 +217,16 @@ class PosVarConfig(PreTrainedConfig):
     def position_encoding_class(self):
         return POSITION_ENCODINGS[self.position_encoding]
 
+    def layer_position_encoding(self, layer_idx: int) -> str:
+        """The encoding layer `layer_idx` uses: its entry of `layer_position_encodings`, else `position_encoding`."""
+        schedule = self.layer_position_encodings
+        return schedule[layer_idx % len(schedule)] if schedule else self.position_encoding
+
+    @property
+    def position_encodings_in_use(self) -> list[str]:
+        """`position_encoding` and every scheduled encoding, each once, in order of first use."""
+        return list(dict.fromkeys([self.position_encoding, *(self.layer_position_encodings or [])]))
+
     def validate_architecture(self):
         """Refuse impossible settings with a message naming the field, the value and what is allowed."""
         super().validate_architecture()
@@ -203,6 +236,8 @@ class PosVarConfig(PreTrainedConfig):
         self._validate_numbers()
         self._validate_pad_token_id()
         ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
+        self._validate_layer_schedule()
+        self._validate_encoding_hyperparameters()
         self.validate_rope()
         self._validate_position_encoding()
         self.check_attention_backend()
@@ -271,7 +306,7 @@ class PosVarConfig(PreTrainedConfig):
         """transformers' RoPE checks plus the values that give NaN or a crash, only where RoPE is used (its
         parameters are kept for every encoding). transformers' own checks raise KeyError for a missing key and
         only warn about bad values: both become a ValueError naming the key."""
-        if self.position_encoding != "rope":
+        if "rope" not in self.position_encodings_in_use:
             return
         rope = self.rope_parameters
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -342,6 +377,61 @@ class PosVarConfig(PreTrainedConfig):
                     f"= {buckets // 2} for position_encoding='t5_bias' (the logarithmic buckets start there)."
                 )
 
+    def _validate_layer_schedule(self):
+        schedule = self.layer_position_encodings
+        if schedule is None:
+            return
+        per_layer = [name for name in selectable_position_encodings() if POSITION_ENCODINGS[name].kind != "absolute"]
+        if not schedule or any(name not in per_layer for name in schedule):
+            raise ValueError(
+                f"layer_position_encodings={schedule!r} must be a non-empty list of encodings that act inside "
+                f"attention; allowed entries are {sorted(per_layer)}."
+            )
+        if self.num_hidden_layers % len(schedule):
+            raise ValueError(
+                f"layer_position_encodings has {len(schedule)} entries, which must divide num_hidden_layers="
+                f"{self.num_hidden_layers} (the list repeats over the layers)."
+            )
+        main_kind = self.position_encoding_class.kind
+        if main_kind not in ("absolute", "none") and self.position_encoding not in schedule:
+            raise ValueError(
+                f"position_encoding={self.position_encoding!r} is not in layer_position_encodings={schedule!r}; with a "
+                f"schedule it must be an absolute encoding, 'nope', or one of {sorted(set(schedule))}."
+            )
+
+    def _validate_encoding_hyperparameters(self):
+        """The hyper-parameters of the encodings in use (a field an unused encoding reads is not checked)."""
+        in_use = set(self.position_encodings_in_use)
+        if "kerple" in in_use and self.kerple_variant not in KERPLE_VARIANTS:
+            raise _choice_error("kerple_variant", self.kerple_variant, KERPLE_VARIANTS)
+        positive = {
+            "dynamic_bias": ("dynamic_bias_hidden_size", "dynamic_bias_layers"),
+            "fire": ("fire_mlp_width", "fire_threshold"),
+            "xpos": ("xpos_scale_base",),
+        }
+        for encoding, fields in positive.items():
+            for field in fields if encoding in in_use else ():
+                if not getattr(self, field) > 0:
+                    raise ValueError(f"{field}={getattr(self, field)!r} must be positive for position_encoding={encoding!r}.")
+        if "cope" in in_use and self.cope_max_positions < 2:
+            raise ValueError(
+                f"cope_max_positions={self.cope_max_positions} must be at least 2 for position_encoding='cope' "
+                "(positions are interpolated between two embeddings)."
+            )
+        if "xpos" in in_use:
+            rope_type = self.rope_parameters.get("rope_type", "default")
+            rotary_dim = int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
+            if rope_type != "default":
+                raise ValueError(
+                    f"rope_parameters['rope_type']={rope_type!r} is not supported with position_encoding='xpos' "
+                    "(its decay replaces RoPE's scalings); allowed value is 'default'."
+                )
+            if rotary_dim % 2 or rotary_dim == 0:
+                raise ValueError(
+                    f"position_encoding='xpos' rotates channel pairs, so head_dim × partial_rotary_factor must be a "
+                    f"positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim})."
+                )
+
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(field, value, the backends it runs on) for every component that does not run on all of them, read from
         the registry entries' `backends`."""
@@ -350,6 +440,8 @@ class PosVarConfig(PreTrainedConfig):
             ("position_encoding", self.position_encoding, self.position_encoding_class),
             ("attention_variant", self.attention_variant, variant),
         ]
+        scheduled = [name for name in self.layer_position_encodings or [] if name != self.position_encoding]
+        components += [("layer_position_encodings", name, POSITION_ENCODINGS[name]) for name in dict.fromkeys(scheduled)]
         relative = variant.relative_encoding_name(self)
         if relative is not None:
             components.append(("attention_variant", self.attention_variant, POSITION_ENCODINGS[relative]))

@@ -39,7 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
-from .position_encodings import POSITION_ENCODINGS, PositionEncoding, Positions, ScoreBias
+from .position_encodings import POSITION_ENCODINGS, ContextualPositions, PositionEncoding, Positions, ScoreBias
 
 
 class RMSNorm(nn.Module):
@@ -149,7 +149,7 @@ class PosVarPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PosVarAttention):
             module.init_variant_weights()
-        if isinstance(module, PositionEncoding):
+        if isinstance(module, (PositionEncoding, ContextualPositions)):
             for name, value in module.initial_buffers().items():
                 init.copy_(getattr(module, name), value)
 
@@ -240,6 +240,15 @@ class PosVarModel(PosVarPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_scale = config.hidden_size**0.5 if config.scale_embeddings else 1.0
         self.position_encoding = build_position_encoding(config, self.is_causal)
+        # A per-layer schedule's encodings beyond the main one, each built once and shared by its layers.
+        self.layer_encoding_names = [config.layer_position_encoding(i) for i in range(config.num_hidden_layers)]
+        self.scheduled_encodings = nn.ModuleDict(
+            {
+                name: build_position_encoding(config, self.is_causal, name)
+                for name in dict.fromkeys(self.layer_encoding_names)
+                if name != config.position_encoding
+            }
+        )
         self.embed_norm = self.embedding_norm(config)
         relative = ATTENTION_VARIANTS[config.attention_variant].relative_encoding_name(config)
         self.relative_positions = build_position_encoding(config, self.is_causal, relative) if relative else None
@@ -295,6 +304,8 @@ class PosVarModel(PosVarPreTrainedModel):
             and not (self.training and self.config.attention_dropout > 0)
             and not torch.compiler.is_compiling()
         )
+    def encoding_named(self, name: str) -> PositionEncoding:
+        return self.position_encoding if name == self.config.position_encoding else self.scheduled_encodings[name]
 
     def compute_positions(
         self,
@@ -303,11 +314,13 @@ class PosVarModel(PosVarPreTrainedModel):
         query_slots: torch.LongTensor,
         key_slots: torch.LongTensor,
         mask: torch.Tensor | None,
+        encoding: PositionEncoding | None = None,
     ) -> tuple[Positions, torch.Tensor | None]:
-        """The one `Positions` value for every layer, and the mask with a shared bias folded in where the
-        backend adds masks (eager, SDPA): in the compute dtype, (1, H, Q, K) unless the mask is per batch row."""
-        encoding = self.position_encoding
-        bias = encoding.score_bias(query_slots, key_slots)
+        """The one `Positions` value for every layer of `encoding` (by default the model's), and the mask with a
+        shared bias folded in where the backend adds masks (eager, SDPA): in the compute dtype, (1, H, Q, K) unless
+        the mask or the bias is per batch row."""
+        encoding = self.position_encoding if encoding is None else encoding
+        bias = encoding.score_bias(query_slots, key_slots, position_ids)
         if bias is not None and self.can_fold_bias():
             routed = self.routes_bias_gradient(bias, hidden_states)
             with torch.no_grad() if routed else contextlib.nullcontext():
@@ -317,7 +330,12 @@ class PosVarModel(PosVarPreTrainedModel):
         relative = None
         if self.relative_positions is not None:
             relative = self.relative_positions.relative_positions(query_slots, key_slots)
-        positions = Positions(rotary=encoding.rotary_embeddings(hidden_states, position_ids), bias=bias, relative=relative)
+        positions = Positions(
+            rotary=encoding.rotary_embeddings(hidden_states, position_ids),
+            key_rotary=encoding.key_rotary_embeddings(hidden_states, position_ids),
+            bias=bias,
+            relative=relative,
+        )
         return positions, mask
 
     @merge_with_config_defaults
@@ -358,10 +376,14 @@ class PosVarModel(PosVarPreTrainedModel):
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
         key_length, key_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
-        positions, mask = self.compute_positions(hidden_states, position_ids, query_slots, key_slots, mask)
-
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, positions, cache=cache, **kwargs)
+        # Each distinct encoding of the layers is computed once: its Positions and the mask that carries its bias.
+        per_encoding = {
+            name: self.compute_positions(hidden_states, position_ids, query_slots, key_slots, mask, self.encoding_named(name))
+            for name in dict.fromkeys(self.layer_encoding_names)
+        }
+        for layer, name in zip(self.layers, self.layer_encoding_names):
+            positions, layer_mask = per_encoding[name]
+            hidden_states = layer(hidden_states, layer_mask, positions, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 

@@ -7,6 +7,8 @@ Every encoding declares its *kind*, which says where position enters the network
 - ``rotary``: queries and keys are rotated by a position-dependent angle (Su et al. 2021);
 - ``bias``: an additive per-head bias on the attention scores that depends on the distance between
   query and key (Raffel et al. 2020; Press et al. 2022);
+- ``contextual``: a bias computed inside each attention layer from its own queries and keys, so not a fixed
+  function of position (Golovneva et al. 2024);
 - ``none``: no position signal at all (Kazemnejad et al. 2023).
 
 The model computes position information once per forward through three hooks, of which each
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import register_dataclass
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-PositionKind = Literal["absolute", "rotary", "bias", "relative", "none"]
+PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
 
 # Backends whose kernels can add a score bias: eager and SDPA take it inside the additive mask, flex as a
 # score function. Flash kernels have nowhere to put one and would drop it silently.
@@ -83,7 +85,8 @@ class ScoreBias:
 class Positions:
     """Everything the attention layers need about position, computed once per forward and handed to every layer.
 
-    ``rotary``: (cos, sin) of shape (B, Q, rotary_dim) for rotary encodings. ``bias``: a score bias the
+    ``rotary``: (cos, sin) of shape (B, Q, rotary_dim) for rotary encodings; ``key_rotary``: the keys' (cos, sin)
+    where they differ from the queries' (xPos scales the two sides inversely), else None. ``bias``: a score bias the
     kernel adds (None when the model folded it into the mask, as on eager and SDPA). ``relative``: the
     relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which its
     attention variant turns into per-layer position terms. The model's blocks flatten this value into
@@ -91,6 +94,7 @@ class Positions:
     """
 
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     bias: ScoreBias | None = None
     relative: tuple[torch.Tensor, torch.LongTensor] | None = None
 
@@ -113,6 +117,8 @@ class PositionEncoding(nn.Module):
     bounded: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     backends: ClassVar[tuple[str, ...] | None] = None
+    # Whether `score_bias` is `tables[0]` gathered at `distance_grid`, so a kernel can reduce its gradient per distance.
+    gathered_from_table: ClassVar[bool] = False
 
     def __init__(self, config, is_causal: bool):
         super().__init__()
@@ -126,9 +132,24 @@ class PositionEncoding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
-    def score_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> ScoreBias | None:
+    def key_rotary_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys' (cos, sin) where they differ from the queries'; None means the keys use the queries' pair."""
+        return None
+
+    def score_bias(
+        self, query_slots: torch.LongTensor, key_slots: torch.LongTensor, position_ids: torch.LongTensor | None = None
+    ) -> ScoreBias | None:
         """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
-        sequence), as small tables; None for encodings without a bias."""
+        sequence), as small tables; None for encodings without a bias. ``position_ids`` (B, Q) are the queries'
+        positions, for the few encodings that depend on more than the distance (FIRE)."""
+        return None
+
+    @classmethod
+    def layer_module(cls, config, is_causal: bool) -> nn.Module | None:
+        """A module each attention layer owns, for ``contextual`` encodings computed from the layer's own queries and
+        keys (CoPE); None for every other kind."""
         return None
 
     def score_function(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> ScoreMod:
@@ -148,7 +169,8 @@ class PositionEncoding(nn.Module):
         return None
 
     def initial_buffers(self) -> dict[str, torch.Tensor]:
-        """Values of non-persistent buffers, recomputed when a model is built on the meta device."""
+        """Values of non-persistent buffers (and of parameters that start at fixed values), recomputed when a model
+        is built on the meta device."""
         return {}
 
     def check_positions(self, position_ids: torch.LongTensor) -> None:
@@ -330,20 +352,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of (B, H, T, D) heads by (B, T, rotary_dim) cos/sin."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+
+
 def apply_rotary(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the first ``cos.shape[-1]`` channels of (B, H, T, D) queries and keys; the rest pass through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim)
-    rotary_dim = cos.shape[-1]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        if rotary_dim == x.shape[-1]:
-            return x * cos + rotate_half(x) * sin
-        rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-        return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
-
-    return rotate(query), rotate(key)
+    return rotate(query, cos, sin), rotate(key, cos, sin)
 
 
 def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -375,14 +398,13 @@ class DistanceBias(PositionEncoding):
 
     kind = "bias"
     backends = SCORE_BIAS_BACKENDS
-    # The bias is `tables[0]` gathered at `distance_grid`, so a kernel can reduce its gradient per distance.
-    gathered_from_table: ClassVar[bool] = True
+    gathered_from_table = True
 
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
         raise NotImplementedError
 
-    def score_bias(self, query_slots, key_slots):
+    def score_bias(self, query_slots, key_slots, position_ids=None):
         query_length, key_length = query_slots.shape[0], key_slots.shape[0]
         # Distance of table column n: n + key_slots[0] - query_slots[-1] (see `distance_grid`).
         relative = torch.arange(query_length + key_length - 1, device=key_slots.device) + (key_slots[0] - query_slots[-1])
@@ -453,7 +475,7 @@ class ALiBiBias(DistanceBias):
     def distance_table(self, relative):
         return -self.slopes[:, None] * relative.abs().float()  # (H, N)
 
-    def score_bias(self, query_slots, key_slots):
+    def score_bias(self, query_slots, key_slots, position_ids=None):
         # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
         offset = (key_slots[0] - query_slots[0]).float()
         return ScoreBias(self, (self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
@@ -521,3 +543,257 @@ class DebertaRelativePositions(PositionEncoding):
         if self.buckets > 0:
             relative = deberta_log_bucket(relative, self.buckets, self.max_relative_positions)
         return table, (relative + self.span).clamp(0, 2 * self.span - 1)
+
+
+# --- Schemes beyond the anchors (issue 14) -----------------------------------------------------------------------
+
+
+@register_position_encoding("xpos")
+class XPosEncoding(PositionEncoding):
+    """xPos (Sun et al., "A Length-Extrapolatable Transformer", 2022): RoPE whose query at position n is scaled by
+    ζ^(n/B) and key at position m by ζ^(−m/B), so each channel pair's score decays as ζ_i^((n−m)/B).
+
+    ζ_i = (2i/d + γ)/(1 + γ) with γ = 0.4 over the rotated channel pairs, B = ``config.xpos_scale_base``; the
+    frequencies are RoPE's (``rope_parameters``: ``rope_theta``, ``partial_rotary_factor``). The exponent is
+    measured from a fixed centre, max_position_embeddings // 2, which leaves the scores unchanged (only n − m
+    matters) and keeps the factors near 1 in the trained range; being fixed, it leaves cached keys valid. In a
+    bidirectional model the same factor grows for keys after the query, as the paper's formula gives.
+    """
+
+    kind = "rotary"
+    gamma: ClassVar[float] = 0.4
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.config = config
+        self.scale_base = config.xpos_scale_base
+        self.centre = config.max_position_embeddings // 2
+        buffers = self.initial_buffers()
+        self.inv_freq = nn.Buffer(buffers["inv_freq"], persistent=False)
+        self.decay = nn.Buffer(buffers["decay"], persistent=False)
+
+    def initial_buffers(self):
+        inv_freq, _ = default_rope_parameters(self.config)
+        pairs = torch.arange(len(inv_freq), dtype=torch.float32)
+        return {"inv_freq": inv_freq, "decay": (2 * pairs / (2 * len(inv_freq)) + self.gamma) / (1 + self.gamma)}
+
+    def scaled_cos_sin(self, x: torch.Tensor, position_ids: torch.LongTensor, sign: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) times ζ^(sign·(n − centre)/B), in the half-split layout: (B, T, rotary_dim) each."""
+        positions = position_ids[..., None].float()
+        angles = positions * self.inv_freq.float()  # (B, T, rotary_dim / 2)
+        scale = self.decay.float() ** (sign * (positions - self.centre) / self.scale_base)
+        cos, sin = angles.cos() * scale, angles.sin() * scale
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
+
+    def rotary_embeddings(self, hidden_states, position_ids):
+        return self.scaled_cos_sin(hidden_states, position_ids, sign=1)
+
+    def key_rotary_embeddings(self, hidden_states, position_ids):
+        return self.scaled_cos_sin(hidden_states, position_ids, sign=-1)
+
+
+KERPLE_VARIANTS = ("log", "power")
+
+
+@register_position_encoding("kerple")
+class KerpleBias(DistanceBias):
+    """KERPLE (Chi et al., "KERPLE: Kernelized Relative Positional Embedding for Length Extrapolation", NeurIPS 2022):
+    a conditionally positive definite kernel of the distance as the bias, −r1·log(1 + r2·|i − j|) (``log``) or
+    −r1·|i − j|^r2 with r2 ≤ 2 (``power``), ``config.kerple_variant``.
+
+    r1, r2 are learned per head and kept positive as in the paper's code, by clamping at 0.01 (and r2 at 2 for the
+    power kernel). They start from ALiBi's slopes so heads begin at different ranges: the power kernel with r2 = 1
+    is ALiBi itself (for slopes above the clamp); the log kernel starts with r1 = 1 and r2 = the slopes.
+    """
+
+    min_parameter: ClassVar[float] = 1e-2
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.variant = config.kerple_variant
+        self.num_heads = config.num_attention_heads
+        initial = self.initial_buffers()
+        self.scale = nn.Parameter(initial["scale"])
+        self.shape_parameter = nn.Parameter(initial["shape_parameter"])
+
+    def initial_buffers(self):
+        slopes = alibi_slopes(self.num_heads)
+        if self.variant == "power":
+            return {"scale": slopes, "shape_parameter": torch.ones(self.num_heads)}
+        return {"scale": torch.ones(self.num_heads), "shape_parameter": slopes}
+
+    def kernel_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r1, r2), each (heads,), clamped into the kernel's domain."""
+        r1 = self.scale.clamp(min=self.min_parameter)
+        if self.variant == "power":
+            return r1, self.shape_parameter.clamp(self.min_parameter, 2.0)
+        return r1, self.shape_parameter.clamp(min=self.min_parameter)
+
+    def distance_table(self, relative):
+        distance = relative.abs().float()[None, :]  # (1, N)
+        r1, r2 = (p[:, None] for p in self.kernel_parameters())
+        if self.variant == "power":
+            return -r1 * distance.pow(r2)
+        return -r1 * torch.log1p(r2 * distance)
+
+
+@register_position_encoding("dynamic_bias")
+class DynamicPositionBias(DistanceBias):
+    """A continuous position bias: a small MLP maps the log-spaced signed distance sign(d)·log(1 + |d|) to one bias
+    per head (Liu et al., "Swin Transformer V2", CVPR 2022; the "dynamic position bias" of x-transformers).
+
+    ``dynamic_bias_layers`` SiLU layers of width ``dynamic_bias_hidden_size``, then a linear map to the heads; the
+    MLP is evaluated once per forward over the Q + K − 1 distances in play.
+    """
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        width = config.dynamic_bias_hidden_size
+        layers: list[nn.Module] = [nn.Linear(1, width), nn.SiLU()]
+        for _ in range(config.dynamic_bias_layers - 1):
+            layers += [nn.Linear(width, width), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, config.num_attention_heads))
+
+    def distance_table(self, relative):
+        features = relative.sign() * torch.log1p(relative.abs().float())  # (N,)
+        return self.mlp(features[:, None].to(self.mlp[0].weight.dtype)).T  # (H, N)
+
+
+@register_position_encoding("fire")
+class FIREBias(PositionEncoding):
+    """FIRE (Li et al., "Functional Interpolation for Relative Positions Improves Long Context Transformers", ICLR
+    2024): b(i, j) = f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(c·|x| + 1), f_θ an MLP with one ReLU layer.
+
+    Dividing by ψ of the query position i maps every distance into [0, 1] (progressive interpolation), so long
+    inputs reuse the range seen in training; L = |ℓ|·``fire_threshold`` keeps short prefixes from being stretched.
+    c (from 0.1), ℓ (from 1) and θ are learned, as in the paper's pseudo-code. The bias depends on the query's
+    position as well as the distance: eager/SDPA get the (B, H, Q, K) tensor, flex a score function that evaluates
+    the MLP unit by unit from (B, Q) positions and the weights (no (Q, K) tensor).
+    """
+
+    kind = "bias"
+    backends = SCORE_BIAS_BACKENDS
+    eps: ClassVar[float] = 1e-6
+
+    def __init__(self, config, is_causal):
+        super().__init__(config, is_causal)
+        self.initial_threshold = config.fire_threshold
+        self.mlp = nn.Sequential(nn.Linear(1, config.fire_mlp_width), nn.ReLU(), nn.Linear(config.fire_mlp_width, config.num_attention_heads))
+        initial = self.initial_buffers()
+        self.distance_scale = nn.Parameter(initial["distance_scale"])
+        self.threshold_scale = nn.Parameter(initial["threshold_scale"])
+
+    def initial_buffers(self):
+        return {"distance_scale": torch.tensor(0.1), "threshold_scale": torch.tensor(1.0)}
+
+    def score_bias(self, query_slots, key_slots, position_ids=None):
+        if position_ids is None:
+            position_ids = query_slots[None]
+        first, second = self.mlp[0], self.mlp[2]
+        tables = (
+            position_ids.float(),  # (B, Q): the queries' positions
+            (key_slots[0] - query_slots[0]).float(),  # key slot − query slot = key index − query index + this
+            self.distance_scale.abs(),
+            (self.threshold_scale * self.initial_threshold).abs(),
+            first.weight[:, 0], first.bias, second.weight, second.bias,  # (W,), (W,), (H, W), (H,)
+        )
+        return ScoreBias(self, tables, query_slots.shape[0], key_slots.shape[0])
+
+    @classmethod
+    def interpolated_distance(
+        cls, distance: torch.Tensor, query_position: torch.Tensor, c: torch.Tensor, threshold: torch.Tensor
+    ) -> torch.Tensor:
+        """ψ(|i − j|) / ψ(max(L, i)) with ψ(x) = log(c·x + 1)."""
+        normaliser = torch.log(c * torch.maximum(query_position, threshold) + 1) + cls.eps
+        return torch.log(c * distance.abs() + 1) / normaliser
+
+    def materialise_bias(self, tables, query_length, key_length):
+        positions, offset, c, threshold, *_ = tables
+        grid = distance_grid(query_length, key_length, positions.device) - (query_length - 1) + offset  # (Q, K): j − i
+        inputs = self.interpolated_distance(grid[None], positions[:, :, None], c, threshold)  # (B, Q, K)
+        return self.mlp(inputs[..., None]).permute(0, 3, 1, 2)  # (B, H, Q, K)
+
+    def score_function(self, tables, query_length, key_length):
+        positions, offset, c, threshold, w1, b1, w2, b2 = tables
+        width = w1.shape[0]
+        shared = positions.shape[0] == 1  # one row of positions for the whole batch (position_ids of shape (1, Q))
+
+        def add_fire_bias(score, batch, head, query, key):
+            position = positions[0, query] if shared else positions[batch, query]
+            x = self.interpolated_distance(key - query + offset, position, c, threshold)
+            bias = b2[head]
+            for unit in range(width):  # the MLP, one hidden unit at a time: a score function sees scalars
+                bias = bias + w2[head, unit] * torch.relu(w1[unit] * x + b1[unit])
+            return score + bias.to(score.dtype)
+
+        return add_fire_bias
+
+
+@register_position_encoding("cope")
+class ContextualPositionEncoding(PositionEncoding):
+    """CoPE (Golovneva et al., "Contextual Position Encoding: Learning to Count What's Important", 2024): the position
+    of key j for query i is a count of gates, p_ij = Σ_{t=j..i} σ(q_i·k_t), and the score gains q_i·e[p_ij], with e
+    interpolated between the two nearest of ``cope_max_positions`` learned embeddings.
+
+    Positions depend on the content, so each attention layer computes them from its own queries and keys
+    (``ContextualPositions``, owned by the layer as in the paper) and hands the kernel a (B, H, Q, K) bias: eager
+    and SDPA carry it; flex cannot (its score function sees one score, not the row a cumulative sum needs) and is
+    refused. A token's count reads only keys up to it, so a KV cache stays valid (cacheable, dynamic and static).
+    Bidirectional models count the gates between the two tokens in either direction (|p| without a sign).
+    """
+
+    kind = "contextual"
+    backends = ("eager", "sdpa")
+
+    @classmethod
+    def layer_module(cls, config, is_causal):
+        return ContextualPositions(config, is_causal)
+
+
+class ContextualPositions(nn.Module):
+    """One layer's CoPE: the (head_dim, P) position embeddings and the gated-count bias of its queries and keys."""
+
+    def __init__(self, config, is_causal: bool):
+        super().__init__()
+        self.is_causal = is_causal
+        self.head_dim, self.max_positions = config.head_dim, config.cope_max_positions
+        self.embeddings = nn.Parameter(self.initial_buffers()["embeddings"])
+
+    def initial_buffers(self) -> dict[str, torch.Tensor]:
+        """Zero embeddings, as in the paper: CoPE starts as no position signal and learns one."""
+        return {"embeddings": torch.zeros(self.head_dim, self.max_positions)}
+
+    @staticmethod
+    def gated_counts(gates: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """p_ij = Σ_t g_it over t from j to i (either order), for (B, H, Q, K) gates that are 0 where masked."""
+        if is_causal:  # keys after the query have gate 0: the paper's reversed cumulative sum
+            return gates.flip(-1).cumsum(-1).flip(-1)
+        totals = gates.cumsum(-1)  # without a cache Q == K, and query i is key i
+        diagonal = torch.arange(gates.shape[-2], device=gates.device)[:, None]
+        own_index = diagonal.expand(*gates.shape[:-1], 1)
+        own_total, own_gate = totals.gather(-1, own_index), gates.gather(-1, own_index)  # (B, H, Q, 1)
+        before = torch.arange(gates.shape[-1], device=gates.device)[None, :] <= diagonal  # (Q, K): j <= i
+        return (totals - own_total).abs() + torch.where(before, gates, own_gate)
+
+    def allowed_keys(self, attention_mask, query_length: int, key_length: int, device) -> torch.Tensor | None:
+        """Boolean (.., Q, K) of the keys each query may see, or None when it may see all."""
+        if isinstance(attention_mask, torch.Tensor):
+            mask = attention_mask[:, :, :, :key_length]
+            return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        if not self.is_causal or query_length == 1:
+            return None
+        # No mask with several queries: a prefill, queries at slots 0..Q-1 (an empty static cache is longer).
+        return torch.arange(key_length, device=device)[None, :] <= torch.arange(query_length, device=device)[:, None]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+        """The CoPE bias (B, H, Q, K) for (B, H, Q, D) queries and keys (key heads already repeated)."""
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+        gates = torch.sigmoid(logits)
+        allowed = self.allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
+        if allowed is not None:
+            gates = gates.masked_fill(~allowed, 0.0)
+        counts = self.gated_counts(gates, self.is_causal).clamp(max=self.max_positions - 1)
+        per_position = torch.matmul(query.float(), self.embeddings.float())  # (B, H, Q, P): q_i·e[p] for integer p
+        lower = counts.floor()
+        below, above = per_position.gather(-1, lower.long()), per_position.gather(-1, counts.ceil().long())
+        return below + (counts - lower) * (above - below)

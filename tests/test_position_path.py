@@ -12,9 +12,13 @@ from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, PosVarModel
 from hf_posvariants import attention
 from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasGradient
 from hf_posvariants.evaluation.length import load_causal_lm, token_losses
-from hf_posvariants.position_encodings import distance_grid
+from hf_posvariants.position_encodings import DistanceBias, distance_grid
 
 BIAS_ENCODINGS = sorted(name for name in ENCODINGS if POSITION_ENCODINGS[name].kind == "bias")
+# Biases of the distance alone: one (1, H, Q, K) tensor for the batch (FIRE also reads the query's position).
+DISTANCE_ENCODINGS = sorted(name for name in BIAS_ENCODINGS if issubclass(POSITION_ENCODINGS[name], DistanceBias))
+# The seed schemes run on flex by default; the newer ones (tests/test_newer_encodings.py) under -m slow.
+SEED_BIAS_ENCODINGS = ("alibi", "t5_bias")
 
 
 def deberta_config(**overrides) -> PosVarDebertaConfig:
@@ -44,7 +48,7 @@ def padded(auto_class, lengths=(12, 8)) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("offset", [0, 5], ids=["prefill", "cached"])
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("encoding", BIAS_ENCODINGS)
+@pytest.mark.parametrize("encoding", DISTANCE_ENCODINGS)
 def test_score_function_equals_materialised_bias(encoding, is_causal, offset):
     # Evaluated eagerly on broadcast index tensors, the flex score function must give the tensor eager/SDPA add.
     config = tiny_config(FAMILY_CONFIGS[0], encoding, num_attention_heads=4)
@@ -78,7 +82,7 @@ def test_distance_grid_indexes_key_minus_query():
     assert grid[0, 0] == 2 and grid[2, 0] == 0 and grid[0, 4] == 6
 
 
-@pytest.mark.parametrize("encoding", BIAS_ENCODINGS)
+@pytest.mark.parametrize("encoding", DISTANCE_ENCODINGS)
 def test_folded_bias_is_one_broadcast_tensor_in_the_compute_dtype(encoding):
     # No padding: the mask that carries the bias is (1, H, Q, K), shared by the batch, in the model's dtype.
     model = build(AutoModel, tiny_config(FAMILY_CONFIGS[1], encoding), "sdpa").to(torch.bfloat16)
@@ -90,10 +94,14 @@ def test_folded_bias_is_one_broadcast_tensor_in_the_compute_dtype(encoding):
 
 FLEX_CASES = [(variant, encoding) for variant in ATTENTION_VARIANTS for encoding in BIAS_ENCODINGS if variant != "disentangled"]
 FLEX_CASES += [("disentangled", "nope"), ("disentangled", "learned")]
+FLEX_PARAMS = [
+    pytest.param(v, e, id=f"{v}-{e}", marks=[] if v == "disentangled" or e in SEED_BIAS_ENCODINGS else [pytest.mark.slow])
+    for v, e in FLEX_CASES
+]
 
 
 @pytest.mark.flex
-@pytest.mark.parametrize(("variant", "encoding"), FLEX_CASES, ids=[f"{v}-{e}" for v, e in FLEX_CASES])
+@pytest.mark.parametrize(("variant", "encoding"), FLEX_PARAMS)
 def test_flex_score_functions_match_eager(variant, encoding):
     """Every bias encoding and DeBERTa's position terms on flex (block mask + score_mod) ≡ eager, with padding.
     Forward only: flex has no CPU backward."""

@@ -18,7 +18,7 @@ BOUNDED = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls.bounded
 BIAS_ENCODINGS = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls.kind == "bias")
 
 INVALID_CONFIGS = {
-    "unknown encoding": (dict(position_encoding="xpos"), ["position_encoding", "'xpos'", "'rope'"]),
+    "unknown encoding": (dict(position_encoding="no_such_scheme"), ["position_encoding", "'no_such_scheme'", "'rope'"]),
     "heads do not divide width": (dict(hidden_size=30, num_attention_heads=4), ["num_attention_heads=4", "hidden_size=30"]),
     "kv heads do not divide heads": (dict(num_key_value_heads=3), ["num_key_value_heads=3", "num_attention_heads=4"]),
     "odd head dim for rope": (

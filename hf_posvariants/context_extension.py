@@ -1,0 +1,181 @@
+"""Context extension of a pretrained decoder (issue 14): a `LlamaForCausalLM` (or posvar_llama) checkpoint becomes a
+posvar_llama whose RoPE is rescaled for a longer context, is fine-tuned at the longer block by the training pipeline,
+and is scored before and after at the original and the extended length. Instead of rescaling RoPE, the model can
+switch to another (unbounded) position encoding and learn it in the fine-tune.
+
+    python scripts/extend_context.py CHECKPOINT configs/extend/tiny_llama.yaml --rope-scaling yarn --factor 4
+
+The weights load as they are (posvar_llama keeps Llama's parameter names); the rescaling uses transformers' own RoPE
+functions: linear (position interpolation, Chen et al. 2023), dynamic NTK, YaRN (Peng et al. 2023) or Llama 3's.
+This module drives the pipeline and the length evaluation through their public entry points; it is not model code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .configuration_posvariants import PosVarLlamaConfig
+from .position_encodings import POSITION_ENCODINGS, selectable_position_encodings
+from .evaluation.length import evaluate_lengths
+from .evaluation.probes import probe_sweep
+from .training import pipeline
+from .training.data import load_splits, pack_blocks, text_column_of
+
+EXTENSION_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+PROBE_TASKS = ["passkey", "copy", "associative_recall"]
+# Llama fields that posvar_llama spells differently; every other shared field keeps its name.
+RENAMED_FIELDS = {"rms_norm_eps": "norm_eps"}
+SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_act", "max_position_embeddings", "rope_parameters", "attention_bias", "mlp_bias",
+    "attention_dropout", "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+
+
+def posvar_config_from_llama(config: LlamaConfig) -> PosVarLlamaConfig:
+    """The posvar_llama config computing what `LlamaForCausalLM(config)` computes."""
+    fields = {name: getattr(config, name) for name in SHARED_FIELDS}
+    fields.update({ours: getattr(config, theirs) for theirs, ours in RENAMED_FIELDS.items()})
+    fields["rope_parameters"] = dict(config.rope_parameters)
+    return PosVarLlamaConfig(**fields)
+
+
+def convert_checkpoint(source: str | Path, destination: Path, tokenizer: str | Path | None = None) -> PosVarLlamaConfig:
+    """Write `source` (a LlamaForCausalLM or posvar_llama folder) as a posvar_llama checkpoint with its tokenizer."""
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type == "llama":
+        llama = LlamaForCausalLM.from_pretrained(source)
+        model = AutoModelForCausalLM.from_config(posvar_config_from_llama(config))
+        model.load_state_dict(llama.state_dict(), strict=True)  # identical names; a missing key is an error
+    elif config.model_type == "posvar_llama":
+        model = AutoModelForCausalLM.from_pretrained(source)
+    else:
+        raise ValueError(f"model_type={config.model_type!r} is not supported; allowed values are ['llama', 'posvar_llama'].")
+    model.save_pretrained(destination)
+    AutoTokenizer.from_pretrained(tokenizer or source).save_pretrained(destination)
+    return model.config
+
+
+def extended_rope_parameters(rope_parameters: dict, rope_type: str, factor: float, original_length: int) -> dict:
+    """transformers' rope_parameters for `rope_type` stretching a model trained at `original_length` by `factor`."""
+    if rope_type not in EXTENSION_SCALINGS:
+        raise ValueError(f"rope_scaling={rope_type!r} is not supported; allowed values are {list(EXTENSION_SCALINGS)}.")
+    if factor <= 1:
+        raise ValueError(f"factor={factor} must exceed 1 (the extended context is factor × the original length).")
+    kept = {key: rope_parameters[key] for key in ("rope_theta", "partial_rotary_factor") if key in rope_parameters}
+    parameters = {**kept, "rope_type": rope_type, "factor": float(factor)}
+    if rope_type in ("yarn", "llama3"):
+        parameters["original_max_position_embeddings"] = original_length
+    if rope_type == "llama3":  # Llama 3.1's published band edges
+        parameters.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return parameters
+
+
+def extend_config(folder: Path, factor: float, rope_type: str | None = None, encoding: str | None = None) -> tuple[int, int]:
+    """Give the posvar_llama config in `folder` a context `factor` × longer, by rescaling its RoPE (`rope_type`) or by
+    switching to another position `encoding`; returns (original, extended) lengths."""
+    if (rope_type is None) == (encoding is None):
+        raise ValueError(f"give exactly one of rope_scaling={rope_type!r} and encoding={encoding!r}.")
+    config = AutoConfig.from_pretrained(folder)
+    original, longer = config.max_position_embeddings, int(config.max_position_embeddings * factor)
+    if encoding is not None:
+        unbounded = [name for name in selectable_position_encodings() if not POSITION_ENCODINGS[name].bounded]
+        if encoding not in unbounded:
+            raise ValueError(
+                f"encoding={encoding!r} is not supported for context extension; allowed values are {sorted(unbounded)} "
+                "(an encoding with a table of positions would meet the extended ones untrained)."
+            )
+        config.position_encoding, config.max_position_embeddings = encoding, longer
+    else:
+        if config.position_encoding != "rope":
+            raise ValueError(
+                f"context extension rescales RoPE, but position_encoding={config.position_encoding!r}; allowed "
+                "encodings are ['rope'] (or switch the encoding instead)."
+            )
+        config.rope_parameters = extended_rope_parameters(config.rope_parameters, rope_type, factor, original)
+        # Dynamic NTK rescales once a sequence exceeds max_position_embeddings, so that stays the trained length.
+        config.max_position_embeddings = original if rope_type == "dynamic" else longer
+    config.validate_architecture()
+    config.save_pretrained(folder)
+    return original, longer
+
+
+def held_out_tokens(recipe_argv: list[str], tokenizer, max_tokens: int) -> torch.LongTensor:
+    """The recipe's validation split as one token stream, packed as the pipeline packs it for training (texts
+    joined by the tokenizer's separator): text the fine-tuning did not train on."""
+    _, data_args, training_args, _ = pipeline.parse(recipe_argv)
+    splits = load_splits(data_args.dataset_name, data_args.dataset_config_name, data_args.train_file,
+                         data_args.validation_file, data_args.validation_fraction, training_args.seed,
+                         data_args.builtin_examples)
+    packed = pack_blocks(splits, tokenizer, text_column_of(splits["train"], data_args.text_column), data_args.block_size)
+    return torch.tensor(packed["validation"]["input_ids"], dtype=torch.long).flatten()[:max_tokens]
+
+
+def score(folder: Path, tokens: torch.LongTensor, lengths: list[int], probe_examples: int) -> tuple[dict, dict]:
+    """Perplexity of the causal LM in `folder` over consecutive blocks of each length, and its accuracy on the
+    position probes (passkey, copy, associative recall) at each length."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    results = evaluate_lengths(model, tokens, lengths, modes=("nonoverlapping",))["results"]
+    probes = {}
+    if probe_examples:
+        rows = probe_sweep(model, AutoTokenizer.from_pretrained(folder), PROBE_TASKS, lengths, [0.5], probe_examples)
+        probes = {f"{row['task']} @ {row['length']}": row["accuracy"] for row in rows}
+    return {row["length"]: row["perplexity"] for row in results}, probes
+
+
+def extend(
+    checkpoint: str | Path,
+    recipe: str | Path,
+    factor: float,
+    out_dir: Path,
+    rope_type: str | None = None,
+    encoding: str | None = None,
+    overrides: list[str] = (),
+    tokenizer: str | None = None,
+    eval_tokens: int = 8192,
+    probe_examples: int = 8,
+) -> dict:
+    """Convert, rescale RoPE by `rope_type` (or switch to `encoding`), fine-tune at factor × the trained length and
+    score the three stages (perplexity on the recipe's validation text, and the position probes with
+    `probe_examples` examples per task and length); writes `extension.json` and `extension.md` to `out_dir` and
+    returns the report."""
+    out_dir = Path(out_dir)
+    converted, changed, extended = out_dir / "converted", out_dir / "changed", out_dir / "extended"
+    convert_checkpoint(checkpoint, converted, tokenizer)
+    shutil.copytree(converted, changed, dirs_exist_ok=True)
+    original, longer = extend_config(changed, factor, rope_type, encoding)
+    recipe_argv = [str(recipe), "--model_name_or_path", str(changed), "--block_size", str(longer),
+                   "--output_dir", str(extended), *overrides]  # fmt: skip
+    tokens = held_out_tokens(recipe_argv, AutoTokenizer.from_pretrained(converted), eval_tokens)
+    lengths = [original, longer]
+    change = f"{rope_type} ×{factor:g}" if encoding is None else f"{encoding} in place of rope"
+    stages = {"as trained": converted, f"{change}, no fine-tuning": changed}
+    scores = {stage: score(folder, tokens, lengths, probe_examples) for stage, folder in stages.items()}
+    metrics = pipeline.main(recipe_argv)
+    scores[f"{change}, fine-tuned at {longer}"] = score(extended, tokens, lengths, probe_examples)
+    report = {"checkpoint": str(checkpoint), "rope_scaling": rope_type, "encoding": encoding, "factor": factor,
+              "original_length": original, "extended_length": longer, "eval_tokens": int(tokens.numel()),
+              "perplexity": {stage: perplexity for stage, (perplexity, _) in scores.items()},
+              "probes": {stage: probes for stage, (_, probes) in scores.items()},
+              "fine_tuning": {key: metrics[key] for key in ("train_loss", "eval_loss") if key in metrics},
+              "model": str(extended)}  # fmt: skip
+    write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """extension.md: perplexity and probe accuracy per stage; extension.json: the whole report."""
+    lengths = [report["original_length"], report["extended_length"]]
+    columns = [f"perplexity at {length}" for length in lengths] + list(next(iter(report["probes"].values())))
+    rows = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for stage, by_length in report["perplexity"].items():
+        cells = [f"{by_length[length]:.3f}" for length in lengths]
+        cells += ["n/a" if value is None else f"{value:.2f}" for value in report["probes"][stage].values()]
+        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    (out_dir / "extension.md").write_text("\n".join(rows) + "\n")
+    (out_dir / "extension.json").write_text(json.dumps(report, indent=2))
