@@ -251,7 +251,11 @@ def run_attention_kernel(
     transformers' attention interface (a tensor `position_bias` in kwargs included). A layer with contextual
     positions (CoPE) adds their bias, computed from these very queries and keys (in the kernel's head order)."""
     if module.contextual_positions is not None:
-        bias = module.contextual_positions(query, repeat_kv(key, module.num_key_value_groups), attention_mask, module.scaling)
+        # Differential attention may zero-pad queries and keys past head_dim for its one-call kernel path.
+        query_heads, key_heads = query[..., : module.head_dim], key[..., : module.head_dim]
+        bias = module.contextual_positions(
+            query_heads, repeat_kv(key_heads, module.num_key_value_groups), attention_mask, module.scaling
+        )
         if kwargs.get("position_bias") is not None:
             bias = bias + kwargs["position_bias"]
         kwargs["position_bias"] = bias.to(query.dtype)

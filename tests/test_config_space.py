@@ -75,7 +75,7 @@ def corruptions(config: dict) -> list[tuple[str, object]]:
         ("hidden_dropout", 1.0), ("hidden_dropout", float("nan")),
         ("head_dim", 0), ("head_dim", -2),
         ("pad_token_id", VOCAB), ("pad_token_id", -1),
-        ("hidden_act", "swoosh"), ("position_encoding", "xpos"), ("attention_variant", "linear"),
+        ("hidden_act", "swoosh"), ("position_encoding", "no_such_scheme"), ("attention_variant", "linear"),
         ("norm_type", "batchnorm"), ("mlp_type", "moe"),
         ("hidden_size", str(config["hidden_size"])), ("num_attention_heads", float(config["num_attention_heads"])),
         ("num_hidden_layers", True), ("is_decoder", "yes"), ("use_cache", 1), ("rope_parameters", "rope"),
