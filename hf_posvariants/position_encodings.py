@@ -732,7 +732,7 @@ class FIREBias(PositionEncoding):
 @register_position_encoding("cope")
 class ContextualPositionEncoding(PositionEncoding):
     """CoPE (Golovneva et al., "Contextual Position Encoding: Learning to Count What's Important", 2024): the position
-    of key j for query i is a count of gates, p_ij = Σ_{t=j..i} σ(q_i·k_t), and the score gains q_i·e[p_ij], with e
+    of key j for query i is a count of gates, p_ij = Σ over t from j to i of σ(q_i·k_t), and the score gains q_i·e[p_ij], with e
     interpolated between the two nearest of ``cope_max_positions`` learned embeddings.
 
     Positions depend on the content, so each attention layer computes them from its own queries and keys
