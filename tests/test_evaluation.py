@@ -409,3 +409,19 @@ def test_mpt_reference_rejects_a_width_it_cannot_build():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_position_path_case_sets_pair_every_score_bias_with_rope():
+    """The long-context and bias-training case sets are chosen from the registry: every selectable encoding of
+    kind "bias", on flex (long context) or SDPA (training), against the rotary encoding on SDPA."""
+    from hf_posvariants.evaluation.bench import CASE_SETS, score_bias_encodings
+
+    biases = score_bias_encodings(None)
+    assert {"alibi", "t5_bias"} <= set(biases)
+    for name, backend in (("long_context", "flex_attention"), ("bias_training", "sdpa")):
+        chosen = CASE_SETS[name]()
+        numerators = {spec.numerator for spec in chosen.ratios}
+        assert {case.position_encoding for case in numerators} == set(biases)
+        assert {case.backend for case in numerators} == {backend}
+        assert {(spec.denominator.position_encoding, spec.denominator.backend) for spec in chosen.ratios} == {("rope", "sdpa")}
+        assert {spec.metric for spec in chosen.ratios} == {"time", "memory"}

@@ -386,10 +386,43 @@ def differential_case_set(backends: list[str], families=None, encodings=None) ->
     return chosen
 
 
+def score_bias_encodings(encodings: list[str] | None) -> list[str]:
+    chosen = [name for name in selectable_position_encodings() if POSITION_ENCODINGS[name].kind == "bias"]
+    return [name for name in chosen if not encodings or name in encodings]
+
+
+def long_context_case_set(backends=None, families=None, encodings=None) -> CaseSet:
+    """Issue 10's long-context row: every score-bias encoding on flex (score functions over small tables, no
+    (length × length) tensor) against RoPE on SDPA, in the Llama block; run it at long lengths, forward only."""
+    chosen = CaseSet()
+    for model_type in families_with(**LLAMA_BLOCK)[:1]:
+        rope = Case("ours", model_type, "causal", "sdpa", encodings_of_kind("rotary")[0])
+        for encoding in score_bias_encodings(encodings):
+            flex = Case("ours", model_type, "causal", "flex_attention", encoding)
+            chosen.compare(f"{encoding} on flex / rope on SDPA memory", flex, rope, "≤1.50×", "memory")
+            chosen.compare(f"{encoding} on flex / rope on SDPA time", flex, rope, "≤1.50×")
+    return chosen
+
+
+def bias_training_case_set(backends=None, families=None, encodings=None) -> CaseSet:
+    """Issue 10's training rows: every score-bias encoding against RoPE, both on SDPA (the bias folded into the
+    mask once per forward; on CPU a learned bias trains through `FlashAttentionWithBiasGradient`)."""
+    chosen = CaseSet()
+    for model_type in families_with(**LLAMA_BLOCK)[:1]:
+        rope = Case("ours", model_type, "causal", "sdpa", encodings_of_kind("rotary")[0])
+        for encoding in score_bias_encodings(encodings):
+            biased = Case("ours", model_type, "causal", "sdpa", encoding)
+            chosen.compare(f"{encoding} / rope memory (SDPA)", biased, rope, "≤1.30×", "memory")
+            chosen.compare(f"{encoding} / rope time (SDPA)", biased, rope, "≤1.30×")
+    return chosen
+
+
 CASE_SETS: dict[str, Callable[..., CaseSet]] = {
     "variants": variants_case_set,
     "deberta": deberta_case_set,
     "differential": differential_case_set,
+    "long_context": long_context_case_set,
+    "bias_training": bias_training_case_set,
 }
 
 
@@ -649,8 +682,9 @@ def run_benchmark(shape: BenchShape, lengths: list[int], backends: list[str], wa
             timings += time_cases(chosen.cases, shape, length, task, warmup, rounds, device, clock, amp)
     if memory:
         log("measuring peak memory, one case at a time")
+        in_memory_ratios = {case for spec in chosen.ratios if spec.metric == "memory" for case in (spec.numerator, spec.denominator)}
         for timing in timings:
-            if timing.error is None and timing.task == "train":
+            if timing.error is None and (timing.task == "train" or timing.case in in_memory_ratios):
                 timing.peak_memory_mib = peak_memory_mib(timing.case, shape, timing.length, timing.task, device, amp)
     peak = device_peak_tflops(device, amp, peak_tflops)
     return {
