@@ -391,30 +391,28 @@ def score_bias_encodings(encodings: list[str] | None) -> list[str]:
     return [name for name in chosen if not encodings or name in encodings]
 
 
-def long_context_case_set(backends=None, families=None, encodings=None) -> CaseSet:
-    """Issue 10's long-context row: every score-bias encoding on flex (score functions over small tables, no
-    (length × length) tensor) against RoPE on SDPA, in the Llama block; run it at long lengths, forward only."""
+def score_biases_against_rope(backend: str, encodings: list[str] | None, memory_target: str, time_target: str) -> CaseSet:
+    """Every score-bias encoding at `backend` against RoPE on SDPA, in the Llama block: memory and time."""
     chosen = CaseSet()
     for model_type in families_with(**LLAMA_BLOCK)[:1]:
         rope = Case("ours", model_type, "causal", "sdpa", encodings_of_kind("rotary")[0])
         for encoding in score_bias_encodings(encodings):
-            flex = Case("ours", model_type, "causal", "flex_attention", encoding)
-            chosen.compare(f"{encoding} on flex / rope on SDPA memory", flex, rope, "≤1.50×", "memory")
-            chosen.compare(f"{encoding} on flex / rope on SDPA time", flex, rope, "≤1.50×")
+            biased = Case("ours", model_type, "causal", backend, encoding)
+            chosen.compare(f"{encoding} on {backend} / rope on sdpa memory", biased, rope, memory_target, "memory")
+            chosen.compare(f"{encoding} on {backend} / rope on sdpa time", biased, rope, time_target)
     return chosen
+
+
+def long_context_case_set(backends=None, families=None, encodings=None) -> CaseSet:
+    """Issue 10's long-context rows: score biases on flex (score functions over small tables, no (length × length)
+    tensor) against RoPE on SDPA; run at long lengths, forward only."""
+    return score_biases_against_rope("flex_attention", encodings, "≤1.50×", "≤1.50×")
 
 
 def bias_training_case_set(backends=None, families=None, encodings=None) -> CaseSet:
-    """Issue 10's training rows: every score-bias encoding against RoPE, both on SDPA (the bias folded into the
-    mask once per forward; on CPU a learned bias trains through `FlashAttentionWithBiasGradient`)."""
-    chosen = CaseSet()
-    for model_type in families_with(**LLAMA_BLOCK)[:1]:
-        rope = Case("ours", model_type, "causal", "sdpa", encodings_of_kind("rotary")[0])
-        for encoding in score_bias_encodings(encodings):
-            biased = Case("ours", model_type, "causal", "sdpa", encoding)
-            chosen.compare(f"{encoding} / rope memory (SDPA)", biased, rope, "≤1.30×", "memory")
-            chosen.compare(f"{encoding} / rope time (SDPA)", biased, rope, "≤1.30×")
-    return chosen
+    """Issue 10's training rows: score biases on SDPA (folded into the mask once per forward; on CPU a learned
+    bias trains through `FlashAttentionWithBiasGradient`) against RoPE on SDPA."""
+    return score_biases_against_rope("sdpa", encodings, "≤1.30×", "≤1.30×")
 
 
 CASE_SETS: dict[str, Callable[..., CaseSet]] = {
