@@ -24,7 +24,6 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_deberta import PosVarDebertaConfig
 from .modeling_posvariants import (
-    PosVarBlock,
     PosVarForSequenceClassification,
     PosVarForTokenClassification,
     PosVarModel,
@@ -81,32 +80,9 @@ class EnhancedMaskDecoder(nn.Module):
                 "most that length, a larger max_position_embeddings, or emd_layers=0 (no decoder)."
             )
 
-    @staticmethod
-    def decoder_step(
-        layer: PosVarBlock, query_states: torch.Tensor, key_value_states: torch.Tensor, mask, positions: Positions
-    ) -> torch.Tensor:
-        """One pass of `layer` with its queries from `query_states` and keys/values from `key_value_states`."""
-        if layer.pre_norm:
-            key_value_states = layer.input_layernorm(key_value_states)
-
-        def attend(x: torch.Tensor) -> torch.Tensor:
-            return layer.self_attn(x, mask, positions, key_value_states=key_value_states)[0]
-
-        hidden_states = layer.residual(query_states, attend, layer.input_layernorm)
-        return layer.residual(hidden_states, layer.mlp, layer.post_attention_layernorm)
-
-    def forward(
-        self,
-        layer: PosVarBlock,
-        key_value_states: torch.Tensor,
-        position_ids: torch.LongTensor,
-        mask,
-        positions: Positions,
-    ) -> torch.Tensor:
-        query_states = key_value_states + self.position_embeddings(position_ids)
-        for _ in range(self.num_layers):
-            query_states = self.decoder_step(layer, query_states, key_value_states, mask, positions)
-        return query_states
+    def forward(self, key_value_states: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        """The decoder's first queries: the states entering the last layer plus absolute position embeddings."""
+        return key_value_states + self.position_embeddings(position_ids)
 
 
 class MaskedLMTransform(nn.Module):
@@ -153,7 +129,10 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel):
             position_ids = positions_from_mask(attention_mask, slots, batch_size)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=last_layer_input, attention_mask=attention_mask)
         positions, mask = self.model.compute_positions(last_layer_input, position_ids, slots, slots, mask)
-        states = self.emd(self.model.layers[-1], last_layer_input, position_ids, mask, positions)
+        layer, states = self.model.layers[-1], self.emd(last_layer_input, position_ids)
+        for _ in range(self.emd.num_layers):
+            # The block itself (not its sublayers) runs, so offloading hooks and checkpointing see every call.
+            states = layer(states, mask, positions, None, last_layer_input)
         return self.model.norm(states)
 
     @can_return_tuple

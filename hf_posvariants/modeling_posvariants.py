@@ -123,8 +123,15 @@ class PosVarBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         positions: Positions,
         cache: Cache | None = None,
+        key_value_states: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """`key_value_states`: attend from `hidden_states` to these states instead of to themselves (DeBERTa's
+        Enhanced Mask Decoder); they pass the attention sublayer's norm as its input does. Pass it positionally, so
+        checkpointing treats it as an input."""
+        if key_value_states is not None:
+            kwargs["key_value_states"] = self.input_layernorm(key_value_states) if self.pre_norm else key_value_states
+
         def attend(x: torch.Tensor) -> torch.Tensor:
             return self.self_attn(x, attention_mask, positions, cache, **kwargs)[0]
 
