@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .position_encodings import POSITION_ENCODINGS, Positions, ScoreBias, ScoreMod, distance_grid, rotate
+from .position_encodings import POSITION_ENCODINGS, Positions, ScoreBias, ScoreMod, rotate
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -203,7 +203,9 @@ class FlashAttentionWithBiasGradient(torch.autograd.Function):
             if by_table:
                 # Only where the bias entered the scores: blocked slots of fully masked rows still get weight 1/K.
                 grad_scores = (grad_scores * (block_mask > blocked)).sum(0)  # (H, rows, K)
-                distances = distance_grid(query_length, key_length, mask.device)[block]
+                # Rows `block` of `distance_grid`: column j of query row i reads table entry j - i + Q - 1.
+                rows_here = torch.arange(start, min(start + rows, query_length), device=mask.device)
+                distances = torch.arange(key_length, device=mask.device) - rows_here[:, None] + (query_length - 1)
                 grad_bias.index_add_(1, distances.flatten(), grad_scores.flatten(1))
             else:
                 grad_bias[:, :, block] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
