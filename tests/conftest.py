@@ -44,6 +44,8 @@ def tiny_config(config_class, position_encoding: str, **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
+    if config_class.attention_variant == "disentangled":  # DeBERTa: a query head per key head, short log buckets
+        fields.update(num_key_value_heads=fields["num_attention_heads"], position_buckets=8)
     fields.update(overrides)
     return config_class(**fields)
 

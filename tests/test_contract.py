@@ -7,7 +7,8 @@ import torch
 from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, family_with, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from hf_posvariants import POSITION_ENCODINGS
+from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig
+from hf_posvariants.configuration_deberta import INPUT_POSITION_KINDS
 
 LM_HEADS = [AutoModelForCausalLM, AutoModelForMaskedLM]
 FAMILY_IDS = [c.model_type for c in FAMILY_CONFIGS]
@@ -21,8 +22,19 @@ def family_encoding_grid():
     )
 
 
-def heads():
-    return pytest.mark.parametrize("auto_class", LM_HEADS, ids=["clm", "mlm"])
+# posvar_deberta joins with its masked LM and every input encoding it takes (its relative positions are always on).
+DEBERTA_ENCODINGS = [e for e in ENCODINGS if POSITION_ENCODINGS[e].kind in INPUT_POSITION_KINDS]
+HEAD_CASES = [(c, e, h) for c in FAMILY_CONFIGS for e in ENCODINGS for h in LM_HEADS]
+HEAD_CASES += [(PosVarDebertaConfig, e, AutoModelForMaskedLM) for e in DEBERTA_ENCODINGS]
+
+
+def family_encoding_head_grid():
+    """Every family × encoding × language-model head, DeBERTa included."""
+    return pytest.mark.parametrize(
+        "config_class,encoding,auto_class",
+        HEAD_CASES,
+        ids=[f"{c.model_type}-{e}-{'clm' if h is AutoModelForCausalLM else 'mlm'}" for c, e, h in HEAD_CASES],
+    )
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
@@ -41,8 +53,7 @@ def padded_batch(auto_class, lengths=(9, 6)):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@family_encoding_grid()
-@heads()
+@family_encoding_head_grid()
 def test_train_step_and_save_load_round_trip(tmp_path, config_class, encoding, auto_class):
     model = build(auto_class, tiny_config(config_class, encoding)).train()
     ids = random_ids(2, 10)
@@ -63,8 +74,7 @@ def test_train_step_and_save_load_round_trip(tmp_path, config_class, encoding, a
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
-@family_encoding_grid()
-@heads()
+@family_encoding_head_grid()
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_eager_matches_sdpa(config_class, encoding, auto_class, padded):
     config = tiny_config(config_class, encoding)
@@ -148,8 +158,7 @@ def test_cached_logits_match_full_forward(config_class, encoding):
     torch.testing.assert_close(incremental[mask.bool()], full[mask.bool()], rtol=0, atol=1e-5)
 
 
-@family_encoding_grid()
-@heads()
+@family_encoding_head_grid()
 def test_padding_invariance(config_class, encoding, auto_class):
     model = build(auto_class, tiny_config(config_class, encoding), "sdpa")
     ids, mask = padded_batch(auto_class, lengths=(9, 6))
