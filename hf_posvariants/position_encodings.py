@@ -711,7 +711,8 @@ class FIREBias(PositionEncoding):
         positions, offset, c, threshold, *_ = tables
         grid = distance_grid(query_length, key_length, positions.device) - (query_length - 1) + offset  # (Q, K): j − i
         inputs = self.interpolated_distance(grid[None], positions[:, :, None], c, threshold)  # (B, Q, K)
-        return self.mlp(inputs[..., None]).permute(0, 3, 1, 2)  # (B, H, Q, K)
+        # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype.
+        return self.mlp(inputs[..., None].to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2)  # (B, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
         positions, offset, c, threshold, w1, b1, w2, b2 = tables
