@@ -19,11 +19,11 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import MaskedLMOutput
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_deberta import PosVarDebertaConfig
 from .modeling_posvariants import (
+    PosVarEncoderHead,
+    PosVarForMaskedLM,
     PosVarForSequenceClassification,
     PosVarForTokenClassification,
     PosVarModel,
@@ -98,11 +98,12 @@ class MaskedLMTransform(nn.Module):
         return self.layer_norm(self.act_fn(self.dense(hidden_states)))
 
 
-class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel):
+class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel, PosVarEncoderHead):
     """Masked language model with DeBERTa's Enhanced Mask Decoder (`emd_layers` > 0) and prediction
     head: transform, then the word embeddings (tied) plus a per-token bias."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    output_class = MaskedLMOutput
 
     def __init__(self, config: PosVarDebertaConfig):
         super().__init__(config)
@@ -135,40 +136,22 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel):
             states = layer(states, mask, positions, None, last_layer_input)
         return self.model.norm(states)
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MaskedLMOutput:
-        wants_hidden_states = kwargs.pop("output_hidden_states", None) or self.config.output_hidden_states
+    head_loss = PosVarForMaskedLM.head_loss
+
+    def run_base_model(self, **inputs):
+        if self.emd is None:
+            return super().run_base_model(**inputs)
         # The decoder reads the states entering the last layer: the second-to-last recorded hidden state.
-        record = wants_hidden_states if self.emd is None else (True if wants_hidden_states else [-2])
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=record,
-            **kwargs,
-        )
+        wanted = inputs.pop("output_hidden_states", None) or self.config.output_hidden_states
+        return self.model(use_cache=False, output_hidden_states=True if wanted else [-2], **inputs)
+
+    def logits(self, outputs, attention_mask, position_ids):
         states = outputs.last_hidden_state
         if self.emd is not None:
             states = self.decode(outputs.hidden_states[-2], attention_mask, position_ids)
-        logits = self.lm_head(self.transform(states))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MaskedLMOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states if wants_hidden_states else None,
-            attentions=outputs.attentions,
-        )
+            if any(hidden is None for hidden in outputs.hidden_states):  # recorded for the decoder alone
+                outputs.hidden_states = None
+        return self.lm_head(self.transform(states))
 
 
 class PosVarDebertaForSequenceClassification(PosVarDebertaPreTrainedModel, PosVarForSequenceClassification):

@@ -454,16 +454,21 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         )
 
 
-class PosVarForMaskedLM(PosVarPreTrainedModel):
-    """Masked language model (Devlin et al., "BERT", 2019): always bidirectional."""
+class PosVarEncoderHead(PosVarPreTrainedModel):
+    """The one forward of the heads that run the stack without a cache (masked LM, sequence and token
+    classification): the base model, then the head's `logits` and `head_loss`, returned as `output_class`."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    output_class: type
 
-    def __init__(self, config: PosVarConfig):
-        super().__init__(config)
-        self.model = PosVarModel(config, is_causal=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    def logits(self, outputs, attention_mask: torch.Tensor | None, position_ids: torch.LongTensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_loss(self, logits: torch.Tensor, labels: torch.LongTensor, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_base_model(self, **inputs):
+        """The base model's outputs; a head needing more of them (DeBERTa's decoder) asks here."""
+        return self.model(use_cache=False, **inputs)
 
     @can_return_tuple
     def forward(
@@ -474,20 +479,32 @@ class PosVarForMaskedLM(PosVarPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MaskedLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
+    ):
+        outputs = self.run_base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        logits = self.logits(outputs, attention_mask, position_ids)
+        loss = None if labels is None else self.head_loss(logits, labels, **kwargs)
+        return self.output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class PosVarForMaskedLM(PosVarEncoderHead):
+    """Masked language model (Devlin et al., "BERT", 2019): always bidirectional."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    output_class = MaskedLMOutput
+
+    def __init__(self, config: PosVarConfig):
+        super().__init__(config)
+        self.model = PosVarModel(config, is_causal=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def logits(self, outputs, attention_mask, position_ids):
+        return self.lm_head(outputs.last_hidden_state)
+
+    def head_loss(self, logits, labels, **kwargs):
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
 
 def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -505,10 +522,11 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooli
     return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
-class PosVarForSequenceClassification(PosVarPreTrainedModel):
+class PosVarForSequenceClassification(PosVarEncoderHead):
     """Sequence classification or regression over a pooled token (`config.classifier_pooling`)."""
 
     base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
+    output_class = SequenceClassifierOutputWithPast
 
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
@@ -519,38 +537,18 @@ class PosVarForSequenceClassification(PosVarPreTrainedModel):
         self.pooling = config.classifier_pooling or ("last" if self.model.is_causal else "first")
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
-        pooled = pool(outputs.last_hidden_state, attention_mask, self.pooling)
-        logits = self.score(self.dropout(pooled))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    def logits(self, outputs, attention_mask, position_ids):
+        return self.score(self.dropout(pool(outputs.last_hidden_state, attention_mask, self.pooling)))
+
+    def head_loss(self, logits, labels, **kwargs):
+        return self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
 
 
-class PosVarForTokenClassification(PosVarPreTrainedModel):
+class PosVarForTokenClassification(PosVarEncoderHead):
     """Per-token classification (tagging) on the last hidden states."""
 
     base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
+    output_class = TokenClassifierOutput
 
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
@@ -560,29 +558,11 @@ class PosVarForTokenClassification(PosVarPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> TokenClassifierOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
-        logits = self.score(self.dropout(outputs.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config, **kwargs)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    def logits(self, outputs, attention_mask, position_ids):
+        return self.score(self.dropout(outputs.last_hidden_state))
+
+    def head_loss(self, logits, labels, **kwargs):
+        return self.loss_function(logits, labels, self.config, **kwargs)
 
 
 # The families: the shared heads bound to each family's config, nothing else.
