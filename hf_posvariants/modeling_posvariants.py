@@ -522,11 +522,10 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooli
     return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
-class PosVarForSequenceClassification(PosVarEncoderHead):
-    """Sequence classification or regression over a pooled token (`config.classifier_pooling`)."""
+class PosVarClassifierHead(PosVarEncoderHead):
+    """A linear classifier (with dropout before it) over the base model's states, for the classification heads."""
 
     base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
-    output_class = SequenceClassifierOutputWithPast
 
     def __init__(self, config: PosVarConfig):
         super().__init__(config)
@@ -534,8 +533,17 @@ class PosVarForSequenceClassification(PosVarEncoderHead):
         self.model = self.base_model_class(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.pooling = config.classifier_pooling or ("last" if self.model.is_causal else "first")
         self.post_init()
+
+
+class PosVarForSequenceClassification(PosVarClassifierHead):
+    """Sequence classification or regression over a pooled token (`config.classifier_pooling`)."""
+
+    output_class = SequenceClassifierOutputWithPast
+
+    @property
+    def pooling(self) -> str:
+        return self.config.classifier_pooling or ("last" if self.model.is_causal else "first")
 
     def logits(self, outputs, attention_mask, position_ids):
         return self.score(self.dropout(pool(outputs.last_hidden_state, attention_mask, self.pooling)))
@@ -544,19 +552,10 @@ class PosVarForSequenceClassification(PosVarEncoderHead):
         return self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
 
 
-class PosVarForTokenClassification(PosVarEncoderHead):
+class PosVarForTokenClassification(PosVarClassifierHead):
     """Per-token classification (tagging) on the last hidden states."""
 
-    base_model_class = PosVarModel  # a family with its own base model (DeBERTa) overrides this
     output_class = TokenClassifierOutput
-
-    def __init__(self, config: PosVarConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = self.base_model_class(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
 
     def logits(self, outputs, attention_mask, position_ids):
         return self.score(self.dropout(outputs.last_hidden_state))
