@@ -52,8 +52,8 @@ HEAD_LAYOUTS = ("pairs", "halves")
 #   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
 KERNEL_CALLS = ("one_call", "padded_call", "two_calls")
 
-# (backend, device type) → the path that measured fastest there (scripts/bench_diff_paths.py: CPU time of a
-# training step at hidden 256, 4 layers, 8 heads / 4 KV heads, batch 4 × 256, one thread); absent pairs take
+# (backend, device type) → the path that measured fastest there (each path forced through `kernel_calls`: CPU time
+# of a training step at hidden 256, 4 layers, 8 heads / 4 KV heads, batch 4 × 256, one thread); absent pairs take
 # "two_calls", which every kernel runs.
 KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
     # Eager materialises the maps anyway: one matmul and one softmax instead of two (CPU: one_call 0.90×
