@@ -265,7 +265,12 @@ def run_attention_kernel(
         return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
     if learned_mask_on_cpu(module, query, attention_mask, kwargs):
         return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, kwargs.get("folded_bias"))
-    kwargs.pop("folded_bias", None)
+    folded = kwargs.pop("folded_bias", None)
+    if folded is not None and torch.is_grad_enabled():
+        # The model sent this bias's gradient to its tables, but this call cannot take that kernel (say a layer
+        # adds a bias of its own): give the mask its gradient back rather than drop it. Zero in value.
+        bias = folded.materialise().to(attention_mask.dtype)
+        attention_mask = attention_mask + (bias - bias.detach())
     return attention_function(module)(
         module,
         query,
