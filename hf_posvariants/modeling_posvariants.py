@@ -375,7 +375,8 @@ class PosVarModel(PosVarPreTrainedModel):
 
         past_length = cache.get_seq_length() if cache is not None else 0
         device = inputs_embeds.device
-        query_slots = torch.arange(past_length, past_length + query_length, device=device)
+        # A static cache counts its tokens in a tensor: added to, it stays a traced value under torch.compile.
+        query_slots = torch.arange(query_length, device=device) + past_length
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, query_slots, batch_size)
         mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)

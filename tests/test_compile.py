@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, build, tiny_config
+from conftest import ENCODINGS, VOCAB, build, tiny_config
 from torch._dynamo.utils import counters
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, CompileConfig, Trainer, TrainingArguments
 
 from hf_posvariants import PosVarDiffConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from hf_posvariants.position_encodings import POSITION_ENCODINGS
 
 
 def padded_inputs() -> dict[str, torch.Tensor]:
@@ -37,6 +38,25 @@ def test_training_forward_has_no_graph_breaks(config_class, encoding, backend, l
     explanation = torch._dynamo.explain(model)(**padded_inputs())
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("encoding", [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable])
+def test_static_cache_generation_compiles_in_one_graph_and_decodes_as_eager(encoding):
+    """generate()'s compiled decoding step (what it does by itself on a GPU with a static cache) traces without a
+    graph break for every cacheable encoding, and gives eager's tokens. The "eager" compiler backend keeps the
+    test to dynamo's tracing (inductor's code generation is what the GPU benchmark measures)."""
+    model = build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, encoding, eos_token_id=None), "sdpa")
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                  pad_token_id=0, cache_implementation="static")
+    expected = model.generate(**kwargs, disable_compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_config = CompileConfig(backend="eager", mode=None, fullgraph=True)
+    compile_config._compile_all_devices = True  # generate() compiles by itself only on accelerators
+    generated = model.generate(**kwargs, compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    torch.testing.assert_close(generated, expected, rtol=0, atol=0)
 
 
 class _Blocks(torch.utils.data.Dataset):

@@ -138,6 +138,15 @@ def test_rope_scaling_is_refused_for_other_encodings_and_leaves_the_weights():
     assert scaled.rope_parameters["original_max_position_embeddings"] == TRAIN_LENGTH
 
 
+@pytest.mark.parametrize("encoding, expected", [("rope", "sdpa"), ("nope", "sdpa"), ("alibi", "flex_attention"),
+                                                ("fire", "flex_attention"), ("cope", "sdpa")])
+def test_long_context_backend_is_flex_only_for_a_score_bias_flex_can_carry(encoding, expected):
+    config = tiny_llama(encoding)
+    assert length.long_context_backend(config) == expected
+    config.check_attention_backend(expected)
+    assert length.long_context_backend(config, "eager") == "eager"
+
+
 # ---- probes -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", sorted(probes.PROBES))

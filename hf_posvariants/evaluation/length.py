@@ -77,12 +77,15 @@ def rope_scaled_config(config, rope_type: str, factor: float, train_length: int)
 
 def long_context_backend(config, requested: str = "auto") -> str:
     """The attention backend for long inputs: with "auto", flex attention where the model adds a score bias
-    (declared by its encoding or attention variant), which flex computes per block from small tables instead
-    of materialising a (heads × length × length) tensor; SDPA otherwise."""
+    (declared by its encoding or attention variant) that flex can carry, since flex computes it per block
+    from small tables instead of materialising a (heads × length × length) tensor; SDPA otherwise (CoPE's
+    content-dependent counts, for one, have no flex form)."""
     if requested != "auto":
         return requested
-    adds_score_bias = hasattr(config, "backend_requirements") and bool(config.backend_requirements())
-    return "flex_attention" if adds_score_bias else "sdpa"
+    requirements = config.backend_requirements() if hasattr(config, "backend_requirements") else []
+    if requirements and all("flex_attention" in backends for _, _, backends in requirements):
+        return "flex_attention"
+    return "sdpa"
 
 
 def load_causal_lm(checkpoint: str, rope_scaling: str | None = None, rope_factor: float | None = None,
@@ -200,7 +203,7 @@ def length_tables(runs: dict[str, dict]) -> str:
 def write_length_report(runs: dict[str, dict], out_dir, train_length: int, title: str) -> dict[str, str]:
     """length.md (one table per mode), length.png (perplexity vs length, both modes), and
     per_position.png (loss vs position for every run that has a curve)."""
-    from hf_posvariants.evaluation.report import line_plot
+    from hf_posvariants.evaluation.report import distinct_colours, line_plot
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,15 +211,19 @@ def write_length_report(runs: dict[str, dict], out_dir, train_length: int, title
     text = [f"# {title}", "", f"Training length {train_length}; perplexity per token (– = unavailable).", "",
             length_tables(runs)]
     series, styles = {}, {}
+    colours = distinct_colours(len(runs))
     for mode in modes:
         headers, rows = length_table(runs, mode)
         for column, name in enumerate(headers[1:], start=1):
             series[f"{name} ({mode})"] = ([row[0] for row in rows], [row[column] for row in rows])
-            # One colour per run, solid for non-overlapping and dashed for sliding windows.
-            styles[f"{name} ({mode})"] = {"color": f"C{(column - 1) % 10}",
+            # One colour per run, named once in the legend: solid for non-overlapping, dashed for sliding windows.
+            first_mode = mode == modes[0]
+            styles[f"{name} ({mode})"] = {"color": colours[column - 1], "label": name if first_mode else "_nolegend_",
                                           "linestyle": "-" if mode == "nonoverlapping" else "--"}
+    line_styles = {"nonoverlapping": "solid: non-overlapping windows", "sliding": "dashed: sliding windows"}
+    plot_title = f"{title}\n({'; '.join(line_styles[mode] for mode in modes)})"
     (out_dir / "length.md").write_text("\n".join(text))
-    line_plot(series, out_dir / "length.png", title, "evaluation length (tokens)", "perplexity", log_x=True,
+    line_plot(series, out_dir / "length.png", plot_title, "evaluation length (tokens)", "perplexity", log_x=True,
               log_y=True, vertical_line=train_length, styles=styles)
     curves = {name: run["per_position"] for name, run in runs.items() if run.get("per_position")}
     if curves:

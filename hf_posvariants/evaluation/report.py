@@ -20,6 +20,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def distinct_colours(count: int) -> list[tuple[float, ...]]:
+    """`count` colours that stay apart: matplotlib's ten-colour cycle, its twenty-colour map beyond ten runs
+    (the default cycle would give two of the War and Peace study's fourteen models the same colour)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(index % palette.N) for index in range(count)]
+
+
 def line_plot(
     series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
     path: str | Path,
@@ -31,19 +40,20 @@ def line_plot(
     vertical_line: float | None = None,
     styles: dict[str, dict] | None = None,
 ) -> Path:
-    """One line per series; a None value (a length a model cannot run at) leaves a gap. `styles`
-    gives matplotlib keyword arguments per series (e.g. one colour per model, one dash per mode)."""
+    """One line per series, each its own colour unless `styles` says otherwise; a None value (a length a model
+    cannot run at) leaves a gap. `styles` gives matplotlib keyword arguments per series (e.g. one colour per
+    model, one dash per mode; `label="_nolegend_"` keeps a series out of the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    for name, (xs, ys) in series.items():
+    for (name, (xs, ys)), colour in zip(series.items(), distinct_colours(len(series))):
         points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
         if points:
-            style = {"marker": "o" if len(points) < 40 else None} | (styles or {}).get(name, {})
-            axes.plot(*zip(*points), label=name, **style)
+            style = {"label": name, "color": colour, "marker": "o" if len(points) < 40 else None}
+            axes.plot(*zip(*points), **style | (styles or {}).get(name, {}))
     if log_x:
         axes.set_xscale("log", base=2)
     if log_y:
