@@ -42,17 +42,38 @@ def eager_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(QKᵀ·scaling + position_bias + mask)·V; returns (B, T, H, D) and the weights."""
+    weights = attention_weights(module, query, key, attention_mask, scaling, position_bias)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, repeat_kv(value, module.num_key_value_groups)).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def attention_weights(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    position_bias: torch.Tensor | None = None,
+    causal_without_mask: bool = False,
+) -> torch.Tensor:
+    """softmax(QKᵀ·scaling + position_bias + mask), (B, H, Q, K) in the query's dtype, for (B, H, Q, D) queries and
+    (B, H_kv, K, D) keys. The mask is any a backend is handed: additive float, boolean (True: attend), or None:
+    full attention, or causal with `causal_without_mask` (SDPA's `is_causal`), aligned so that the last query
+    sees every key."""
     key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if position_bias is not None:
         scores = scores + position_bias
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return output, weights
+    query_length, key_length = scores.shape[-2:]
+    if attention_mask is None and causal_without_mask and query_length > 1:
+        query_slots = torch.arange(key_length - query_length, key_length, device=scores.device)
+        attention_mask = torch.arange(key_length, device=scores.device)[None, :] <= query_slots[:, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :key_length], torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., :key_length]
+    return nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
 # Backends whose kernels add the mask to the scores, so a bias can travel inside it.
@@ -240,6 +261,30 @@ def flash_attention_with_bias_gradient(
     return output.transpose(1, 2).contiguous(), None
 
 
+def add_contextual_bias(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> None:
+    """For a layer with contextual positions (CoPE): their bias, computed from these very queries and keys (in the
+    kernel's head order), added to kwargs' `position_bias`."""
+    if module.contextual_positions is None:
+        return
+    # Differential attention may zero-pad queries and keys past head_dim for its one-call kernel path.
+    query_heads, key_heads = query[..., : module.head_dim], key[..., : module.head_dim]
+    bias = module.contextual_positions(
+        query_heads, repeat_kv(key_heads, module.num_key_value_groups), attention_mask, module.scaling
+    )
+    if kwargs.get("position_bias") is not None:
+        bias = bias + kwargs["position_bias"]
+    kwargs["position_bias"] = bias.to(query.dtype)
+
+
+def with_folded_bias_gradient(attention_mask, folded_bias: ScoreBias | None):
+    """The mask, given back the gradient of a bias folded into it that the model routed to its tables, for a call
+    that cannot take the table kernel (say a layer adds a bias of its own): zero in value."""
+    if folded_bias is None or not torch.is_grad_enabled():
+        return attention_mask
+    bias = folded_bias.materialise().to(attention_mask.dtype)
+    return attention_mask + (bias - bias.detach())
+
+
 def run_attention_kernel(
     module: nn.Module,
     query: torch.Tensor,
@@ -250,27 +295,14 @@ def run_attention_kernel(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The configured backend on (B, H, T, D) heads: a score function goes to flex, anything else through
-    transformers' attention interface (a tensor `position_bias` in kwargs included). A layer with contextual
-    positions (CoPE) adds their bias, computed from these very queries and keys (in the kernel's head order)."""
-    if module.contextual_positions is not None:
-        # Differential attention may zero-pad queries and keys past head_dim for its one-call kernel path.
-        query_heads, key_heads = query[..., : module.head_dim], key[..., : module.head_dim]
-        bias = module.contextual_positions(
-            query_heads, repeat_kv(key_heads, module.num_key_value_groups), attention_mask, module.scaling
-        )
-        if kwargs.get("position_bias") is not None:
-            bias = bias + kwargs["position_bias"]
-        kwargs["position_bias"] = bias.to(query.dtype)
+    transformers' attention interface (a tensor `position_bias` in kwargs included), after a layer with
+    contextual positions (CoPE) has added their bias."""
+    add_contextual_bias(module, query, key, attention_mask, kwargs)
     if score_mod is not None:
         return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
     if learned_mask_on_cpu(module, query, attention_mask, kwargs):
         return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, kwargs.get("folded_bias"))
-    folded = kwargs.pop("folded_bias", None)
-    if folded is not None and torch.is_grad_enabled():
-        # The model sent this bias's gradient to its tables, but this call cannot take that kernel (say a layer
-        # adds a bias of its own): give the mask its gradient back rather than drop it. Zero in value.
-        bias = folded.materialise().to(attention_mask.dtype)
-        attention_mask = attention_mask + (bias - bias.detach())
+    attention_mask = with_folded_bias_gradient(attention_mask, kwargs.pop("folded_bias", None))
     return attention_function(module)(
         module,
         query,

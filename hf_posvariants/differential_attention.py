@@ -17,10 +17,11 @@ An additive position bias has one slice per softmax map, in the layout's own hea
 model has folded it into the mask).
 
 The kernels are transformers' attention interface, so eager, SDPA, flex and flash all work, with grouped KV
-heads and every position encoding. Each pair's two maps meet its 2d-wide value in one kernel call (QKᵀ once)
-where the kernel takes a value wider than the query, in one call with zero-padded queries and keys where it
-needs equal widths, or in two calls, one per value half; `KERNEL_CALL_CHOICES` picks per backend and device,
-and the paths agree to float rounding.
+heads and every position encoding. Where the (B, H, Q, K) maps are small enough to hold, they are computed once
+and subtracted before they meet the value, which halves the value matmul; otherwise each pair's two maps meet
+its 2d-wide value in one kernel call (QKᵀ once) where the kernel takes a value wider than the query, in one call
+with zero-padded queries and keys where it needs equal widths, or in two calls, one per value half.
+`KERNEL_CALL_CHOICES` picks per backend, device and size, and the paths agree to float rounding.
 
 `output_attentions=True` returns, per layer, (B, num_attention_heads, Q, K): every softmax map, the first
 maps of the H/2 differential heads followed by their second maps (whatever the head layout), i.e. the
@@ -40,40 +41,59 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from .attention import PosVarAttention, register_attention_variant, run_attention_kernel
+from .attention import (
+    PosVarAttention,
+    add_contextual_bias,
+    attention_weights,
+    register_attention_variant,
+    repeat_kv,
+    run_attention_kernel,
+    with_folded_bias_gradient,
+)
 from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
 
 # How the two maps of every pair reach the pair's 2d-wide value:
+#   "subtracted_maps": the maps materialised (eager's maths), QKᵀ and softmax once, and softmax₁ − λ·softmax₂ meets
+#                  the value: half the value matmul of every other path, but (B, H, Q, K) scores in memory;
 #   "one_call":    one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
 #   "padded_call": the same call with queries and keys zero-padded to 2d, for kernels that need equal widths
 #                  (flash): the matmul flops of two calls, but exp/softmax and the kernel's passes run once;
 #   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
-KERNEL_CALLS = ("one_call", "padded_call", "two_calls")
+KERNEL_CALLS = ("subtracted_maps", "one_call", "padded_call", "two_calls")
+# Backends whose maths "subtracted_maps" reproduces (a bias reaches them in the mask or as a tensor, never as a
+# flex score function).
+SUBTRACTED_MAPS_BACKENDS = ("eager", "sdpa")
 
-# (backend, device type) → the path that measured fastest there (each path forced through `kernel_calls`: CPU time
-# of a training step at hidden 256, 4 layers, 8 heads / 4 KV heads, batch 4 × 256, one thread); absent pairs take
-# "two_calls", which every kernel runs.
-KERNEL_CALL_CHOICES: dict[tuple[str, str], str] = {
-    # Eager materialises the maps anyway: one matmul and one softmax instead of two (CPU: one_call 0.90×
-    # DiffLlama's time, padded_call 0.94×, two_calls 1.10×).
-    ("eager", "cpu"): "one_call",
-    ("eager", "cuda"): "one_call",
-    # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98×
-    # DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×. Both flash
-    # paths do the same matmul flops; padded runs the exp and the kernel's passes once, which pays at d = 32
-    # and evens out at d = 64 (4 heads: padded 1.00×, two_calls 0.98×, within the noise of a shared CPU).
-    ("sdpa", "cpu"): "padded_call",
+# (backend, device type) → the paths that measured fastest there, each with the largest score tensor (B·H·Q·K
+# elements, None: any) it is chosen for; the first that fits is taken. Absent pairs take "two_calls", which every
+# kernel runs. Measured on one CPU thread: forward and backward of the attention alone, 4 × 4 maps of width 64,
+# and the training step of `scripts/bench.py --case-set differential` (hidden 256, 4 layers, batch 4 × 256).
+KERNEL_CALL_CHOICES: dict[tuple[str, str], tuple[tuple[str, int | None], ...]] = {
+    # Eager materialises the maps anyway: subtracting them first saves half the value matmul on any device.
+    ("eager", "cpu"): (("subtracted_maps", None),),
+    ("eager", "cuda"): (("subtracted_maps", None),),
+    # CPU: up to 4 Mi score elements (16 MiB in fp32) the subtracted maps take 0.55-0.67× the time of the padded
+    # call (batch 4 at 256 and 512 tokens, 16 at 256); at 8 Mi and beyond they are 1.05-1.6× slower (memory-bound:
+    # 4 × 1,024, 8 × 512, 2 × 1,024, 4 × 768), and the flash kernel's memory stays linear in length.
+    # Flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98× DiffLlama at 256
+    # tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×. Both flash paths do the same
+    # matmul flops; padded runs the exp and the kernel's passes once.
+    ("sdpa", "cpu"): (("subtracted_maps", 2**22), ("padded_call", None)),
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
     # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
-    ("sdpa", "cuda"): "two_calls",
+    ("sdpa", "cuda"): (("two_calls", None),),
 }
 
 
-def choose_kernel_calls(backend: str, device_type: str) -> str:
-    """The kernel path (one of `KERNEL_CALLS`) of differential attention on `backend` and `device_type`."""
-    return KERNEL_CALL_CHOICES.get((backend, device_type), "two_calls")
+def choose_kernel_calls(backend: str, device_type: str, score_elements: int = 0) -> str:
+    """The kernel path (one of `KERNEL_CALLS`) of differential attention on `backend` and `device_type` for a
+    (B, H, Q, K) score tensor of `score_elements`."""
+    for path, limit in KERNEL_CALL_CHOICES.get((backend, device_type), (("two_calls", None),)):
+        if limit is None or score_elements <= limit:
+            return path
+    return "two_calls"
 
 
 def depth_lambda_init(layer_idx: int) -> float:
@@ -178,42 +198,72 @@ class DifferentialAttention(PosVarAttention):
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
             attention_mask = self.maps_first(attention_mask)
-        first, second, weights = self.attend_pairs(query, key, value, attention_mask, **kwargs)
-        lam = self.differential_lambda().to(first.dtype)
-        output = self.groupnorm(first - lam * second) * (1.0 - self.lambda_init)
+        lam = self.differential_lambda().to(query.dtype)
+        difference, weights = self.attend_pairs(query, key, value, attention_mask, lam, **kwargs)
+        output = self.groupnorm(difference) * (1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
         return output, weights  # weights: the kernel's own maps, so a gradient reaches them
 
-    def attend_pairs(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Both maps of every pair applied to the pair's 2d-wide value, by the kernel path of
-        `choose_kernel_calls(backend, device)` unless `self.kernel_calls` forces one.
-
-        Takes maps-first queries/keys (B, H, Q, d), (B, H_kv, K, d) and the projected values (B, H_kv, K, d);
-        returns the first- and second-map outputs, each (B, Q, H/2, 2d), and the maps (B, H, Q, K) or None.
-        """
-        path = self.kernel_calls or choose_kernel_calls(self.config._attn_implementation, query.device.type)
+    def kernel_path(self, query: torch.Tensor, key: torch.Tensor) -> str:
+        """`self.kernel_calls` when set (tests, benchmarks), else `choose_kernel_calls` for this call."""
+        score_elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+        path = self.kernel_calls or choose_kernel_calls(self.config._attn_implementation, query.device.type,
+                                                        score_elements)
         if path not in KERNEL_CALLS:
             raise ValueError(f"kernel_calls={path!r} is not a differential kernel path; allowed: {list(KERNEL_CALLS)}.")
-        # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d); both maps of the
-        # pair read it, so it is tiled over the first- and second-map KV heads.
-        value_halves = self.split_pair(value)
+        backend = self.config._attn_implementation
+        if path == "subtracted_maps" and backend not in SUBTRACTED_MAPS_BACKENDS:
+            raise ValueError(
+                f"kernel_calls='subtracted_maps' computes the maps itself, which attn_implementation={backend!r} "
+                f"would not; allowed backends are {list(SUBTRACTED_MAPS_BACKENDS)}."
+            )
+        return path
+
+    def attend_pairs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, lam: torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(softmax₁ − λ·softmax₂)·V for every pair and its 2d-wide value, by the path of `kernel_path`.
+
+        Takes maps-first queries/keys (B, H, Q, d), (B, H_kv, K, d) and the projected values (B, H_kv, K, d);
+        returns the differences (B, Q, H/2, 2d) and the maps (B, H, Q, K) or None.
+        """
+        path = self.kernel_path(query, key)
+        # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d).
+        wide_value = torch.cat(self.split_pair(value), dim=-1)
+        if path == "subtracted_maps":
+            return self.subtract_maps(query, key, wide_value, attention_mask, lam, **kwargs)
+        # Both maps of a pair read its value, so it is tiled over the first- and second-map KV heads.
         attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
         if path in ("one_call", "padded_call"):
-            wide_value = torch.cat(value_halves, dim=-1)
             if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
                 query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
             output, weights = attend(query, key, torch.cat((wide_value, wide_value), dim=1))  # (B, Q, H, 2d)
-            first, second = output.chunk(2, dim=2)
-            return first, second, weights
-        # One call per value half: each computes QKᵀ and both maps again, on equal widths.
-        outputs = []
-        for value_half in value_halves:
-            output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
-            outputs.append(output)
-        first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
-        return first, second, weights
+        else:  # one call per value half: each computes QKᵀ and both maps again, on equal widths
+            outputs = []
+            for value_half in wide_value.chunk(2, dim=-1):
+                output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
+                outputs.append(output)
+            output = torch.cat(outputs, dim=-1)
+        first, second = output.chunk(2, dim=2)
+        return first - lam * second, weights
+
+    def subtract_maps(
+        self, query: torch.Tensor, key: torch.Tensor, wide_value: torch.Tensor, attention_mask, lam: torch.Tensor,
+        position_bias: torch.Tensor | None = None, folded_bias=None, **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps of every head (B, H, Q, K), then (softmax₁ − λ·softmax₂) of each pair times its value."""
+        bias_arguments = {"position_bias": position_bias} if position_bias is not None else {}
+        add_contextual_bias(self, query, key, attention_mask, bias_arguments)
+        attention_mask = with_folded_bias_gradient(attention_mask, folded_bias)
+        # Without a mask, SDPA applies causality itself (`is_causal`): so must its stand-in.
+        causal = self.is_causal and self.config._attn_implementation == "sdpa"
+        weights = attention_weights(self, query, key, attention_mask, self.scaling, bias_arguments.get("position_bias"),
+                                    causal_without_mask=causal)
+        first, second = weights.chunk(2, dim=1)  # (B, H/2, Q, K) each
+        # First-map head j reads KV pair j // groups, as the kernels' grouped-KV rule does.
+        difference = torch.matmul(first - lam * second, repeat_kv(wide_value, self.num_key_value_groups))
+        return difference.transpose(1, 2), weights
 
     def bias_in_kernel_order(self, arguments: dict, device: torch.device) -> dict:
         """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""

@@ -252,11 +252,12 @@ def force_kernel_calls(model: torch.nn.Module, path: str) -> None:
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias"])
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias", "cope"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encoding, layout):
-    """One call with 2d-wide values (queries/keys as they are or zero-padded) ≡ two calls on the halves (the
-    reference, on eager), with padding and GQA."""
+    """The subtracted maps, and one call with 2d-wide values (queries/keys as they are or zero-padded) ≡ two calls
+    on the halves (the reference, on eager), with padding and GQA; T5's learned bias and CoPE's contextual one
+    get their gradients on every path."""
     config = diff_config(encoding, num_attention_heads=8, num_key_value_heads=4, differential_head_layout=layout)
     ids, mask = padded_batch(left=True)
     results = {}
@@ -275,12 +276,14 @@ def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encodin
             torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_kernel_path_choice_per_backend_and_device(monkeypatch):
-    assert choose_kernel_calls("eager", "cpu") == choose_kernel_calls("eager", "cuda") == "one_call"
-    assert choose_kernel_calls("sdpa", "cpu") == "padded_call"  # CPU flash needs equal widths
+def test_kernel_path_choice_per_backend_device_and_size(monkeypatch):
+    assert choose_kernel_calls("eager", "cpu", 2**30) == choose_kernel_calls("eager", "cuda") == "subtracted_maps"
+    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 256 * 256) == "subtracted_maps"  # small maps: held in memory
+    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 1024 * 1024) == "padded_call"  # CPU flash needs equal widths
     assert choose_kernel_calls("flash_attention_2", "cuda") == "two_calls"  # flash: equal widths
-    assert set(KERNEL_CALL_CHOICES.values()) <= set(KERNEL_CALLS)
-    # The model follows the table: each kernel call's layer and query width (head_dim 8).
+    assert {path for paths in KERNEL_CALL_CHOICES.values() for path, _ in paths} <= set(KERNEL_CALLS)
+    # The model follows the table: each kernel call's layer and query width (head_dim 8); the subtracted maps
+    # call no kernel.
     calls = []
 
     def recording(module, query, *args, **kwargs):
@@ -288,19 +291,29 @@ def test_kernel_path_choice_per_backend_and_device(monkeypatch):
         return run_attention_kernel(module, query, *args, **kwargs)
 
     monkeypatch.setattr(differential_attention, "run_attention_kernel", recording)
-    cases = [("eager", "one_call", [8]), ("sdpa", "padded_call", [16]), ("sdpa", "two_calls", [8, 8])]
-    for backend, path, widths in cases:
-        monkeypatch.setitem(KERNEL_CALL_CHOICES, (backend, "cpu"), path)
+    limit = 1 * 4 * 5 * 5  # batch 1, 4 maps, 5 tokens
+    cases = [("eager", (("one_call", None),), [8]), ("sdpa", (("padded_call", None),), [16]),
+             ("sdpa", (("two_calls", None),), [8, 8]), ("sdpa", (("subtracted_maps", limit), ("two_calls", None)), []),
+             ("sdpa", (("subtracted_maps", limit - 1), ("padded_call", None)), [16])]
+    for backend, paths, widths in cases:
+        monkeypatch.setitem(KERNEL_CALL_CHOICES, (backend, "cpu"), paths)
         calls.clear()
         with torch.no_grad():
             build(AutoModelForCausalLM, diff_config(), backend)(input_ids=random_ids(1, 5))
-        assert calls == [(layer, width) for layer in range(2) for width in widths], (backend, path)
+        assert calls == [(layer, width) for layer in range(2) for width in widths], (backend, paths)
 
 
 def test_unknown_forced_kernel_path_is_refused():
     model = build(AutoModelForCausalLM, diff_config())
     force_kernel_calls(model, "three_calls")
-    with pytest.raises(ValueError, match=r"kernel_calls='three_calls'.*\['one_call', 'padded_call', 'two_calls'\]"):
+    with pytest.raises(ValueError, match=r"kernel_calls='three_calls'.*'padded_call', 'two_calls'\]"):
+        model(input_ids=random_ids(1, 5))
+
+
+def test_subtracted_maps_are_refused_where_a_bias_is_a_score_function():
+    model = build(AutoModelForCausalLM, diff_config("alibi"), "flex_attention")
+    force_kernel_calls(model, "subtracted_maps")
+    with pytest.raises(ValueError, match=r"kernel_calls='subtracted_maps'.*'flex_attention'.*\['eager', 'sdpa'\]"):
         model(input_ids=random_ids(1, 5))
 
 
@@ -322,7 +335,7 @@ def test_eager_matches_sdpa_with_padding(encoding, layout, auto_class):
 
 
 @pytest.mark.flex
-@pytest.mark.parametrize("path", KERNEL_CALLS)
+@pytest.mark.parametrize("path", [path for path in KERNEL_CALLS if path != "subtracted_maps"])
 def test_eager_matches_flex_with_bias_and_gqa(path):
     config = diff_config("alibi")
     eager, flex = build(AutoModelForCausalLM, config, "eager"), build(AutoModelForCausalLM, config, "flex_attention")
