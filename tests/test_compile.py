@@ -40,14 +40,18 @@ def test_training_forward_has_no_graph_breaks(config_class, encoding, backend, l
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("encoding", [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable])
-def test_static_cache_generation_compiles_in_one_graph_and_decodes_as_eager(encoding):
+@pytest.mark.parametrize(
+    "config_class,encoding",
+    [(PosVarLlamaConfig, name) for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
+    + [(PosVarDiffConfig, "rope"), (PosVarDiffConfig, "alibi")],
+)
+def test_static_cache_generation_compiles_in_one_graph_and_decodes_as_eager(config_class, encoding):
     """generate()'s compiled decoding step (what it does by itself on a GPU with a static cache) traces without a
     graph break for every cacheable encoding, and gives eager's tokens. The "eager" compiler backend keeps the
     test to dynamo's tracing (inductor's code generation is what the GPU benchmark measures)."""
-    model = build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, encoding, eos_token_id=None), "sdpa")
-    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+    model = build(AutoModelForCausalLM, tiny_config(config_class, encoding, eos_token_id=None), "sdpa")
+    inputs = padded_inputs()  # left padding: the bias and the mask over the whole static buffer
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5, do_sample=False,
                   pad_token_id=0, cache_implementation="static")
     expected = model.generate(**kwargs, disable_compile=True)
     torch._dynamo.reset()
