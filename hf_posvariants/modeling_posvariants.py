@@ -311,6 +311,7 @@ class PosVarModel(PosVarPreTrainedModel):
             and not (self.training and self.config.attention_dropout > 0)
             and not torch.compiler.is_compiling()
         )
+
     def encoding_named(self, name: str) -> PositionEncoding:
         return self.position_encoding if name == self.config.position_encoding else self.scheduled_encodings[name]
 
