@@ -42,6 +42,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 
 from .attention import (
+    MASK_BIAS_BACKENDS,
     PosVarAttention,
     add_contextual_bias,
     attention_weights,
@@ -62,9 +63,6 @@ HEAD_LAYOUTS = ("pairs", "halves")
 #                  (flash): the matmul flops of two calls, but exp/softmax and the kernel's passes run once;
 #   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
 KERNEL_CALLS = ("subtracted_maps", "one_call", "padded_call", "two_calls")
-# Backends whose maths "subtracted_maps" reproduces (a bias reaches them in the mask or as a tensor, never as a
-# flex score function).
-SUBTRACTED_MAPS_BACKENDS = ("eager", "sdpa")
 
 # (backend, device type) → the paths that measured fastest there, each with the largest score tensor (B·H·Q·K
 # elements, None: any) it is chosen for; the first that fits is taken. Absent pairs take "two_calls", which every
@@ -206,16 +204,16 @@ class DifferentialAttention(PosVarAttention):
 
     def kernel_path(self, query: torch.Tensor, key: torch.Tensor) -> str:
         """`self.kernel_calls` when set (tests, benchmarks), else `choose_kernel_calls` for this call."""
+        backend = self.config._attn_implementation
         score_elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
-        path = self.kernel_calls or choose_kernel_calls(self.config._attn_implementation, query.device.type,
-                                                        score_elements)
+        path = self.kernel_calls or choose_kernel_calls(backend, query.device.type, score_elements)
         if path not in KERNEL_CALLS:
             raise ValueError(f"kernel_calls={path!r} is not a differential kernel path; allowed: {list(KERNEL_CALLS)}.")
-        backend = self.config._attn_implementation
-        if path == "subtracted_maps" and backend not in SUBTRACTED_MAPS_BACKENDS:
+        # The subtracted maps reproduce the backends whose bias rides in the mask, never a flex score function.
+        if path == "subtracted_maps" and backend not in MASK_BIAS_BACKENDS:
             raise ValueError(
                 f"kernel_calls='subtracted_maps' computes the maps itself, which attn_implementation={backend!r} "
-                f"would not; allowed backends are {list(SUBTRACTED_MAPS_BACKENDS)}."
+                f"would not; allowed backends are {list(MASK_BIAS_BACKENDS)}."
             )
         return path
 
@@ -229,36 +227,38 @@ class DifferentialAttention(PosVarAttention):
         returns the differences (B, Q, H/2, 2d) and the maps (B, H, Q, K) or None.
         """
         path = self.kernel_path(query, key)
-        # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d).
-        wide_value = torch.cat(self.split_pair(value), dim=-1)
-        if path == "subtracted_maps":
-            return self.subtract_maps(query, key, wide_value, attention_mask, lam, **kwargs)
-        # Both maps of a pair read its value, so it is tiled over the first- and second-map KV heads.
-        attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
-        if path in ("one_call", "padded_call"):
-            if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
-                query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
-            output, weights = attend(query, key, torch.cat((wide_value, wide_value), dim=1))  # (B, Q, H, 2d)
-        else:  # one call per value half: each computes QKᵀ and both maps again, on equal widths
+        value_halves = self.split_pair(value)
+        if path == "two_calls":  # one call per value half: each computes QKᵀ and both maps again, on equal widths
+            attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
             outputs = []
-            for value_half in wide_value.chunk(2, dim=-1):
+            for value_half in value_halves:
                 output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
                 outputs.append(output)
-            output = torch.cat(outputs, dim=-1)
+            first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
+            return first - lam * second, weights
+        # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d).
+        wide_value = torch.cat(value_halves, dim=-1)
+        if path == "subtracted_maps":
+            return self.subtract_maps(query, key, wide_value, attention_mask, lam, **kwargs)
+        if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
+            query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
+        # Both maps of a pair read its value, so it is tiled over the first- and second-map KV heads.
+        output, weights = run_attention_kernel(
+            self, query, key, torch.cat((wide_value, wide_value), dim=1), attention_mask=attention_mask, **kwargs
+        )  # (B, Q, H, 2d)
         first, second = output.chunk(2, dim=2)
         return first - lam * second, weights
 
     def subtract_maps(
         self, query: torch.Tensor, key: torch.Tensor, wide_value: torch.Tensor, attention_mask, lam: torch.Tensor,
-        position_bias: torch.Tensor | None = None, folded_bias=None, **kwargs,
+        folded_bias=None, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps of every head (B, H, Q, K), then (softmax₁ − λ·softmax₂) of each pair times its value."""
-        bias_arguments = {"position_bias": position_bias} if position_bias is not None else {}
-        add_contextual_bias(self, query, key, attention_mask, bias_arguments)
+        add_contextual_bias(self, query, key, attention_mask, kwargs)
         attention_mask = with_folded_bias_gradient(attention_mask, folded_bias)
         # Without a mask, SDPA applies causality itself (`is_causal`): so must its stand-in.
         causal = self.is_causal and self.config._attn_implementation == "sdpa"
-        weights = attention_weights(self, query, key, attention_mask, self.scaling, bias_arguments.get("position_bias"),
+        weights = attention_weights(self, query, key, attention_mask, self.scaling, kwargs.get("position_bias"),
                                     causal_without_mask=causal)
         first, second = weights.chunk(2, dim=1)  # (B, H/2, Q, K) each
         # First-map head j reads KV pair j // groups, as the kernels' grouped-KV rule does.
