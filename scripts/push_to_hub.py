@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """Push a trained model folder to the Hub as a remote-code model with a rendered model card.
 
-    python scripts/push_to_hub.py runs/tiny_clm your-name/tiny-posvar-llama [--private] [--dry_run]
+    python scripts/push_to_hub.py runs/tiny_clm your-name/tiny-posvar-llama [--private] [--dry_run] [--as-llama]
 
 The folder is first made loadable without this package (full `auto_map`, flat model code), then
-README.md is rendered from model_cards/posvariants.md, and the model files (weights, config, code,
+README.md is rendered from the package's model_cards/posvariants.md, and the model files (weights, config, code,
 tokenizer, card, run record and results; no checkpoints, optimizer states or pickles) go up in one
-commit through `HfApi.upload_folder`. `--dry_run` lists those files and changes nothing. The token comes
+commit through `HfApi.upload_folder`. `--dry_run` lists those files, prints the rendered card and changes
+nothing. `--as-llama` pushes the folder's export as transformers' own `LlamaForCausalLM` instead (no model code,
+no remote code; refused unless the model is exactly a Llama). The token comes
 from `--token`, HF_TOKEN or `hf auth login`, and is never written anywhere.
 """
 
 import argparse
+import tempfile
+from pathlib import Path
 
 from huggingface_hub import HfApi
 from transformers import AutoConfig
 
 import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
+from hf_posvariants.conversion import export_llama
 from hf_posvariants.training.export import make_remote_loadable
 from hf_posvariants.training.hub import (
     CARD_FILE,
@@ -37,7 +42,11 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the logged-in one); never saved")
     parser.add_argument("--dry_run", action="store_true", help="list the files that would be sent; change nothing")
     parser.add_argument("--template", default=str(TEMPLATE), help="model card template (Jinja, YAML header)")
+    parser.add_argument("--as-llama", "--as_llama", dest="as_llama", action="store_true",
+                        help="push the model exported as a plain LlamaForCausalLM (refused unless exactly a Llama)")
     args = parser.parse_args(argv)
+    if args.as_llama:
+        return push_as_llama(args)
 
     config = AutoConfig.from_pretrained(args.folder)
     if args.dry_run:
@@ -45,6 +54,7 @@ def main(argv=None) -> list[str]:
         print(f"Would push {len(files)} files from {args.folder} to https://huggingface.co/{args.repo_id} "
               f"({CARD_FILE} rendered from {args.template}):")
         print("\n".join(f"  {path}" for path in files))
+        print(card_preview(render_model_card(args.folder, args.repo_id, args.template)))
         return files
     pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)
     pusher.check_access()
@@ -53,6 +63,34 @@ def main(argv=None) -> list[str]:
     pusher.push_final(args.folder, "Upload posvariants model")
     files = files_to_push(args.folder, MODEL_FILE_PATTERNS, ROOT_ONLY)
     print(f"Pushed {len(files)} files to https://huggingface.co/{args.repo_id}")
+    return files
+
+
+def card_preview(card) -> str:
+    """The rendered card as a dry run shows it (rendering it there makes a missing template fail the dry run)."""
+    return f"--- {CARD_FILE} ---\n{card.content}"
+
+
+def push_as_llama(args) -> list[str]:
+    """--as-llama: the folder exported as a plain LlamaForCausalLM into a temporary folder, with its card, listed
+    (--dry_run) or pushed; the trained folder itself is left as it is."""
+    pusher = None
+    if not args.dry_run:
+        pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)
+        pusher.check_access()
+    with tempfile.TemporaryDirectory() as export_dir:
+        folder = export_llama(args.folder, Path(export_dir) / "llama")
+        card = render_model_card(args.folder, args.repo_id, args.template, as_llama=True)
+        card.save(folder / CARD_FILE)
+        files = files_to_push(folder, MODEL_FILE_PATTERNS, ROOT_ONLY)
+        if pusher is None:
+            print(f"Would push {len(files)} files of {args.folder} exported as LlamaForCausalLM to "
+                  f"https://huggingface.co/{args.repo_id}:")
+            print("\n".join(f"  {path}" for path in files))
+            print(card_preview(card))
+            return files
+        pusher.push_final(folder, "Upload posvariants model as LlamaForCausalLM")
+    print(f"Pushed {len(files)} files (LlamaForCausalLM) to https://huggingface.co/{args.repo_id}")
     return files
 
 

@@ -20,20 +20,40 @@ from tests.conftest import FAMILY_CONFIGS as LM_FAMILIES  # families with both L
 from tests.conftest import build, tiny_config
 
 
-# Runs in a fresh interpreter: `import hf_posvariants` must fail, then every family loads from its folder.
+def import_blocker(package: str) -> str:
+    """The head of a script for a fresh interpreter in which `import package` fails (and is proved to fail),
+    although the package is installed in the environment running the tests."""
+    return textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+        class Blocked(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == {package!r} or name.startswith({package + "."!r}):
+                    raise ModuleNotFoundError(f"blocked: {{name}}")
+        sys.meta_path.insert(0, Blocked())
+        try:
+            import {package}
+            sys.exit("{package} was importable")
+        except ModuleNotFoundError:
+            pass
+        """
+    )
+
+
+def run_without(package: str, script: str, *args: str, cwd, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter, offline, where `package` cannot be imported; PYTHONPATH is `pythonpath`
+    (by default none: the tests' own is dropped)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-c", import_blocker(package) + textwrap.dedent(script), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+# Every family loads from its folder with remote code.
 LOADER = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class NoPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_posvariants" or name.startswith("hf_posvariants."):
-                raise ModuleNotFoundError(f"blocked: {name}")
-    sys.meta_path.insert(0, NoPackage())
-    try:
-        import hf_posvariants
-        sys.exit("hf_posvariants was importable")
-    except ModuleNotFoundError:
-        pass
     import torch
     from transformers import AutoModel, AutoModelForMaskedLM
     folders, input_ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
@@ -72,13 +92,8 @@ def test_export_loads_without_the_package(tmp_path):
         with torch.no_grad():
             expected[folder] = (model(torch.tensor(input_ids)).logits, base(torch.tensor(input_ids)).last_hidden_state)
         folders.append(folder)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
     out = str(tmp_path / "logits.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, json.dumps(folders), json.dumps(input_ids), out],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_without("hf_posvariants", LOADER, json.dumps(folders), json.dumps(input_ids), out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(out)
     for folder in folders:

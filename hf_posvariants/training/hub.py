@@ -1,4 +1,4 @@
-"""Model cards and uploads: render `model_cards/posvariants.md` and push a run to the Hub.
+"""Model cards and uploads: render the package's `model_cards/posvariants.md` and push a run to the Hub.
 
 Uploads go through `HfApi.upload_folder` with allow/ignore patterns, so huggingface_hub itself picks
 the files; a token reaches `HfApi` only, never a file (see `pipeline.run`).
@@ -20,7 +20,8 @@ from .. import FAMILIES
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "posvariants.md"
+# Package data, so it is there in a wheel install as in a checkout.
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "posvariants.md"
 CARD_FILE = "README.md"
 ARCHITECTURE_FIELDS = (
     "model_type", "position_encoding", "attention_variant", "hidden_size", "intermediate_size",
@@ -48,16 +49,17 @@ def _auto_class_of(config: dict) -> str:
 
 
 def render_model_card(
-    folder: str | Path, repo_id: str, template: str | Path = TEMPLATE, run: dict | None = None
+    folder: str | Path, repo_id: str, template: str | Path = TEMPLATE, run: dict | None = None, as_llama: bool = False
 ) -> ModelCard:
     """A card for the exported folder, from its config.json, run record (`run`, else run_args.json) and
-    all_results.json."""
+    all_results.json; `as_llama`: for the folder's export as a plain `LlamaForCausalLM` (no remote code)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     run = run if run is not None else _read_json(folder / "run_args.json")
     results = _read_json(folder / "all_results.json")
     auto_class = _auto_class_of(config)
     dataset = run.get("dataset")
+    code_tags = ["llama"] if as_llama else ["custom_code"]
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
@@ -67,7 +69,7 @@ def render_model_card(
             config["model_type"],
             f"position-encoding-{config['position_encoding']}",
             f"attention-{config['attention_variant']}",
-            "custom_code",
+            *code_tags,
         ],
         datasets=[dataset] if dataset and dataset != "builtin" and not Path(dataset).exists() else None,
         metrics=sorted({key.split("_", 1)[1] for key in results if key.startswith("eval_")} & {"accuracy", "f1", "perplexity", "loss"})
@@ -89,6 +91,8 @@ def render_model_card(
         training=[(key, run[key]) for key in TRAINING_FIELDS
                   if key in run and not (key == "num_train_epochs" and run.get("max_steps", -1) > 0)],
         results=[(key, f"{value:.4g}" if isinstance(value, float) else value) for key, value in sorted(results.items())],
+        as_llama=as_llama,
+        trained_length=run.get("block_size") if auto_class == "AutoModelForCausalLM" else None,
     )
 
 

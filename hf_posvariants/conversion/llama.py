@@ -1,0 +1,141 @@
+"""Export a posvariants causal LM that is exactly a Llama as transformers' own `LlamaForCausalLM`.
+
+A posvar model computes Llama's function when its block is Llama's (`LLAMA_BLOCK`: RoPE with any of
+transformers' scalings, standard attention, RMSNorm before each sublayer, gated MLP, unscaled embeddings, no
+per-layer schedule) and every other field either maps onto a Llama field (`LLAMA_FIELDS`) or is read only by
+components such a model does not build (`UNUSED_BY_LLAMA`). Parameter names already coincide, so the export is a
+config translation plus a strict state-dict load. The folder it writes loads with plain transformers, without
+this package and without remote code, and so in every engine that serves Llama (vLLM, TGI, SGLang, llama.cpp).
+Anything else is refused naming the field, its value and what a Llama has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig
+
+from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
+from ..modeling_posvariants import PosVarForCausalLM
+
+# LlamaConfig field → posvariants field: the one map between the two configs. Every name but the norm's is shared.
+LLAMA_FIELDS: dict[str, str] = {
+    **{name: name for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rope_parameters",
+        "attention_bias", "mlp_bias", "attention_dropout", "initializer_range", "use_cache", "tie_word_embeddings",
+        "pad_token_id", "bos_token_id", "eos_token_id",
+    )},
+    "rms_norm_eps": "norm_eps",
+}  # fmt: skip
+
+# The posvariants fields whose values make the block Llama's; each must hold exactly this value.
+LLAMA_BLOCK: dict[str, object] = {
+    "position_encoding": "rope",
+    "layer_position_encodings": None,
+    "attention_variant": "standard",
+    "norm_type": "rmsnorm",
+    "norm_position": "pre",
+    "mlp_type": "gated",
+    "scale_embeddings": False,
+}
+
+# Fields a causal LM with Llama's block never reads: other encodings' and variants' hyper-parameters, the
+# classifier heads' settings, `is_decoder` (a causal-LM head is always causal) and `hidden_dropout`, which acts
+# only in training (the exported model computes the same logits; a fine-tune of it trains without that dropout).
+UNUSED_BY_LLAMA = frozenset({
+    "relative_attention_num_buckets", "relative_attention_max_distance", "kerple_variant", "dynamic_bias_hidden_size",
+    "dynamic_bias_layers", "fire_mlp_width", "fire_threshold", "xpos_scale_base", "cope_max_positions",
+    "differential_head_layout", "differential_norm_affine", "differential_lambda_init", "differential_lambda_std",
+    "is_decoder", "classifier_pooling", "classifier_dropout", "hidden_dropout",
+})  # fmt: skip
+
+# Run records and results that travel with the weights (the model card and evaluation harnesses read them).
+RECORD_FILES = ("run_args.json", "all_results.json", "train_results.json", "eval_results.json")
+
+
+def llama_differences(config: PosVarConfig) -> list[str]:
+    """Every way `config` is not exactly a Llama, as "field=value (a Llama has ...)"; empty when it is one."""
+    differences = [
+        f"{field}={getattr(config, field)!r} (a Llama has {value!r})"
+        for field, value in LLAMA_BLOCK.items()
+        if getattr(config, field, None) != value
+    ]
+    rotary_fraction = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    if rotary_fraction != 1.0:
+        differences.append(
+            f"rope_parameters['partial_rotary_factor']={rotary_fraction!r} (a Llama has 1.0: it rotates every channel)"
+        )
+    # Any other field (a family's own, or one added later) must keep the posvar_llama default, which is Llama's.
+    llama_defaults = PosVarLlamaConfig()
+    accounted = set(LLAMA_FIELDS.values()) | set(LLAMA_BLOCK) | UNUSED_BY_LLAMA
+    base_fields = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    for field in dataclasses.fields(config):
+        if field.name in accounted or field.name in base_fields:
+            continue
+        value, default = getattr(config, field.name), getattr(llama_defaults, field.name, dataclasses.MISSING)
+        if value != default:
+            allowed = "no Llama equivalent" if default is dataclasses.MISSING else f"a Llama has {default!r}"
+            differences.append(f"{field.name}={value!r} ({allowed})")
+    return differences
+
+
+def check_exportable(config: PosVarConfig, architecture: str | None = None) -> None:
+    """Refuse a config (and a saved head, `architecture`) that `LlamaForCausalLM` would not compute exactly."""
+    if not isinstance(config, PosVarConfig):
+        raise ValueError(
+            f"model_type={config.model_type!r} is not a posvariants model; allowed are the posvariants families "
+            "(posvar_llama, posvar_transformer with Llama's block)."
+        )
+    differences = llama_differences(config)
+    if architecture is not None and not architecture.endswith("ForCausalLM"):
+        differences.insert(0, f"architectures=[{architecture!r}] (only a causal LM exports as LlamaForCausalLM)")
+    if differences:
+        raise ValueError(
+            f"This {config.model_type} model is not exactly a Llama, so it cannot be exported as LlamaForCausalLM: "
+            f"{'; '.join(differences)}. Serve it with transformers (trust_remote_code=True, or with hf_posvariants "
+            "installed) or vLLM's Transformers backend instead; see README.md, 'Training and sharing'."
+        )
+
+
+def llama_config_from_posvar(config: PosVarConfig) -> LlamaConfig:
+    """The `LlamaConfig` computing what `config`'s causal LM computes (checked first)."""
+    check_exportable(config)
+    fields = {theirs: getattr(config, ours) for theirs, ours in LLAMA_FIELDS.items()}
+    fields["rope_parameters"] = dict(config.rope_parameters)
+    llama = LlamaConfig(**fields)
+    llama.architectures = [LlamaForCausalLM.__name__]
+    return llama
+
+
+def convert_to_llama(model: PosVarForCausalLM) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` with the weights, dtype, device and generation settings of `model`."""
+    if not isinstance(model, PosVarForCausalLM):
+        raise ValueError(f"{type(model).__name__} is not a posvariants causal LM; only a ...ForCausalLM exports.")
+    config = llama_config_from_posvar(model.config)
+    llama = LlamaForCausalLM._from_config(
+        config, dtype=model.dtype, attn_implementation=model.config._attn_implementation
+    )
+    llama.load_state_dict(model.state_dict(), strict=True)  # same names; anything missing or extra is an error
+    llama.generation_config = model.generation_config
+    return llama.to(model.device).train(model.training)
+
+
+def export_llama(source: str | Path, destination: str | Path) -> Path:
+    """Write the posvariants causal-LM folder `source` as a plain Llama folder: weights and config, the tokenizer
+    when `source` has one, and the run record and results. The config is checked before any weight is read."""
+    source, destination = Path(source), Path(destination)
+    config = AutoConfig.from_pretrained(source)
+    check_exportable(config, (config.architectures or [None])[0])
+    model = AutoModelForCausalLM.from_pretrained(source)
+    convert_to_llama(model).save_pretrained(destination)
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    except (OSError, ValueError):
+        pass  # a folder without a tokenizer: the weights alone
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+    return destination

@@ -1,0 +1,183 @@
+"""Export to plain Llama: the same logits and greedy tokens from a folder that loads without this package and
+without remote code, and a clear refusal of every configuration that is not exactly a Llama."""
+
+from __future__ import annotations
+
+import json
+import runpy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaForCausalLM
+
+from hf_posvariants import PosVarDebertaConfig, PosVarDiffConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from hf_posvariants.conversion import check_exportable, convert_to_llama, export_llama
+from hf_posvariants.evaluation.data import byte_tokenizer
+from tests.conftest import ENCODINGS, VOCAB, build, tiny_config
+from tests.test_export import run_without
+from tests.test_hub import TOKEN, RecordingHub, hub  # noqa: F401  (fixture)
+from tests.test_training import ROOT
+
+PROMPTS = [[5, 9, 3, 7, 11, 4], [4, 4, 8, 6, 6, 3]]
+# transformers' RoPE scalings, each with the keys it needs.
+ROPE_SCALINGS = {
+    "default": {"rope_type": "default", "rope_theta": 10_000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10_000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10_000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+                 "long_factor": [1.5, 2.0, 3.0, 4.0], "original_max_position_embeddings": 16},
+}  # fmt: skip
+# posvar_transformer with Llama's block is a Llama too.
+LLAMA_BLOCK_OVERRIDES = dict(position_encoding="rope", norm_type="rmsnorm", norm_position="pre", mlp_type="gated",
+                             scale_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False)
+
+# Fresh interpreter, hf_posvariants blocked, no trust_remote_code: logits and greedy tokens of each folder.
+PLAIN_LOADER = """
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folders, prompts, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+results = {}
+for folder in folders:
+    assert not any(name.endswith(".py") for name in __import__("os").listdir(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(model) is transformers.LlamaForCausalLM, type(model)
+    AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        results[folder] = (model(prompts).logits, model.generate(prompts, max_new_tokens=12, do_sample=False))
+assert "hf_posvariants" not in sys.modules
+torch.save(results, out)
+"""
+
+
+def save_source(model, folder) -> str:
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_exported_llama_loads_without_the_package_with_the_same_logits_and_tokens(tmp_path):
+    sources = {
+        "yarn_tied": tiny_config(PosVarLlamaConfig, "rope", rope_parameters=dict(ROPE_SCALINGS["yarn"]),
+                                 tie_word_embeddings=True),
+        "posvar_transformer": tiny_config(PosVarTransformerConfig, **LLAMA_BLOCK_OVERRIDES),
+    }  # fmt: skip
+    prompts, expected, folders = torch.tensor(PROMPTS), {}, []
+    for name, config in sources.items():
+        model = build(AutoModelForCausalLM, config)
+        folder = str(export_llama(save_source(model, tmp_path / name), tmp_path / f"{name}-llama"))
+        with torch.no_grad():
+            expected[folder] = (model(prompts).logits, model.generate(prompts, max_new_tokens=12, do_sample=False))
+        saved = json.loads(open(f"{folder}/config.json").read())
+        assert saved["model_type"] == "llama" and "auto_map" not in saved
+        folders.append(folder)
+    result = run_without("hf_posvariants", PLAIN_LOADER, json.dumps(folders), json.dumps(PROMPTS),
+                         str(tmp_path / "out.pt"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "out.pt")
+    for folder in folders:
+        (logits, tokens), (want_logits, want_tokens) = loaded[folder], expected[folder]
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=0, msg=folder)
+        assert torch.equal(tokens, want_tokens), folder
+        assert tokens.shape[1] == len(PROMPTS[0]) + 12
+
+
+@pytest.mark.parametrize("rope", ROPE_SCALINGS)
+def test_every_rope_scaling_converts_to_the_same_logits_and_tokens(rope):
+    prompts = torch.tensor(PROMPTS)
+    config = tiny_config(PosVarLlamaConfig, "rope", rope_parameters=dict(ROPE_SCALINGS[rope]), num_key_value_heads=1,
+                         attention_bias=True, mlp_bias=True)  # fmt: skip
+    model = build(AutoModelForCausalLM, config)
+    llama = convert_to_llama(model)
+    assert type(llama) is LlamaForCausalLM and llama.config.rope_parameters == model.config.rope_parameters
+    with torch.no_grad():
+        # 70 tokens: past max_position_embeddings (64), where dynamic and longrope switch to their long regime.
+        long_prompt = torch.randint(3, VOCAB, (1, 70))
+        torch.testing.assert_close(llama(long_prompt).logits, model(long_prompt).logits, rtol=0, atol=0)
+        generated = model.generate(prompts, max_new_tokens=12, do_sample=False)
+        assert torch.equal(llama.generate(prompts, max_new_tokens=12, do_sample=False), generated)
+
+
+def test_converted_model_matches_on_every_backend_and_dtype():
+    prompts = torch.tensor(PROMPTS)
+    for implementation in ("eager", "sdpa"):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope"), implementation).to(dtype)
+            llama = convert_to_llama(model)
+            llama.set_attn_implementation(implementation)
+            assert llama.dtype == dtype
+            with torch.no_grad():
+                torch.testing.assert_close(llama(prompts).logits, model(prompts).logits, rtol=0, atol=0)
+
+
+NOT_LLAMA = [
+    *[(PosVarLlamaConfig, {"position_encoding": name}, f"position_encoding={name!r}")
+      for name in ENCODINGS if name != "rope"],
+    (PosVarLlamaConfig, {"layer_position_encodings": ["rope", "nope"]}, "layer_position_encodings=['rope', 'nope']"),
+    (PosVarLlamaConfig, {"norm_type": "layernorm"}, "norm_type='layernorm'"),
+    (PosVarLlamaConfig, {"norm_position": "post"}, "norm_position='post'"),
+    (PosVarLlamaConfig, {"mlp_type": "standard"}, "mlp_type='standard'"),
+    (PosVarLlamaConfig, {"scale_embeddings": True}, "scale_embeddings=True"),
+    (PosVarLlamaConfig, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor']=0.5"),
+    (PosVarDiffConfig, {}, "attention_variant='differential'"),
+    (PosVarDebertaConfig, {"num_key_value_heads": 4}, "attention_variant='disentangled'"),
+    (PosVarTransformerConfig, {}, "position_encoding='sinusoidal'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config_class, overrides, named", NOT_LLAMA, ids=[case[2] for case in NOT_LLAMA])
+def test_what_is_not_exactly_a_llama_is_refused_naming_the_field(config_class, overrides, named):
+    fields = {"position_encoding": config_class().position_encoding, **overrides}
+    config = tiny_config(config_class, fields.pop("position_encoding"), **fields)
+    with pytest.raises(ValueError, match="not exactly a Llama") as refusal:
+        check_exportable(config)
+    assert named in str(refusal.value) and "a Llama has" in str(refusal.value)
+
+
+def test_a_field_without_llama_counterpart_is_refused(monkeypatch):
+    config = tiny_config(PosVarLlamaConfig, "rope")
+    monkeypatch.setattr(config, "hidden_dropout", 0.1)  # acts in training only: still a Llama
+    check_exportable(config)
+    deberta = tiny_config(PosVarDebertaConfig, "nope", num_key_value_heads=4, emd_layers=2)
+    with pytest.raises(ValueError, match="emd_layers=2 \\(no Llama equivalent\\)"):
+        check_exportable(deberta)
+
+
+def test_a_masked_lm_folder_is_refused_before_its_weights_are_read(tmp_path):
+    folder = save_source(build(AutoModelForMaskedLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "mlm")
+    (tmp_path / "mlm" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="architectures=\\['PosVarLlamaForMaskedLM'\\]"):
+        export_llama(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_script_writes_a_llama_folder_or_refuses(tmp_path, capsys):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "rope")
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    assert script["main"]([source, str(tmp_path / "rope-llama")]) == 0
+    assert json.loads((tmp_path / "rope-llama" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    alibi = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "alibi")), tmp_path / "alibi")
+    assert script["main"]([alibi, str(tmp_path / "alibi-llama")]) == 2
+    assert "position_encoding='alibi' (a Llama has 'rope')" in capsys.readouterr().err
+
+
+def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub, capsys, monkeypatch):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    (tmp_path / "run" / "run_args.json").write_text(json.dumps({"objective": "clm", "block_size": 32}))
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    listed = script["main"]([source, "someone/tiny-llama", "--as-llama", "--dry_run"])
+    out = capsys.readouterr().out
+    assert not hub.instances and "LlamaForCausalLM" in out and "trust_remote_code" not in out.split("---", 2)[2]
+    sent = script["main"]([source, "someone/tiny-llama", "--as-llama", "--token", TOKEN])
+    files = hub.instances[0].commits[0]["files"]
+    assert sorted(listed) == sorted(sent) == sorted(files)
+    assert not any(path.endswith(".py") for path in files) and "run_args.json" in files
+    assert json.loads(files["config.json"])["model_type"] == "llama"
+    card = files["README.md"].decode()
+    assert "trust_remote_code" not in card and "- llama" in card and "custom_code" not in card
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json"} and not (tmp_path / "run" / "README.md").exists()
