@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.generation.continuous_batching import PagedAttentionCache
 
 from .attention import (
     MASK_BIAS_BACKENDS,
@@ -103,6 +104,10 @@ def depth_lambda_init(layer_idx: int) -> float:
 class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
+
+    # The backends it runs on with a paged KV cache (continuous batching): those where the layer writes the cache
+    # once, before the kernels. Flash writes a paged cache from inside the kernel, which runs twice per layer here.
+    paged_cache_backends: tuple[str, ...] = ("sdpa", "paged|eager")
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
@@ -191,6 +196,7 @@ class DifferentialAttention(PosVarAttention):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.check_paged_cache(cache)
         query, key, value = self.project(hidden_states, positions, cache)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
@@ -201,6 +207,17 @@ class DifferentialAttention(PosVarAttention):
         output = self.groupnorm(difference) * (1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
         return output, weights  # weights: the kernel's own maps, so a gradient reaches them
+
+    def check_paged_cache(self, cache: Cache | None) -> None:
+        """Refuse a paged KV cache (continuous batching) on a backend whose kernel writes that cache itself."""
+        backend = self.config._attn_implementation
+        if isinstance(cache, PagedAttentionCache) and backend not in self.paged_cache_backends:
+            raise ValueError(
+                f"attn_implementation={backend!r} writes the paged KV cache of continuous batching inside the kernel, "
+                "and differential attention calls the kernel twice per layer under one layer_idx (or once on keys "
+                f"padded to twice their width), so the cache would be written twice; allowed backends with a paged "
+                f"cache are {list(self.paged_cache_backends)}, and every backend runs with generate()'s caches."
+            )
 
     def kernel_path(self, query: torch.Tensor, key: torch.Tensor) -> str:
         """`self.kernel_calls` when set (tests, benchmarks), else `choose_kernel_calls` for this call."""

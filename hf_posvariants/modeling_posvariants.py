@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -178,7 +179,23 @@ class PosVarPreTrainedModel(PreTrainedModel):
         )
         if not ignore_architecture_mismatch:
             check_weights_fit_config(model, loading_info, pretrained_model_name_or_path)
+        warn_if_trained_as_masked_lm(model, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
+
+
+def warn_if_trained_as_masked_lm(model: PosVarPreTrainedModel, source) -> None:
+    """A masked LM's weights load into the causal-LM head without error (same names), but they never learned to
+    predict the next token: warn, since a harness would otherwise report meaningless scores."""
+    trained_as = (model.config.architectures or [""])[0]
+    if isinstance(model, GenerationMixin) and trained_as.endswith("ForMaskedLM"):
+        warnings.warn(
+            f"{str(source)!r} was trained as a masked language model ({trained_as}, bidirectional); loaded as "
+            f"{type(model).__name__} it predicts the next token with weights that never learned to, so its "
+            "perplexity and generations are meaningless. Load it with AutoModelForMaskedLM, or fine-tune it as a "
+            "causal LM first.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_weights_fit_config(model: PosVarPreTrainedModel, loading_info: dict, source) -> None:

@@ -28,7 +28,6 @@ from test_training import _one_thread  # noqa: F401  (autouse: tiny models run f
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import extend_context  # noqa: E402
-import extension_study  # noqa: E402
 
 
 def llama_config(**overrides) -> LlamaConfig:
@@ -159,6 +158,9 @@ def test_extension_command_end_to_end(tmp_path, pretrained_llama):
 
 @pytest.mark.slow
 def test_extension_study_compares_rescalings(tmp_path, pretrained_llama):
+    pytest.importorskip("matplotlib")  # the study plots: the `plots` extra
+    import extension_study
+
     llama, _ = pretrained_llama
     reports = extension_study.main([str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"),
                                     "--scalings", "linear", "dynamic", "--work-dir", str(tmp_path / "work"),

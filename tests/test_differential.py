@@ -29,6 +29,7 @@ from hf_posvariants.differential_attention import (
     choose_kernel_calls,
 )
 from hf_posvariants.position_encodings import Positions
+from transformers.generation.continuous_batching import PagedAttentionCache
 from hf_posvariants.conversion.diffllama import convert_diffllama, convert_diffllama_config, convert_diffllama_state_dict
 
 CACHEABLE = [name for name in ENCODINGS if POSITION_ENCODINGS[name].cacheable]
@@ -315,6 +316,22 @@ def test_subtracted_maps_are_refused_where_a_bias_is_a_score_function():
     force_kernel_calls(model, "subtracted_maps")
     with pytest.raises(ValueError, match=r"kernel_calls='subtracted_maps'.*'flex_attention'.*\['eager', 'sdpa'\]"):
         model(input_ids=random_ids(1, 5))
+
+
+def test_a_paged_cache_is_refused_where_the_kernel_writes_it():
+    """Two kernel calls per layer under one layer_idx: flash, which writes continuous batching's paged cache itself,
+    would write it twice; refused before anything is projected or written."""
+    model = build(AutoModelForCausalLM, diff_config())
+    attention = model.model.layers[0].self_attn
+    paged = PagedAttentionCache.__new__(PagedAttentionCache)  # unallocated: it must not be touched
+    hidden = torch.zeros(1, 3, model.config.hidden_size)
+    for backend in ("flash_attention_2", "flash_attention_3"):
+        attention.config._attn_implementation = backend
+        with pytest.raises(ValueError, match=rf"'{backend}' writes the paged KV cache.*\['sdpa', 'paged\|eager'\]"):
+            attention(hidden, None, Positions(), cache=paged)
+    for backend in attention.paged_cache_backends:
+        attention.config._attn_implementation = backend
+        attention.check_paged_cache(paged)
 
 
 # --- backends, causality, cache, padding, MLM ----------------------------------------------------------

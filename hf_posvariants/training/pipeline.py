@@ -409,6 +409,9 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     datasets_, collator, compute_metrics, preprocess = task_inputs(
         model_args, data_args, training_args, splits, text_column, tokenizer, config
     )
+    # Set once the data is tokenized (whole documents exceed it), it is saved with every checkpoint and tells
+    # evaluation harnesses the trained length, not the longer max_position_embeddings a recipe may allow.
+    tokenizer.model_max_length = data_args.block_size
     model = build_model(model_args, config)
     record = run_record(model_args, data_args, training_args, model, plan.run_id, settings)
     if training_args.should_save:
