@@ -105,8 +105,13 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
-    # The backends it runs on with a paged KV cache (continuous batching): those where the layer writes the cache
-    # once, before the kernels. Flash writes a paged cache from inside the kernel, which runs twice per layer here.
+    # The kernel runs twice per layer under one layer_idx (or once on keys padded to twice their width), which only
+    # kernels that leave the KV cache to the layer can take. transformers' own do, except that flash writes
+    # continuous batching's paged cache itself: with a paged cache only `paged_cache_backends` run. Any other
+    # registered kernel (vLLM's Transformers backend, a hub kernel) may write its engine's cache, and is refused.
+    kernel_backends: tuple[str, ...] = (
+        "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager",
+    )  # fmt: skip
     paged_cache_backends: tuple[str, ...] = ("sdpa", "paged|eager")
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
@@ -196,7 +201,7 @@ class DifferentialAttention(PosVarAttention):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.check_paged_cache(cache)
+        self.check_backend(cache)
         query, key, value = self.project(hidden_states, positions, cache)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
@@ -208,9 +213,16 @@ class DifferentialAttention(PosVarAttention):
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
         return output, weights  # weights: the kernel's own maps, so a gradient reaches them
 
-    def check_paged_cache(self, cache: Cache | None) -> None:
-        """Refuse a paged KV cache (continuous batching) on a backend whose kernel writes that cache itself."""
+    def check_backend(self, cache: Cache | None) -> None:
+        """Refuse a kernel that may write a KV cache itself, and a paged cache (continuous batching) on a backend
+        whose kernel writes it."""
         backend = self.config._attn_implementation
+        if backend not in self.kernel_backends:
+            raise ValueError(
+                f"attn_implementation={backend!r} is not supported by attention_variant='differential': it calls the "
+                "kernel twice per layer under one layer_idx, so a kernel that writes its own KV cache (as an "
+                f"engine's paged attention does) would write it twice; allowed backends are {list(self.kernel_backends)}."
+            )
         if isinstance(cache, PagedAttentionCache) and backend not in self.paged_cache_backends:
             raise ValueError(
                 f"attn_implementation={backend!r} writes the paged KV cache of continuous batching inside the kernel, "

@@ -318,9 +318,10 @@ def test_subtracted_maps_are_refused_where_a_bias_is_a_score_function():
         model(input_ids=random_ids(1, 5))
 
 
-def test_a_paged_cache_is_refused_where_the_kernel_writes_it():
+def test_kernels_that_write_a_cache_themselves_are_refused():
     """Two kernel calls per layer under one layer_idx: flash, which writes continuous batching's paged cache itself,
-    would write it twice; refused before anything is projected or written."""
+    or an engine's kernel (vLLM's Transformers backend registers "vllm") would write it twice; refused before
+    anything is projected or written."""
     model = build(AutoModelForCausalLM, diff_config())
     attention = model.model.layers[0].self_attn
     paged = PagedAttentionCache.__new__(PagedAttentionCache)  # unallocated: it must not be touched
@@ -329,9 +330,13 @@ def test_a_paged_cache_is_refused_where_the_kernel_writes_it():
         attention.config._attn_implementation = backend
         with pytest.raises(ValueError, match=rf"'{backend}' writes the paged KV cache.*\['sdpa', 'paged\|eager'\]"):
             attention(hidden, None, Positions(), cache=paged)
+        attention.check_backend(None)  # with generate()'s caches flash is fine
+    attention.config._attn_implementation = "vllm"
+    with pytest.raises(ValueError, match=r"'vllm' is not supported by attention_variant='differential'.*'paged\|eager'\]"):
+        attention(hidden, None, Positions())
     for backend in attention.paged_cache_backends:
         attention.config._attn_implementation = backend
-        attention.check_paged_cache(paged)
+        attention.check_backend(paged)
 
 
 # --- backends, causality, cache, padding, MLM ----------------------------------------------------------
