@@ -221,7 +221,8 @@ class DifferentialAttention(PosVarAttention):
             raise ValueError(
                 f"attn_implementation={backend!r} is not supported by attention_variant='differential': it calls the "
                 "kernel twice per layer under one layer_idx, so a kernel that writes its own KV cache (as an "
-                f"engine's paged attention does) would write it twice; allowed backends are {list(self.kernel_backends)}."
+                "engine's paged attention does) would write it twice; allowed backends are "
+                f"{list(self.kernel_backends)}."
             )
         if isinstance(cache, PagedAttentionCache) and backend not in self.paged_cache_backends:
             raise ValueError(

@@ -332,7 +332,7 @@ def test_kernels_that_write_a_cache_themselves_are_refused():
             attention(hidden, None, Positions(), cache=paged)
         attention.check_backend(None)  # with generate()'s caches flash is fine
     attention.config._attn_implementation = "vllm"
-    with pytest.raises(ValueError, match=r"'vllm' is not supported by attention_variant='differential'.*'paged\|eager'\]"):
+    with pytest.raises(ValueError, match=r"'vllm' is not supported by attention_variant='differential'.*'paged\|eager'"):
         attention(hidden, None, Positions())
     for backend in attention.paged_cache_backends:
         attention.config._attn_implementation = backend

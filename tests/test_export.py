@@ -40,7 +40,9 @@ def import_blocker(package: str) -> str:
     )
 
 
-def run_without(package: str, script: str, *args: str, cwd, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+def run_without(
+    package: str, script: str, *args: str, cwd, pythonpath: str | None = None
+) -> subprocess.CompletedProcess:
     """Run `script` in a fresh interpreter, offline, where `package` cannot be imported; PYTHONPATH is `pythonpath`
     (by default none: the tests' own is dropped)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

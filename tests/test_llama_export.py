@@ -8,7 +8,7 @@ import runpy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from hf_posvariants import PosVarDebertaConfig, PosVarDiffConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from hf_posvariants.conversion import check_exportable, convert_to_llama, export_llama
@@ -147,6 +147,11 @@ def test_a_field_without_llama_counterpart_is_refused(monkeypatch):
         check_exportable(deberta)
 
 
+def test_a_config_of_another_library_is_refused():
+    with pytest.raises(ValueError, match="model_type='llama' is not a posvariants model"):
+        check_exportable(LlamaConfig())
+
+
 def test_a_masked_lm_folder_is_refused_before_its_weights_are_read(tmp_path):
     folder = save_source(build(AutoModelForMaskedLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "mlm")
     (tmp_path / "mlm" / "model.safetensors").unlink()
@@ -180,4 +185,4 @@ def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub,
     assert json.loads(files["config.json"])["model_type"] == "llama"
     card = files["README.md"].decode()
     assert "trust_remote_code" not in card and "- llama" in card and "custom_code" not in card
-    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json"} and not (tmp_path / "run" / "README.md").exists()
+    assert not (tmp_path / "run" / "README.md").exists()  # the trained folder is left as it was

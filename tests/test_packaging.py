@@ -35,8 +35,8 @@ def test_a_wheel_install_carries_the_model_card_template(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"), str(source)],
-                   check=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"),
+                    str(source)], check=True, cwd=tmp_path, timeout=300)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("hf_posvariants-*.whl")
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
@@ -45,7 +45,8 @@ def test_a_wheel_install_carries_the_model_card_template(tmp_path):
     build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")).save_pretrained(folder)
     (folder / "run_args.json").write_text(json.dumps({"objective": "clm", "block_size": 32}))
     # matplotlib is blocked, which the wheel's core must not need either.
-    result = run_without("matplotlib", RENDER_FROM_WHEEL, str(target), str(folder), cwd=tmp_path, pythonpath=str(target))
+    result = run_without("matplotlib", RENDER_FROM_WHEEL, str(target), str(folder), cwd=tmp_path,
+                         pythonpath=str(target))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -15,7 +15,14 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedConfig,
+)
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
@@ -96,7 +103,8 @@ def check_exportable(config: PosVarConfig, architecture: str | None = None) -> N
         raise ValueError(
             f"This {config.model_type} model is not exactly a Llama, so it cannot be exported as LlamaForCausalLM: "
             f"{'; '.join(differences)}. Serve it with transformers (trust_remote_code=True, or with hf_posvariants "
-            "installed) or vLLM's Transformers backend instead; see README.md, 'Training and sharing'."
+            "installed); README.md's 'Training and sharing' says which configurations vLLM's Transformers backend "
+            "takes."
         )
 
 
