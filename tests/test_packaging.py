@@ -4,10 +4,12 @@ the test suite collects with only the `dev` extra."""
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from hf_posvariants import PosVarLlamaConfig
@@ -61,3 +63,15 @@ def test_the_context_extension_tests_collect_without_matplotlib():
     result = run_without("matplotlib", COLLECT, "tests/test_context_extension.py", cwd=ROOT, pythonpath=str(ROOT))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "test_extension_study_compares_rescalings" in result.stdout
+
+
+def test_push_dry_run_renders_the_card(tmp_path, capsys):
+    """A dry run renders the card a push would upload, so a missing or broken template fails there."""
+    folder = tmp_path / "model"
+    build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")).save_pretrained(folder)
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    script["main"]([str(folder), "someone/tiny", "--dry_run"])
+    out = capsys.readouterr().out
+    assert "--- README.md ---" in out and 'from_pretrained("someone/tiny", trust_remote_code=True)' in out
+    with pytest.raises(FileNotFoundError):
+        script["main"]([str(folder), "someone/tiny", "--dry_run", "--template", str(tmp_path / "missing.md")])
