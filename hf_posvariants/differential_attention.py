@@ -104,6 +104,8 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
+    kernel_calls_per_layer = 2  # the paths that fit under one call still take the cache once, in `project`
+
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
         self.head_layout = config.differential_head_layout
@@ -191,7 +193,7 @@ class DifferentialAttention(PosVarAttention):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.project(hidden_states, positions, cache)
+        query, key, value = self.project(hidden_states, positions, cache, cache_kwargs=kwargs)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
