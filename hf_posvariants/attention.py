@@ -342,8 +342,6 @@ class PosVarAttention(nn.Module):
     """
 
     backends: tuple[str, ...] | None = None
-    # How often one layer calls the kernel with the same cache: a paged kernel that writes the cache must see one.
-    kernel_calls_per_layer: int = 1
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()

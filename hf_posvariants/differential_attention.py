@@ -104,8 +104,6 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
-    kernel_calls_per_layer = 2  # the paths that fit under one call still take the cache once, in `project`
-
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
         self.head_layout = config.differential_head_layout

@@ -317,19 +317,6 @@ class PosVarModel(PosVarPreTrainedModel):
             and not torch.compiler.is_compiling()
         )
 
-    def check_paged_cache(self, layer_kwargs: dict) -> None:
-        """A variant that calls the kernel more than once per layer cannot let a paged kernel write the cache
-        (block-table decoding with flash attention): it would be written twice under one `layer_idx`."""
-        self.check_paged_encodings()
-        variant = ATTENTION_VARIANTS[self.config.attention_variant]
-        if layer_kwargs.get("block_table") is not None and variant.kernel_calls_per_layer > 1:
-            raise ValueError(
-                f"attention_variant={self.config.attention_variant!r} calls the attention kernel "
-                f"{variant.kernel_calls_per_layer} times per layer, so a paged kernel that writes the cache itself "
-                "(block-table decoding with flash attention) would write it twice; run continuous batching with "
-                "attn_implementation 'sdpa' or 'paged|eager'."
-            )
-
     def check_paged_encodings(self) -> None:
         """Continuous batching packs every request into one row and gathers each one's keys from a paged cache in
         the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
@@ -409,7 +396,7 @@ class PosVarModel(PosVarPreTrainedModel):
 
         paged = isinstance(cache, PagedAttentionCache)
         if paged:
-            self.check_paged_cache(kwargs)
+            self.check_paged_encodings()
         past_length = cache.get_seq_length() if cache is not None and not paged else 0
         device = inputs_embeds.device
         # A static cache counts its tokens in a tensor: added to, it stays a traced value under torch.compile.
@@ -420,7 +407,8 @@ class PosVarModel(PosVarPreTrainedModel):
         hidden_states = self.embed(inputs_embeds, position_ids)
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
         # A paged cache gathers each request's keys inside the layer; no encoding allowed with it reads key slots.
-        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if cache is not None and not paged else (query_length, 0)
+        sized_cache = cache is not None and not paged
+        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if sized_cache else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         # Each distinct encoding of the layers is computed once: its Positions and the mask that carries its bias.
         per_encoding = {

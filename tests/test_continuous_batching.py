@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
-from hf_posvariants import PosVarDiffConfig, PosVarLlamaConfig
+from hf_posvariants import PosVarLlamaConfig
 from hf_posvariants.modeling_posvariants import PAGED_CACHE_KINDS
 from hf_posvariants.position_encodings import POSITION_ENCODINGS
 
@@ -66,14 +66,3 @@ def test_every_causal_family_batches_continuously_with_rope(config_class, backen
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_continuous_batching_over_every_family_and_encoding(config_class, encoding):
     check_continuous_batching(config_class, encoding, "sdpa")
-
-
-def test_a_kernel_that_writes_the_paged_cache_is_refused_for_two_calls_per_layer():
-    """Block-table decoding (flash on CUDA) lets the kernel write the cache; two calls under one layer_idx would
-    write it twice."""
-    model = build(AutoModelForCausalLM, tiny_config(PosVarDiffConfig, "rope"), "sdpa")
-    with pytest.raises(ValueError, match="attention_variant='differential' calls the attention kernel 2 times"):
-        model.model.check_paged_cache({"block_table": torch.zeros(1, 1, dtype=torch.int32)})
-    build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope"), "sdpa").model.check_paged_cache(
-        {"block_table": torch.zeros(1, 1, dtype=torch.int32)}
-    )
