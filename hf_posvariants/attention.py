@@ -379,9 +379,11 @@ class PosVarAttention(nn.Module):
         positions: Positions,
         cache: Cache | None,
         key_value_states: torch.Tensor | None = None,
+        cache_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, Q, D) and keys/values (B, H_kv, K, D), rotated and cached; keys and values come from
-        `key_value_states` when given (DeBERTa's Enhanced Mask Decoder)."""
+        `key_value_states` when given (DeBERTa's Enhanced Mask Decoder). `cache_kwargs` are the layer's keyword
+        arguments: a paged cache (continuous batching) reads its slot indices there and updates them in place."""
         source = hidden_states if key_value_states is None else key_value_states
         query = self.q_proj(hidden_states).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         key = self.k_proj(source).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
@@ -389,7 +391,7 @@ class PosVarAttention(nn.Module):
         if positions.rotary is not None:
             query, key = rotate(query, *positions.rotary), rotate(key, *(positions.key_rotary or positions.rotary))
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache.update(key, value, self.layer_idx, kwargs={} if cache_kwargs is None else cache_kwargs)
         return query, key, value
 
     def forward(
@@ -400,7 +402,7 @@ class PosVarAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.project(hidden_states, positions, cache)
+        query, key, value = self.project(hidden_states, positions, cache, cache_kwargs=kwargs)
         return self.attend(query, key, value, attention_mask, **self.bias_arguments(positions.bias, query.dtype), **kwargs)
 
     def bias_arguments(self, bias: ScoreBias | None, dtype: torch.dtype) -> dict:

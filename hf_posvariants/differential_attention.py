@@ -202,7 +202,7 @@ class DifferentialAttention(PosVarAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_backend(cache)
-        query, key, value = self.project(hidden_states, positions, cache)
+        query, key, value = self.project(hidden_states, positions, cache, cache_kwargs=kwargs)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,6 +42,10 @@ from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, 
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
 from .position_encodings import POSITION_ENCODINGS, ContextualPositions, PositionEncoding, Positions, ScoreBias
+
+
+# Encoding kinds read from `position_ids` alone, the only ones a continuous batch (a paged KV cache) carries.
+PAGED_CACHE_KINDS = ("absolute", "rotary", "none")
 
 
 class RMSNorm(nn.Module):
@@ -329,6 +334,21 @@ class PosVarModel(PosVarPreTrainedModel):
             and not torch.compiler.is_compiling()
         )
 
+    def check_paged_encodings(self) -> None:
+        """Continuous batching packs every request into one row and gathers each one's keys from a paged cache in
+        the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
+        q/k): a bias or relative positions need key positions that the paged batch does not carry."""
+        encodings = [self.position_encoding, *self.scheduled_encodings.values()]
+        if self.relative_positions is not None:
+            encodings.append(self.relative_positions)
+        for encoding in encodings:
+            if encoding.kind not in PAGED_CACHE_KINDS or not encoding.cacheable:
+                raise ValueError(
+                    f"Continuous batching (a paged KV cache) cannot run position_encoding={encoding.name!r} "
+                    f"({encoding.kind}): it needs each key's position, which a paged batch does not carry. Use "
+                    f"generate(); continuous batching takes encodings of the kinds {list(PAGED_CACHE_KINDS)}."
+                )
+
     def encoding_named(self, name: str) -> PositionEncoding:
         return self.position_encoding if name == self.config.position_encoding else self.scheduled_encodings[name]
 
@@ -391,7 +411,10 @@ class PosVarModel(PosVarPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        past_length = cache.get_seq_length() if cache is not None else 0
+        paged = isinstance(cache, PagedAttentionCache)
+        if paged:
+            self.check_paged_encodings()
+        past_length = cache.get_seq_length() if cache is not None and not paged else 0
         device = inputs_embeds.device
         # A static cache counts its tokens in a tensor: added to, it stays a traced value under torch.compile.
         query_slots = torch.arange(query_length, device=device) + past_length
@@ -400,7 +423,9 @@ class PosVarModel(PosVarPreTrainedModel):
         mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = self.embed(inputs_embeds, position_ids)
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
-        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
+        # A paged cache gathers each request's keys inside the layer; no encoding allowed with it reads key slots.
+        sized_cache = cache is not None and not paged
+        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if sized_cache else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         # Each distinct encoding of the layers is computed once: its Positions and the mask that carries its bias.
         per_encoding = {
@@ -426,6 +451,13 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         if not self.model.position_encoding.cacheable:
             self.generation_config.use_cache = False
         self.post_init()
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (`generate_batch`, `transformers serve --continuous_batching`), refused
+        before any request is queued when the encoding cannot run on a paged cache (the manager would otherwise
+        only log each request's failure)."""
+        self.model.check_paged_encodings()
+        return super().init_continuous_batching(*args, **kwargs)
 
     def use_lm_loss(self, name: str) -> None:
         """Train with loss `name`: "plain", or one of `LM_LOSSES` computed from the hidden states without the
