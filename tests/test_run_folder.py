@@ -519,3 +519,49 @@ def test_a_full_disk_is_named_with_the_file_being_written(tmp_path):
     checkpoint = disk / "run" / "checkpoint-4"
     assert re.fullmatch(rf"OSError: \[Errno 28\] no space left on tmpfs \(mounted on {re.escape(str(disk))}\) while "
                         rf"writing {re.escape(str(checkpoint))}/[\w.]+", last_line), child.stderr[-3000:]  # fmt: skip
+
+
+# Each rank of a two-process gloo run writes its pid at step 5 and waits for the parent's go-ahead file.
+DDP_HOLD_AT_STEP_FIVE = """
+import json, os, sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from hf_posvariants.training import pipeline
+
+class Hold(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            Path(sys.argv[1], f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
+            while not Path(sys.argv[1], "go").exists():
+                time.sleep(0.05)
+
+pipeline.main(json.loads(sys.argv[2]), callbacks=[Hold()])
+"""
+
+
+@pytest.mark.slow  # two torchrun launches: ~40 s on 2 cores
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
+    folder, signals = tmp_path / "run", tmp_path / "signals"
+    signals.mkdir()
+    argv = run_argv(folder, "--enable_jit_checkpoint", "true", "--per_device_train_batch_size", "4")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_HOLD_AT_STEP_FIVE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), str(signals),
+               json.dumps(argv)]  # fmt: skip
+    child = subprocess.Popen(command, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for rank in (0, 1):
+        wait_for(signals / f"rank{rank}", child)
+    os.kill(int((signals / "rank1").read_text()), signal.SIGTERM)  # one rank only: the other must follow it
+    (signals / "go").write_text("")
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode != 0 and "exitcode  : 143" in stderr, stderr[-3000:]
+    assert is_complete(folder / "checkpoint-6")
+    assert {path.name for path in (folder / "checkpoint-6").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not json.loads((folder / "run_args.json").read_text()).get("finished")
+
+    (signals / "go").unlink()
+    for rank in (0, 1):
+        (signals / f"rank{rank}").unlink()
+    resumed = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 12

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 
+import torch
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ class RunStopped(Exception):
 
 class SaveAndStopOnSigterm(TrainerCallback):
     """From `on_train_begin` to `on_train_end`, SIGTERM makes the Trainer save a checkpoint at the end of the
-    current optimizer step (skipping an evaluation due then) and stop. A second SIGTERM changes nothing.
-    Used as a context manager, it also puts the handler back when training raises."""
+    current optimizer step (skipping an evaluation due then) and stop. A second SIGTERM changes nothing. In
+    a distributed run the ranks agree at every step, so all save and stop at the same one, whichever of them
+    got the signal first. Used as a context manager, it also puts the handler back when training raises."""
 
     def __init__(self):
         self.requested = False
@@ -44,6 +46,10 @@ class SaveAndStopOnSigterm(TrainerCallback):
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            asked = torch.tensor([float(self.requested)], device=args.device)
+            torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(asked.item())
         if self.requested:
             control.should_evaluate = False
             control.should_save = True
