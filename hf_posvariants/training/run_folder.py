@@ -5,8 +5,9 @@
   the lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock; processes
   it forks (`datasets.map` and DataLoader workers) close their copy at once, so they never keep it.
 - The run record (`run_args.json`) at the folder's top says which settings the run was started with.
-  Re-running the same command resumes it; a folder of a different run is refused unless the user asks
-  to overwrite it or to continue it (`--resume_from_checkpoint last`).
+  Re-running the same command resumes it; a folder of a different run, or of a plain transformers
+  Trainer, is refused unless the user asks to overwrite it or to continue it (`--resume_from_checkpoint
+  last`, offered only where there is a checkpoint to continue).
 - A checkpoint is complete once a copy of the run record, written atomically after every other file
   of the checkpoint is on disk, sits in it; the copy lists each file's size. Resume and rotation consider
   complete checkpoints of this run only, so a checkpoint cut short by a crash is never loaded and a folder
@@ -45,8 +46,6 @@ LAST = "last"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's name (that module is slow to import)
 # transformers' own emergency (JIT) checkpoint leaves this file in a checkpoint it did not finish.
 TRAINER_INCOMPLETE_MARK = "checkpoint-is-incomplete.txt"
-# Options of the pipeline that the resume decision reads.
-ALLOW_MODEL_ONLY = "allow_model_only_resume"
 # Settings that change how a run is watched or where it writes, not what it computes: a re-run that
 # differs only in these is the same run.
 NEUTRAL_SETTINGS = {
@@ -54,7 +53,7 @@ NEUTRAL_SETTINGS = {
     "run_name", "project", "push_to_hub", "save_total_limit", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "log_level", "log_level_replica",
     "log_on_each_node", "skip_memory_metrics", "torch_num_threads", "preprocessing_num_workers",
-    "enable_jit_checkpoint", ALLOW_MODEL_ONLY,
+    "enable_jit_checkpoint", "allow_model_only_resume",
 }  # fmt: skip
 NEUTRAL_PREFIXES = ("logging_", "hub_", "trackio_")
 
