@@ -478,11 +478,20 @@ def test_a_plain_trainer_folder_is_refused_with_a_way_that_works_and_continued_w
     argv = run_argv(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         pipeline.main(argv, callbacks=[CrashAt(10)])
-    for record in [tmp_path / "run_args.json", *tmp_path.glob("checkpoint-*/run_args.json")]:
-        record.unlink()  # what a plain transformers Trainer leaves: checkpoints, no run record
+    # What a plain transformers Trainer leaves: checkpoints without run record, model code or tokenizer.
+    (tmp_path / "run_args.json").unlink()
+    for checkpoint in tmp_path.glob("checkpoint-*"):
+        for path in [checkpoint / "run_args.json", *checkpoint.glob("*.py"), *checkpoint.glob("tokenizer*")]:
+            path.unlink()
     with pytest.raises(OutputDirError, match="its transformers Trainer checkpoints can be continued") as refusal:
         pipeline.main(argv)
     assert "add --resume_from_checkpoint last to continue it" in str(refusal.value)
+
+    # Such a checkpoint named as --resume_from_checkpoint PATH continues in another folder too.
+    elsewhere = tmp_path / "elsewhere"
+    pipeline.main([*argv, "--output_dir", str(elsewhere), "--resume_from_checkpoint", str(tmp_path / "checkpoint-8")])
+    assert_same_weights(elsewhere, uninterrupted)
+    shutil.rmtree(elsewhere)
 
     capsys.readouterr()
     pipeline.main([*argv, "--resume_from_checkpoint", "last"])  # the way the message gives
