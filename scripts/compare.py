@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from hf_posvariants.evaluation.compare import load_recipe, rewrite_report, run_compare
+from hf_posvariants.training.recipes import load_yaml
 
 
 def apply_override(recipe: dict, assignment: str) -> None:
@@ -23,7 +22,7 @@ def apply_override(recipe: dict, assignment: str) -> None:
     node = recipe
     for parent in parents:
         node = node.setdefault(parent, {})
-    node[key] = yaml.safe_load(value)
+    node[key] = load_yaml(value, f"--set {path}")
 
 
 def main(argv: list[str] | None = None) -> dict:

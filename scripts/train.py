@@ -6,7 +6,9 @@
     torchrun --nproc_per_node 2 scripts/train.py configs/tiny_clm.yaml          # data parallel on CPUs
     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 scripts/train.py configs/base_clm.yaml
 
-Running the same command again resumes the run. The pipeline lives in `hf_posvariants.training.pipeline`;
+Running the same command again resumes the run. With `--enable_jit_checkpoint true`, SIGTERM saves a
+checkpoint at the end of the step under way and exits with status 143 (128 + SIGTERM): the run is not
+finished, and the same command resumes it. The pipeline lives in `hf_posvariants.training.pipeline`;
 `--help` lists every argument.
 """
 

@@ -36,7 +36,7 @@ from hf_posvariants.evaluation.length import evaluate_lengths, load_causal_lm, w
 from hf_posvariants.evaluation.probes import probe_sweep, write_probe_report
 from hf_posvariants.evaluation.report import line_plot, markdown_table
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.recipes import MODEL_SECTION, config_class_of
+from hf_posvariants.training.recipes import MODEL_SECTION, config_class_of, load_yaml
 
 RECIPE_SECTIONS = ("output_dir", "data", "base", "variants", "evaluation", "probes", "parameter_tolerance", "workers")
 # Base-recipe keys the study sets itself, per variant.
@@ -55,7 +55,7 @@ class Variant:
 
 
 def load_recipe(path: str | Path) -> dict:
-    recipe = yaml.safe_load(Path(path).read_text())
+    recipe = load_yaml(Path(path).read_text(), str(path))
     unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
     if unknown:
         raise ValueError(f"recipe keys {unknown} are not supported; allowed keys are {list(RECIPE_SECTIONS)}.")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_posvariants import PosVarConfig
@@ -46,11 +49,16 @@ from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_spl
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
+from .preemption import RunStopped, SaveAndStopOnSigterm
 from .recipes import check_config_fields, parse_recipe, recipe_argv
 from .run_folder import (
     RUN_RECORD_FILE,
+    TRAINER_STATE_NAME,
     RunLock,
     RunPlan,
+    checkpoints,
+    is_complete,
+    naming_a_full_disk,
     prepare,
     read_run_record,
     rotate,
@@ -114,6 +122,9 @@ class PosVarTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start a new run in an output_dir that holds another run (by default that is refused, and the "
                 "same command resumes its own run)."})  # fmt: skip
+    allow_model_only_resume: bool = field(default=False, metadata={
+        "help": "Resume from a checkpoint saved with save_only_model=True (refused by default: the optimizer, the "
+                "learning-rate schedule and the random state start afresh)."})  # fmt: skip
 
 
 def _choice(name: str, value: str, allowed) -> None:
@@ -134,7 +145,10 @@ def check_block_size(config: PosVarConfig, block_size: int) -> None:
 
 
 def load_or_train_tokenizer(model_args: ModelArguments, texts, resume_folder: str | None):
-    """The tokenizer named by the recipe, else the checkpoint's, else one trained on `texts`."""
+    """The tokenizer named by the recipe, else the checkpoint's (a plain Trainer's may have none), else one
+    trained on `texts`."""
+    if resume_folder is not None and not (Path(resume_folder) / "tokenizer_config.json").is_file():
+        resume_folder = None
     source = model_args.tokenizer_name or resume_folder or model_args.model_name_or_path
     if source is not None:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
@@ -234,7 +248,8 @@ examples:
   python scripts/train.py configs/tiny_mlm.yaml --model.position_encoding alibi --max_steps 100
   python scripts/train.py configs/small_clm.yaml --train_file notes.txt --output_dir runs/notes
 
-Running the same command again resumes the run from its newest complete checkpoint.
+Running the same command again resumes the run from its newest complete, intact checkpoint;
+--enable_jit_checkpoint true saves one on SIGTERM and exits with status 143.
 """
 
 
@@ -348,8 +363,13 @@ def train_recipe(recipe: str | Path | dict, overrides: dict | list[str] | None =
 
 
 def main(argv: list[str], callbacks: list | None = None, hub_client=None) -> dict:
-    """Run `scripts/train.py`'s command line; returns the final metrics."""
-    return run(argv, callbacks, hub_client).metrics
+    """Run `scripts/train.py`'s command line; returns the final metrics. A run stopped before its last step
+    exits with its `RunStopped.exit_code`, saying where it stopped."""
+    try:
+        return run(argv, callbacks, hub_client).metrics
+    except RunStopped as stopped:
+        print(stopped, file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
 
 
 def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunResult:
@@ -360,6 +380,8 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
     # Pushing is ours (the Trainer's pushes send whole folders and leave out the model code).
     push, training_args.push_to_hub = training_args.push_to_hub, False
     keep, training_args.save_total_limit = training_args.save_total_limit, None
+    # SIGTERM's checkpoint is ours too: the Trainer's is written past `on_save`, so it would not be sealed.
+    preemptible, training_args.enable_jit_checkpoint = training_args.enable_jit_checkpoint, False
     # Every parameter of our models takes part in every step, so DDP need not search for unused ones.
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False
@@ -376,7 +398,7 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
     with RunLock(training_args.output_dir) if training_args.should_save else nullcontext():
         with training_args.main_process_first(desc="output_dir"):
             plan = prepare(training_args.output_dir, settings, training_args.resume_from_checkpoint,
-                           training_args.overwrite_output_dir)  # fmt: skip
+                           training_args.overwrite_output_dir, training_args.allow_model_only_resume)  # fmt: skip
         if training_args.should_save:
             for note in plan.notes:
                 print(note)
@@ -385,8 +407,9 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
             if pusher is not None:  # the same command with --push_to_hub added: push what was trained
                 publish_final(Path(training_args.output_dir), pusher, read_run_record(training_args.output_dir))
         else:
-            metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher,
-                             callbacks)  # fmt: skip
+            with SaveAndStopOnSigterm() as stop, naming_a_full_disk(training_args.output_dir):
+                metrics = _train(model_args, data_args, training_args, model_fields, plan, settings, keep, pusher,
+                                 [*([stop] if preemptible else []), *(callbacks or [])])  # fmt: skip
         if training_args.should_save:
             print(summary(training_args.output_dir, metrics, _head(model_args), pusher))
     return RunResult(training_args.output_dir, metrics)
@@ -413,7 +436,7 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     # evaluation harnesses the trained length, not the longer max_position_embeddings a recipe may allow.
     tokenizer.model_max_length = data_args.block_size
     model = build_model(model_args, config)
-    record = run_record(model_args, data_args, training_args, model, plan.run_id, settings)
+    record = run_record(model_args, data_args, training_args, model, plan, settings)
     if training_args.should_save:
         write_run_record(training_args.output_dir, record)  # from now on, this command resumes this run
     trainer = Trainer(
@@ -427,8 +450,7 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         preprocess_logits_for_metrics=preprocess,
         callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or [])],
     )
-    train_result = trainer.train(resume_from_checkpoint=plan.resume_from)
-    metrics = {**train_result.metrics, "train_samples": len(datasets_["train"])}
+    metrics = {**fit(trainer, plan), "train_samples": len(datasets_["train"])}
     metrics.update(trainer.evaluate())
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
@@ -443,6 +465,34 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         if pusher is not None:
             publish_final(output_dir, pusher, final)
     return metrics
+
+
+def fit(trainer: Trainer, plan: RunPlan) -> dict:
+    """Train from `plan.resume_from`; returns the Trainer's train metrics. A checkpoint at the last step is
+    loaded, not trained further (the Trainer would add a step to it). A run that stops before its last step
+    (SIGTERM with --enable_jit_checkpoint, or a callback) raises `RunStopped`: it is not finished."""
+    if plan.resume_from is not None:
+        resumed = TrainerState.load_from_json(str(Path(plan.resume_from, TRAINER_STATE_NAME)))
+        if _at_last_step(resumed, trainer.args):
+            trainer._load_from_checkpoint(plan.resume_from)
+            trainer.state = resumed
+            return {}
+    metrics = trainer.train(resume_from_checkpoint=plan.resume_from).metrics
+    state = trainer.state
+    if state.global_step < state.max_steps:
+        sigterm = any(isinstance(callback, SaveAndStopOnSigterm) and callback.requested
+                      for callback in trainer.callback_handler.callbacks)  # fmt: skip
+        complete = [path for path in checkpoints(trainer.args.output_dir) if is_complete(path, plan.run_id)]
+        resumes = f"resumes from {complete[-1]}" if complete else "starts again from step 0"
+        raise RunStopped(f"Training stopped at step {state.global_step} of {state.max_steps}"
+                         f"{' (SIGTERM)' if sigterm else ''}; the run is not finished. The same command {resumes}.",
+                         128 + signal.SIGTERM if sigterm else 1)  # fmt: skip
+    return metrics
+
+
+def _at_last_step(state: TrainerState, args: TrainingArguments) -> bool:
+    last = args.max_steps if args.max_steps > 0 else state.max_steps
+    return 0 < last <= state.global_step
 
 
 def publish_final(output_dir: Path, pusher: HubPusher, record: dict) -> None:
@@ -476,10 +526,11 @@ def summary(output_dir: str, metrics: dict, head, pusher: HubPusher | None) -> s
 
 
 def run_record(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, model,
-               run_id: str, settings: dict) -> dict:
+               plan: RunPlan, settings: dict) -> dict:
     """What the model card and a re-run read about the run (training_args.bin has the rest, for the Trainer)."""
     return {
-        "run_id": run_id,
+        "run_id": plan.run_id,
+        "adopted": plan.adopted,
         "objective": model_args.objective if model_args.task == "lm" else model_args.task,
         "init": model_args.model_name_or_path,
         "dataset": data_args.train_file or data_args.dataset_name,

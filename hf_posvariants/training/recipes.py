@@ -4,12 +4,15 @@ A recipe has a `model:` section whose keys are exactly the fields of the family'
 straight to it, no renaming) and flat keys for the `HfArgumentParser` dataclasses (model, data and
 `TrainingArguments`). On the command line, `--key value` overrides a flat key and
 `--model.field value` a config field; values are read as YAML, so `--model.hidden_size 64` is an int.
+Numbers read as YAML 1.2 reads them (`1e-6` is a float, where YAML 1.1 makes it a string), and a key
+written twice in one mapping is an error rather than "the last one wins".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +20,44 @@ from transformers import HfArgumentParser
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 MODEL_SECTION = "model"
+# YAML 1.2 floats with an exponent but no dot or no exponent sign (`1e-6`, `3E5`, `1.5e3`), which
+# YAML 1.1 reads as text; the other float forms are the same in both.
+EXPONENT_FLOAT = re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with YAML 1.2 numbers, refusing a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges another mapping's keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first {seen[key]}); keep one of them",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = f"on line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep)
+
+
+# Tried before SafeLoader's own resolvers, for every first character such a number can start with.
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [("tag:yaml.org,2002:float", EXPONENT_FLOAT), *resolvers]
+    if first in "-+.0123456789" else list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}  # fmt: skip
+
+
+def load_yaml(text: str, source: str = "<string>") -> object:
+    """YAML as recipes read it (see `RecipeLoader`); a mistake in it names `source` and the line."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.MarkedYAMLError as error:
+        where = f", line {error.problem_mark.line + 1}" if error.problem_mark is not None else ""
+        raise ValueError(f"{source}{where}: {error.problem}") from None
 
 
 def _as_argv(values: dict) -> list[str]:
@@ -58,7 +99,7 @@ def _split_model_overrides(argv: list[str]) -> tuple[dict, list[str]]:
                 value = next(tokens, None)
                 if value is None:
                     raise ValueError(f"--{MODEL_SECTION}.{name} needs a value.")
-            overrides[name] = yaml.safe_load(value)
+            overrides[name] = load_yaml(value, f"--{MODEL_SECTION}.{name}")
         else:
             rest.append(token)
     return overrides, rest
@@ -71,7 +112,7 @@ def parse_recipe(parser: HfArgumentParser, argv: list[str]) -> tuple[tuple, dict
         path = Path(argv[0])
         if not path.is_file():
             raise ValueError(f"recipe {str(path)!r} does not exist.")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = load_yaml(path.read_text(), str(path)) or {}
         argv = argv[1:]
     model_fields = dict(recipe.pop(MODEL_SECTION, None) or {})
     overrides, argv = _split_model_overrides(argv)

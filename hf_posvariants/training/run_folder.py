@@ -2,32 +2,40 @@
 
 - A lock (`fcntl.flock` on `.posvar.lock`) is held by the writing process for the whole run; a second
   run on the same folder fails at once, naming the folder and the process holding it. The kernel drops
-  the lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock.
+  the lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock; processes
+  it forks (`datasets.map` and DataLoader workers) close their copy at once, so they never keep it.
 - The run record (`run_args.json`) at the folder's top says which settings the run was started with.
-  Re-running the same command resumes it; a folder of a different run is refused unless the user asks
-  to overwrite it or to continue it (`--resume_from_checkpoint last`).
+  Re-running the same command resumes it; a folder of a different run, or of a plain transformers
+  Trainer, is refused unless the user asks to overwrite it or to continue it (`--resume_from_checkpoint
+  last`, offered only where there is a checkpoint to continue).
 - A checkpoint is complete once a copy of the run record, written atomically after every other file
-  of the checkpoint is on disk, sits in it. Resume and rotation consider complete checkpoints of this
-  run only, so a checkpoint cut short by a crash is never loaded and a folder the run did not write is
-  never deleted.
+  of the checkpoint is on disk, sits in it; the copy lists each file's size. Resume and rotation consider
+  complete checkpoints of this run only, so a checkpoint cut short by a crash is never loaded and a folder
+  the run did not write is never deleted. Resume verifies the checkpoint it picks (sizes, safetensors
+  headers) and falls back to the newest intact one, naming the damaged one; a checkpoint saved without
+  its optimizer state (`save_only_model`) is resumed only when the user allows it.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -35,6 +43,9 @@ logger = logging.getLogger(__name__)
 RUN_RECORD_FILE = "run_args.json"
 LOCK_FILE = ".posvar.lock"
 LAST = "last"
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's name (that module is slow to import)
+# transformers' own emergency (JIT) checkpoint leaves this file in a checkpoint it did not finish.
+TRAINER_INCOMPLETE_MARK = "checkpoint-is-incomplete.txt"
 # Settings that change how a run is watched or where it writes, not what it computes: a re-run that
 # differs only in these is the same run.
 NEUTRAL_SETTINGS = {
@@ -42,6 +53,7 @@ NEUTRAL_SETTINGS = {
     "run_name", "project", "push_to_hub", "save_total_limit", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "log_level", "log_level_replica",
     "log_on_each_node", "skip_memory_metrics", "torch_num_threads", "preprocessing_num_workers",
+    "enable_jit_checkpoint", "allow_model_only_resume",
 }  # fmt: skip
 NEUTRAL_PREFIXES = ("logging_", "hub_", "trackio_")
 
@@ -83,31 +95,49 @@ def write_run_record(folder: str | Path, record: dict) -> None:
     write_text_atomic(Path(folder) / RUN_RECORD_FILE, json.dumps(record, indent=2, default=str) + "\n")
 
 
+def _is_neutral(key: str) -> bool:
+    return key in NEUTRAL_SETTINGS or key.startswith(NEUTRAL_PREFIXES)
+
+
 def run_settings(sections: dict[str, dict]) -> dict:
     """`{"section.key": value}` of everything that decides what a run computes, as JSON values."""
-    flat = {
-        f"{section}.{key}": value
-        for section, values in sections.items()
-        for key, value in values.items()
-        if key not in NEUTRAL_SETTINGS and not key.startswith(NEUTRAL_PREFIXES)
-    }
+    flat = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
+            if not _is_neutral(key)}  # fmt: skip
     return json.loads(json.dumps(flat, default=str))
 
 
 def setting_changes(recorded: dict, current: dict) -> list[str]:
-    """'key: old → new' for every setting that differs."""
-    keys = sorted(set(recorded) | set(current))
+    """'key: old → new' for every setting that differs (a record written before a setting became neutral
+    may still hold it)."""
+    keys = sorted(key for key in set(recorded) | set(current) if not _is_neutral(key.rpartition(".")[2]))
     missing = "(unset)"
     return [f"{key}: {recorded.get(key, missing)} → {current.get(key, missing)}" for key in keys
             if recorded.get(key, missing) != current.get(key, missing)]  # fmt: skip
 
 
+# Descriptors of the locks this process holds. A forked child shares the lock with its parent (flock belongs
+# to the open file, which fork shares), so a worker outliving a killed parent would keep the folder locked;
+# the child closes its copies at once. Closing, not unlocking: an unlock would release the parent's lock too.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for descriptor in _HELD_LOCKS:
+        os.close(descriptor)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
-    """An exclusive lock on an output folder for one process; `acquire` fails at once when it is held."""
+    """An exclusive lock on an output folder for one process (not its forked children); `acquire` fails at
+    once when it is held."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_FILE
         self._descriptor: int | None = None
+        self._owner: int | None = None
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,14 +156,16 @@ class RunLock:
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")  # fmt: skip
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, holder.encode(), 0)
-        self._descriptor = descriptor
+        self._descriptor, self._owner = descriptor, os.getpid()
+        _HELD_LOCKS.add(descriptor)
         return self
 
     def release(self) -> None:
-        if self._descriptor is not None:
+        if self._descriptor is not None and self._owner == os.getpid():  # a forked child has closed its copy
+            _HELD_LOCKS.discard(self._descriptor)
             fcntl.flock(self._descriptor, fcntl.LOCK_UN)
             os.close(self._descriptor)
-            self._descriptor = None
+        self._descriptor = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -161,23 +193,88 @@ def is_complete(checkpoint: str | Path, run_id: str | None = None) -> bool:
     return record is not None and "global_step" in record and (run_id is None or record.get("run_id") == run_id)
 
 
-def seal_checkpoint(checkpoint: str | Path, record: dict, global_step: int) -> None:
-    """Flush every file of the checkpoint to disk, then write its record: from now on it is complete."""
+def is_trainer_checkpoint(checkpoint: str | Path) -> bool:
+    """A checkpoint of a plain transformers Trainer: it has the Trainer's state (written last), and no mark
+    of an emergency save left unfinished."""
     checkpoint = Path(checkpoint)
-    for path in checkpoint.rglob("*"):
+    return (checkpoint / TRAINER_STATE_NAME).is_file() and not (checkpoint / TRAINER_INCOMPLETE_MARK).exists()
+
+
+def lacks_training_state(checkpoint: str | Path) -> bool:
+    """Saved with `save_only_model`: the Trainer writes the RNG states (`rng_state*.pth`) together with the
+    optimizer and scheduler states, in every setup, and none of them without it."""
+    return not any(Path(checkpoint).glob("rng_state*.pth"))
+
+
+def seal_checkpoint(checkpoint: str | Path, record: dict, global_step: int) -> None:
+    """Flush every file of the checkpoint to disk, then write its record, with each file's size: from now on
+    it is complete."""
+    checkpoint = Path(checkpoint)
+    sizes = {}
+    for path in sorted(checkpoint.rglob("*")):
         if path.is_file() and path.name != RUN_RECORD_FILE:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    write_run_record(checkpoint, {**record, "global_step": global_step})
+            sizes[str(path.relative_to(checkpoint))] = path.stat().st_size
+    write_run_record(checkpoint, {**record, "global_step": global_step, "files": sizes})
+
+
+def unseal(checkpoint: str | Path) -> None:
+    """Remove the record that makes a checkpoint complete (before deleting or rewriting it)."""
+    (Path(checkpoint) / RUN_RECORD_FILE).unlink(missing_ok=True)
+    _fsync_folder(Path(checkpoint))
+
+
+def damage(checkpoint: str | Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None: a file its record lists that is missing or has
+    another size, or a safetensors file whose header does not describe it."""
+    checkpoint = Path(checkpoint)
+    for name, size in ((read_run_record(checkpoint) or {}).get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when it was saved"
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        problem = _safetensors_damage(path)
+        if problem is not None:
+            return f"{path.relative_to(checkpoint)} {problem}"
+    return None
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes up to the
+    largest end offset the header gives."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, too short for a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"is {size} bytes, shorter than the {length}-byte header it declares"
+        if length > SAFETENSORS_MAX_HEADER:
+            return f"declares a {length}-byte header, more than safetensors allows"
+        try:
+            tensors = [entry for key, entry in json.loads(handle.read(length)).items() if key != "__metadata__"]
+            end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "has an unreadable header"
+    return None if 8 + length + end == size else f"is {size} bytes; its header describes {8 + length + end}"
 
 
 @dataclass
 class RunPlan:
-    """What `prepare` decided: the run's id, the checkpoint to resume from, and whether it is done already."""
+    """What `prepare` decided: the run's id, the checkpoint to resume from, and whether it is done already.
+    `adopted` names the plain transformers Trainer checkpoint in the folder that the run started from."""
 
     run_id: str
     resume_from: str | None = None
     finished: bool = False
+    adopted: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -186,16 +283,19 @@ def _is_control_file(name: str) -> bool:
     return name == LOCK_FILE or name.startswith(f".{RUN_RECORD_FILE}.")
 
 
-def _refusal(folder: Path, why: str) -> OutputDirError:
+def _refusal(folder: Path, why: str, resumable: bool) -> OutputDirError:
+    """The refusal of a folder, offering `--resume_from_checkpoint last` only where it works."""
+    resume = ", or add --resume_from_checkpoint last to continue it with the settings given" if resumable else ""
     return OutputDirError(
-        f"output_dir {str(folder)!r} {why}. Choose another output_dir, add --overwrite_output_dir to start a new "
-        "run there (its files are replaced as the new run writes them; nothing else is deleted), or add "
-        "--resume_from_checkpoint last to continue it with the new settings."
+        f"output_dir {str(folder)!r} {why}. Choose another output_dir, or add --overwrite_output_dir true to start a "
+        f"new run there (its files are replaced as the new run writes them; nothing else is deleted){resume}."
     )
 
 
-def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: bool) -> RunPlan:
-    """Decide how a run uses `folder`, from its settings, --resume_from_checkpoint and --overwrite_output_dir."""
+def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: bool,
+            allow_model_only: bool = False) -> RunPlan:  # fmt: skip
+    """Decide how a run uses `folder`, from its settings, --resume_from_checkpoint, --overwrite_output_dir and
+    --allow_model_only_resume."""
     folder = Path(folder)
     if overwrite and resume == LAST:
         raise ValueError(
@@ -208,13 +308,14 @@ def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: b
         if contents:
             plan.notes.append(f"Overwriting output_dir {str(folder)!r} (--overwrite_output_dir): a new run starts.")
     elif record is None or "run_id" not in record:
-        listed = ", ".join(contents[:5]) + (", …" if len(contents) > 5 else "")
-        raise _refusal(folder, f"is not empty ({listed}) and holds no run record of this pipeline")
+        plan = _adopt(folder, contents, resume)
     else:
         changes = setting_changes(record.get("settings", {}), settings)
         if changes and resume is None:
-            raise _refusal(folder, "holds a different run; its settings differ in " + "; ".join(changes))
-        plan = RunPlan(run_id=record["run_id"], finished=bool(record.get("finished")) and not changes)
+            resumable = any(is_complete(path, record["run_id"]) for path in checkpoints(folder))
+            raise _refusal(folder, "holds a different run; its settings differ in " + "; ".join(changes), resumable)
+        plan = RunPlan(run_id=record["run_id"], finished=bool(record.get("finished")) and not changes,
+                       adopted=record.get("adopted"))  # fmt: skip
         if changes:
             plan.notes.append("Continuing the run in output_dir with changed settings: " + "; ".join(changes))
     if plan.finished and resume is None:
@@ -222,45 +323,174 @@ def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: b
         return plan
     plan.finished = False
     plan.resume_from = _resume_checkpoint(folder, plan, resume, overwrite)
+    if plan.resume_from is not None:
+        _check_training_state(plan, allow_model_only)
+    return plan
+
+
+def _adopt(folder: Path, contents: list[str], resume: str | None) -> RunPlan:
+    """A folder this pipeline did not write: a new run continues its plain Trainer checkpoints when asked."""
+    listed = ", ".join(contents[:5]) + (", …" if len(contents) > 5 else "")
+    resumable = any(is_trainer_checkpoint(path) for path in checkpoints(folder))
+    if resume is None or not resumable:
+        why = f"is not empty ({listed}) and holds no run record of this pipeline" + (
+            "; its transformers Trainer checkpoints can be continued" if resumable else "")  # fmt: skip
+        raise _refusal(folder, why, resumable)
+    plan = RunPlan(run_id=uuid.uuid4().hex)
+    plan.notes.append(f"output_dir {str(folder)!r} holds no run record of this pipeline: a new run starts there with "
+                      "the settings given, from a transformers Trainer checkpoint.")  # fmt: skip
     return plan
 
 
 def _resume_checkpoint(folder: Path, plan: RunPlan, resume: str | None, overwrite: bool) -> str | None:
     if resume not in (None, LAST):
-        if not is_complete(resume):
-            raise ValueError(f"resume_from_checkpoint={resume!r} is not a complete checkpoint of this pipeline "
-                             f"(no {RUN_RECORD_FILE} with a global_step: missing, or cut short while saving).")
-        return str(resume)
+        return _named_checkpoint(Path(resume), plan)
     if overwrite:
         return None
+    ours = read_run_record(folder) is not None
     complete = [path for path in checkpoints(folder) if is_complete(path, plan.run_id)]
-    newest = complete[-1] if complete else None
-    newest_step = checkpoint_step(newest) if newest else -1
+    newest_step = checkpoint_step(complete[-1]) if complete else -1
     for path in checkpoints(folder):
-        if checkpoint_step(path) > newest_step and not is_complete(path, plan.run_id):
+        if ours and checkpoint_step(path) > newest_step and not is_complete(path, plan.run_id):
             plan.notes.append(f"Skipping {path.name}: not a complete checkpoint of this run (cut short while "
                               "saving, or not written by it).")
+    if not complete and not ours:  # a folder of a plain Trainer, continued as asked (see `_adopt`)
+        complete = [path for path in checkpoints(folder) if is_trainer_checkpoint(path)]
+    elif not complete and plan.adopted:  # a run continuing one that has saved no checkpoint of its own yet
+        complete = [folder / plan.adopted]
+    newest = _newest_intact(complete, plan)
     if newest is None:
         if resume == LAST:
-            raise ValueError(f"resume_from_checkpoint='last': output_dir {str(folder)!r} holds no complete checkpoint.")
+            raise ValueError(f"resume_from_checkpoint='last': output_dir {str(folder)!r} holds no complete, intact "
+                             "checkpoint.")  # fmt: skip
         if any(True for _ in checkpoints(folder)):
             plan.notes.append("No complete checkpoint of this run yet: training starts at step 0.")
         return None
-    plan.notes.append(f"Resuming from {newest} (the newest complete checkpoint of this run).")
+    if read_run_record(newest) is None:
+        plan.adopted = newest.name
+        plan.notes.append(f"Resuming from {newest} (a transformers Trainer checkpoint) with the settings given.")
+    else:
+        plan.notes.append(f"Resuming from {newest} (the newest complete checkpoint of this run).")
     return str(newest)
+
+
+def _named_checkpoint(path: Path, plan: RunPlan) -> str:
+    """--resume_from_checkpoint PATH: a complete checkpoint of this pipeline, or a plain Trainer checkpoint
+    outside a folder of this pipeline; intact either way."""
+    owner = read_run_record(path.parent)
+    plain = read_run_record(path) is None and is_trainer_checkpoint(path) and not (owner and "run_id" in owner)
+    if not (is_complete(path) or plain):
+        raise ValueError(f"resume_from_checkpoint={str(path)!r} is not a complete checkpoint of this pipeline (no "
+                         f"{RUN_RECORD_FILE} with a global_step: missing, or cut short while saving), nor a "
+                         f"transformers Trainer checkpoint (with {TRAINER_STATE_NAME}) outside a run of this pipeline.")
+    problem = damage(path)
+    if problem is not None:
+        raise ValueError(f"resume_from_checkpoint={str(path)!r} is damaged: {problem}. Name another checkpoint, or "
+                         "pass 'last' to take the newest intact one.")  # fmt: skip
+    return str(path)
+
+
+def _newest_intact(candidates: list[Path], plan: RunPlan) -> Path | None:
+    """The newest candidate whose files are intact; each damaged one is named, and no longer counts as
+    complete, so that training rewrites it when it reaches its step again."""
+    for path in reversed(candidates):
+        problem = damage(path)
+        if problem is None:
+            return path
+        plan.notes.append(f"WARNING: {path} is damaged ({problem}); not resuming from it. It no longer counts as a "
+                          "complete checkpoint.")  # fmt: skip
+        if read_run_record(path) is not None:
+            unseal(path)
+    return None
+
+
+def _check_training_state(plan: RunPlan, allow_model_only: bool) -> None:
+    """A checkpoint without optimizer, scheduler and RNG state changes training when resumed: refused, or
+    resumed with a warning saying what is reset when the user allows it."""
+    if not lacks_training_state(plan.resume_from):
+        return
+    reset = ("AdamW's moments start again from zero, the learning-rate schedule starts again from its first step "
+             "(warm-up included) and the random state is not restored")  # fmt: skip
+    if not allow_model_only:
+        raise OutputDirError(
+            f"{plan.resume_from} was saved with save_only_model=True: it holds the weights and the step but no "
+            f"optimizer, scheduler or random state, so resuming from it changes training: {reset}. Add "
+            "--allow_model_only_resume true to resume from it anyway, or --overwrite_output_dir true to start again."
+        )
+    plan.notes.append(f"WARNING: resuming from {plan.resume_from}, saved with save_only_model=True "
+                      f"(--allow_model_only_resume): {reset}.")  # fmt: skip
 
 
 def rotate(folder: str | Path, run_id: str, keep: int | None, protected: set[str],
            before_delete: Callable[[Path], None] = lambda path: None) -> list[Path]:
     """Delete the oldest complete checkpoints of run `run_id` beyond `keep`; never another run's, an
-    incomplete one, or a protected one (the best). Returns the deleted folders."""
+    incomplete one, or a protected one (the best). A checkpoint that cannot be deleted is left with a
+    warning, as transformers does. Returns the deleted folders."""
     if not keep or keep <= 0:
         return []
     own = [path for path in checkpoints(folder) if is_complete(path, run_id)]
     deletable = [path for path in own[:-1] if str(path) not in protected]
-    deleted = deletable[: max(len(own) - keep, 0)]
-    for path in deleted:
+    deleted = []
+    for path in deletable[: max(len(own) - keep, 0)]:
         before_delete(path)
         logger.info("Deleting %s (save_total_limit=%d)", path, keep)
-        shutil.rmtree(path)
+        try:
+            unseal(path)  # first: a checkpoint deleted halfway must not count as complete
+            shutil.rmtree(path)
+        except OSError as error:
+            logger.warning("Could not delete %s (save_total_limit=%d): %s. Training goes on; delete it by hand.",
+                           path, keep, error)  # fmt: skip
+            continue
+        deleted.append(path)
     return deleted
+
+
+@contextmanager
+def naming_a_full_disk(folder: str | Path) -> Iterator[None]:
+    """Re-raise a write that failed on a full disk as "no space left on DEVICE while writing PATH": torch.save
+    says only 'basic_ios::clear: iostream error'. PATH is the file the error names, else the newest file in
+    `folder` (the one being written) when `folder`'s file system is full."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:  # what torch, safetensors and open() raise
+        message = _full_disk_message(Path(folder), error)
+        if message is None:
+            raise
+        raise OSError(errno.ENOSPC, message) from error
+
+
+FULL_BELOW_BYTES = 1 << 20  # after a write failed for want of space, less than this is left
+
+
+def _full_disk_message(folder: Path, error: BaseException) -> str | None:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    named = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename]
+    if named:
+        return f"no space left on {_device(Path(named[0].filename).parent)} while writing {named[0].filename}"
+    try:
+        usage = os.statvfs(folder)
+    except OSError:
+        return None
+    if usage.f_bavail * usage.f_frsize >= FULL_BELOW_BYTES:
+        return None
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    written = max(files, key=lambda path: path.stat().st_mtime_ns) if files else folder
+    return f"no space left on {_device(folder)} while writing {written}"
+
+
+def _device(folder: Path) -> str:
+    """'DEVICE (mounted on MOUNT)' of the file system holding `folder`, from /proc/self/mounts."""
+    path = os.path.realpath(folder)
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return f"the device holding {path}"
+    mounts = [line.split()[:2] for line in lines if len(line.split()) >= 2]
+    # Mount points are written with octal escapes for spaces (\040).
+    mounts = [(device, point.encode().decode("unicode_escape")) for device, point in mounts]
+    inside = [(device, point) for device, point in mounts if path == point or path.startswith(point.rstrip("/") + "/")]
+    device, point = max(inside, key=lambda entry: len(entry[1]), default=("the device", "/"))
+    return f"{device} (mounted on {point})"
