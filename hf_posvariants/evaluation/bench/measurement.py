@@ -206,7 +206,9 @@ def eager_scores_fit(shape: BenchShape, length: int) -> bool:
 
 @dataclass
 class Timing:
-    case: Case
+    """The rounds of one case at one task and length, its peak memory and model FLOPs, or why it has none."""
+
+    case: Case | KernelCase
     task: str
     length: int
     seconds: list[float] = field(default_factory=list)
@@ -565,31 +567,18 @@ def run_kernel_benchmark(backends: list[str], batch: int, heads: int, lengths: l
 
 # ---- each point in its own process --------------------------------------------------------------------
 
-@dataclass
-class PointTiming:
+class PointTiming(Timing):
     """What one point's process measured, or why it has no figures."""
 
-    point: Point
-    seconds: list[float] = field(default_factory=list)
-    peak_memory_mib: float | None = None
-    flops: int | None = None
-    error: str | None = None
-
-    @property
-    def median_ms(self) -> float | None:
-        return 1000 * statistics.median(self.seconds) if self.seconds else None
+    def __init__(self, point: Point):
+        super().__init__(point.case, point.task, point.length)
+        self.point = point
 
     def as_dict(self, peak_tflops: float | None = None) -> dict:
-        median = self.median_ms
-        achieved = self.flops / median * 1e3 / 1e12 if self.flops and median else None
-        return {
-            "label": self.point.label, "case": asdict(self.point.case), "shape": asdict(self.point.shape),
-            "length": self.point.length, "task": self.point.task, "new_tokens": self.point.new_tokens,
-            "median_ms": median, "per_token_ms": median / self.point.new_tokens if median and self.point.new_tokens else None,
-            "spread_ms": 1000 * (max(self.seconds) - min(self.seconds)) if self.seconds else None,
-            "rounds": len(self.seconds), "peak_memory_mib": self.peak_memory_mib, "flops_per_step": self.flops,
-            "achieved_tflops": achieved, "mfu": achieved / peak_tflops if achieved and peak_tflops else None,
-            "error": self.error,
+        median, new_tokens = self.median_ms, self.point.new_tokens
+        return super().as_dict(peak_tflops) | {
+            "label": self.point.label, "shape": asdict(self.point.shape), "new_tokens": new_tokens,
+            "per_token_ms": median / new_tokens if median and new_tokens else None,
         }
 
 
@@ -625,7 +614,8 @@ def measure_point(point: Point, device: str, amp: bool, warmup: int, rounds: int
         peak = process_status_mib("VmHWM") - built
     for _ in range(warmup):
         step()
-    timing = PointTiming(point, peak_memory_mib=peak)
+    timing = PointTiming(point)
+    timing.peak_memory_mib = peak
     timing.seconds = [timed_seconds(step, device, "wall") for _ in range(rounds)]
     del step
     if device.startswith("cuda"):
