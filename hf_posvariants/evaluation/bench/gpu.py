@@ -65,116 +65,146 @@ TINY_SIZES = SuiteSizes(
 SMALL_FLEX_BLOCKS = (("BLOCK_M", 64), ("BLOCK_N", 64), ("num_stages", 2))
 
 
-def gpu_suite(sizes: SuiteSizes = GPU_SIZES) -> tuple[list[Point], list[PointRatio]]:
-    """The points, cheapest and most asked-for first (a spent time budget cuts the last), and their ratios."""
-    points: list[Point] = []
-    ratios: list[PointRatio] = []
+class _Suite:
+    """The points and ratios of the suite as they are added, each point once."""
 
-    def point(case: Case | KernelCase, shape: BenchShape, length: int, task: str, new_tokens: int = 0) -> Point:
+    def __init__(self, sizes: SuiteSizes):
+        self.sizes = sizes
+        self.points: list[Point] = []
+        self.ratios: list[PointRatio] = []
+        self.llama = families_with(**LLAMA_BLOCK)[0]
+        self.rope = encodings_of_kind("rotary")[0]
+        self.biases = [name for name in ("alibi", "t5_bias") if name in POSITION_ENCODINGS]
+        self.single = dataclasses.replace(sizes.decoder, batch_size=1)
+
+    def point(self, case: Case | KernelCase, shape: BenchShape, length: int, task: str, new_tokens: int = 0) -> Point:
         compiles = getattr(case, "compiled", False) or case.backend == "flex_attention"
         made = Point(case, shape, length, task, new_tokens,
-                     sizes.compiled_timeout_s if compiles else sizes.timeout_s)
-        if made not in points:
-            points.append(made)
+                     self.sizes.compiled_timeout_s if compiles else self.sizes.timeout_s)
+        if made not in self.points:
+            self.points.append(made)
         return made
 
-    def compare(name: str, numerator: Point, denominator: Point) -> None:
-        ratios.append(PointRatio(name, numerator, denominator))
+    def train(self, case: Case) -> Point:
+        return self.point(case, self.sizes.decoder, self.sizes.train_length, "train")
 
-    llama = families_with(**LLAMA_BLOCK)[0]
-    rope = encodings_of_kind("rotary")[0]
-    decoder, train = sizes.decoder, sizes.train_length
-    biases = [name for name in ("alibi", "t5_bias") if name in POSITION_ENCODINGS]
+    def kernel(self, case: KernelCase, shape: BenchShape, length: int) -> Point:
+        return self.point(case, shape, length, "kernel")
 
-    def ours(encoding: str, backend: str = "sdpa", **options) -> Case:
-        return Case("ours", llama, "causal", backend, encoding, **options)
+    def compare(self, name: str, numerator: Point, denominator: Point) -> None:
+        self.ratios.append(PointRatio(name, numerator, denominator))
 
+    def ours(self, encoding: str, backend: str = "sdpa", **options) -> Case:
+        return Case("ours", self.llama, "causal", backend, encoding, **options)
+
+    @staticmethod
     def hf_llama(backend: str = "sdpa", **options) -> Case:
         return dataclasses.replace(reference_case("LlamaForCausalLM", "causal", backend), **options)
 
-    # training step at 8 × 2048, SDPA and eager
-    hf_sdpa, rope_sdpa = point(hf_llama(), decoder, train, "train"), point(ours(rope), decoder, train, "train")
-    compare(f"{llama} {rope} / Llama, training (SDPA)", rope_sdpa, hf_sdpa)
-    for encoding in biases + [name for name in ("nope", "sinusoidal", "learned") if name in POSITION_ENCODINGS]:
-        compare(f"{encoding} / {rope}, training (SDPA)", point(ours(encoding), decoder, train, "train"), rope_sdpa)
-    compare("Llama eager / SDPA, training", point(hf_llama("eager"), decoder, train, "train"), hf_sdpa)
-    compare(f"{llama} {rope} eager / SDPA, training", point(ours(rope, "eager"), decoder, train, "train"), rope_sdpa)
+    def decoder_rows(self) -> None:
+        """Training at 8 × 2048: ours against Llama, every bias and absolute encoding against RoPE, eager."""
+        hf_sdpa, rope_sdpa = self.train(self.hf_llama()), self.train(self.ours(self.rope))
+        self.compare(f"{self.llama} {self.rope} / Llama, training (SDPA)", rope_sdpa, hf_sdpa)
+        absolute = [name for name in ("nope", "sinusoidal", "learned") if name in POSITION_ENCODINGS]
+        for encoding in self.biases + absolute:
+            self.compare(f"{encoding} / {self.rope}, training (SDPA)", self.train(self.ours(encoding)), rope_sdpa)
+        self.compare("Llama eager / SDPA, training", self.train(self.hf_llama("eager")), hf_sdpa)
+        self.compare(f"{self.llama} {self.rope} eager / SDPA, training",
+                     self.train(self.ours(self.rope, "eager")), rope_sdpa)
 
-    # differential attention, same size
-    differential = families_with(attention_variant="differential")[:1]
-    if differential:
-        diffllama = point(reference_case("DiffLlamaForCausalLM", "causal", "sdpa"), decoder, train, "train")
-        pairs = point(Case("ours", differential[0], "causal", "sdpa"), decoder, train, "train")
-        halves = point(Case("ours", differential[0], "causal", "sdpa",
-                            overrides=(("differential_head_layout", "halves"),)), decoder, train, "train")
-        compare(f"{differential[0]} (pairs) / DiffLlama, training (SDPA)", pairs, diffllama)
-        compare(f"{differential[0]} (halves) / DiffLlama, training (SDPA)", halves, diffllama)
-        compare(f"{differential[0]} / {llama} {rope}, training (SDPA)", pairs, rope_sdpa)
+    def differential_rows(self) -> None:
+        differential = families_with(attention_variant="differential")[:1]
+        if not differential:
+            return
+        diffllama = self.train(reference_case("DiffLlamaForCausalLM", "causal", "sdpa"))
+        pairs = self.train(Case("ours", differential[0], "causal", "sdpa"))
+        halves = self.train(Case("ours", differential[0], "causal", "sdpa",
+                                 overrides=(("differential_head_layout", "halves"),)))
+        self.compare(f"{differential[0]} (pairs) / DiffLlama, training (SDPA)", pairs, diffllama)
+        self.compare(f"{differential[0]} (halves) / DiffLlama, training (SDPA)", halves, diffllama)
+        self.compare(f"{differential[0]} / {self.llama} {self.rope}, training (SDPA)", pairs,
+                     self.train(self.ours(self.rope)))
 
-    # DeBERTa base, masked LM at 16 × 512, its Enhanced Mask Decoder off unless said
-    relative = families_declaring("position_buckets")[:1]
-    encoder, encoder_length = sizes.encoder, sizes.encoder_length
-    if relative:
-        def deberta(backend: str, emd: int) -> Point:
+    def deberta_rows(self) -> None:
+        """DeBERTa base, masked LM at 16 × 512, its Enhanced Mask Decoder off unless said."""
+        relative = families_declaring("position_buckets")[:1]
+        if not relative:
+            return
+        encoder, length = self.sizes.encoder, self.sizes.encoder_length
+
+        def ours(backend: str, emd: int) -> Point:
             case = Case("ours", relative[0], "masked", backend, overrides=(("emd_layers", emd),))
-            return point(case, encoder, encoder_length, "train")
+            return self.point(case, encoder, length, "train")
 
-        debertav2 = point(reference_case("DebertaV2ForMaskedLM", "masked", "sdpa"), encoder, encoder_length, "train")
-        bert = point(reference_case("BertForMaskedLM", "masked", "sdpa"), encoder, encoder_length, "train")
-        compare(f"{relative[0]} SDPA / DebertaV2, training", deberta("sdpa", 0), debertav2)
-        compare(f"{relative[0]} eager / DebertaV2, training", deberta("eager", 0), debertav2)
-        compare(f"{relative[0]} SDPA with 2 EMD layers / DebertaV2, training", deberta("sdpa", 2), debertav2)
-        compare(f"{relative[0]} SDPA / BERT SDPA, training", deberta("sdpa", 0), bert)
+        debertav2 = self.point(reference_case("DebertaV2ForMaskedLM", "masked", "sdpa"), encoder, length, "train")
+        bert = self.point(reference_case("BertForMaskedLM", "masked", "sdpa"), encoder, length, "train")
+        self.compare(f"{relative[0]} SDPA / DebertaV2, training", ours("sdpa", 0), debertav2)
+        self.compare(f"{relative[0]} eager / DebertaV2, training", ours("eager", 0), debertav2)
+        self.compare(f"{relative[0]} SDPA with 2 EMD layers / DebertaV2, training", ours("sdpa", 2), debertav2)
+        self.compare(f"{relative[0]} SDPA / BERT SDPA, training", ours("sdpa", 0), bert)
 
-    # forward at long lengths, batch 1: biases materialised on SDPA (the shorter length only) and on flex
-    single = dataclasses.replace(decoder, batch_size=1)
-    for index, length in enumerate(sizes.long_lengths):
-        rope_long = point(ours(rope), single, length, "forward")
-        for encoding in biases:
-            backends = ("sdpa", "flex_attention") if index == 0 else ("flex_attention",)
-            for backend in backends:
-                compare(f"{encoding} on {backend} / {rope}, forward at {length:,}",
-                        point(ours(encoding, backend), single, length, "forward"), rope_long)
+    def long_forward_rows(self) -> None:
+        """Forward at long lengths, batch 1: biases materialised on SDPA (the shorter length only) and on flex."""
+        for index, length in enumerate(self.sizes.long_lengths):
+            rope = self.point(self.ours(self.rope), self.single, length, "forward")
+            for encoding in self.biases:
+                for backend in ("sdpa", "flex_attention") if index == 0 else ("flex_attention",):
+                    self.compare(f"{encoding} on {backend} / {self.rope}, forward at {length:,}",
+                                 self.point(self.ours(encoding, backend), self.single, length, "forward"), rope)
 
-    # generation, batch 1, greedy with the cache
-    prompt, new = sizes.prompt_length, sizes.new_tokens
-    hf_generate = point(hf_llama(), single, prompt, "generate", new)
-    for encoding in [rope] + biases[:1]:
-        compare(f"{llama} {encoding} / Llama, generate per token", point(ours(encoding), single, prompt, "generate", new),
-                hf_generate)
+    def generate_rows(self) -> None:
+        """Greedy generation with the cache, batch 1."""
+        prompt, new = self.sizes.prompt_length, self.sizes.new_tokens
+        llama = self.point(self.hf_llama(), self.single, prompt, "generate", new)
+        for encoding in [self.rope] + self.biases[:1]:
+            self.compare(f"{self.llama} {encoding} / Llama, generate per token",
+                         self.point(self.ours(encoding), self.single, prompt, "generate", new), llama)
 
-    # flex attention for training at 8 × 2048
-    for encoding in [rope] + biases:
-        compare(f"{encoding} on flex / {rope} on SDPA, training",
-                point(ours(encoding, "flex_attention"), decoder, train, "train"), rope_sdpa)
+    def flex_training_rows(self) -> None:
+        for encoding in [self.rope] + self.biases:
+            self.compare(f"{encoding} on flex / {self.rope} on SDPA, training",
+                         self.train(self.ours(encoding, "flex_attention")), self.train(self.ours(self.rope)))
 
-    # the attention kernels alone, forward + backward
-    flash = point(KernelCase("sdpa"), decoder, train, "kernel")
-    kernel_rows = [("SDPA, a bias needing a gradient", KernelCase("sdpa", "learned_mask")),
-                   ("flex, no score function", KernelCase("flex_attention")),
-                   ("flex, ALiBi", KernelCase("flex_attention", "alibi")),
-                   ("flex, T5 per-distance table", KernelCase("flex_attention", "t5_distances",
-                                                               kernel_options=SMALL_FLEX_BLOCKS)),
-                   ("flex, T5 bucket table", KernelCase("flex_attention", "t5_buckets",
-                                                         kernel_options=SMALL_FLEX_BLOCKS))]
-    for name, case in kernel_rows:
-        compare(f"kernel: {name} / SDPA flash", point(case, decoder, train, "kernel"), flash)
-    plain = point(KernelCase("sdpa"), encoder, encoder_length, "kernel")
-    compare("kernel: DeBERTa terms gathered + SDPA / SDPA without bias",
-            point(KernelCase("sdpa", "c2p_p2c"), encoder, encoder_length, "kernel"), plain)
-    compare("kernel: DeBERTa terms in a flex score function / SDPA without bias",
-            point(KernelCase("flex_attention", "c2p_p2c", kernel_options=SMALL_FLEX_BLOCKS), encoder, encoder_length,
-                  "kernel"), plain)
+    def compiled_rows(self) -> None:
+        """torch.compile of the whole forward: MFU compiled and not."""
+        hf_compiled = self.train(self.hf_llama(compiled=True))
+        rope_compiled = self.train(self.ours(self.rope, compiled=True))
+        self.compare("Llama compiled / not, training (SDPA)", hf_compiled, self.train(self.hf_llama()))
+        self.compare(f"{self.llama} {self.rope} compiled / Llama compiled, training (SDPA)", rope_compiled,
+                     hf_compiled)
+        for encoding in self.biases[1:]:
+            self.compare(f"{encoding} compiled / {self.rope} compiled, training (SDPA)",
+                         self.train(self.ours(encoding, compiled=True)), rope_compiled)
 
-    # torch.compile of the whole forward: MFU compiled and not
-    hf_compiled = point(hf_llama(compiled=True), decoder, train, "train")
-    rope_compiled = point(ours(rope, compiled=True), decoder, train, "train")
-    compare("Llama compiled / not, training (SDPA)", hf_compiled, hf_sdpa)
-    compare(f"{llama} {rope} compiled / Llama compiled, training (SDPA)", rope_compiled, hf_compiled)
-    for encoding in biases[1:]:
-        compare(f"{encoding} compiled / {rope} compiled, training (SDPA)",
-                point(ours(encoding, compiled=True), decoder, train, "train"), rope_compiled)
-    return points, ratios
+    def kernel_rows(self) -> None:
+        """The attention kernels alone, forward + backward."""
+        decoder, train = self.sizes.decoder, self.sizes.train_length
+        flash = self.kernel(KernelCase("sdpa"), decoder, train)
+        rows = [("SDPA, a bias needing a gradient", KernelCase("sdpa", "learned_mask")),
+                ("flex, no score function", KernelCase("flex_attention")),
+                ("flex, ALiBi", KernelCase("flex_attention", "alibi")),
+                ("flex, T5 per-distance table", KernelCase("flex_attention", "t5_distances",
+                                                            kernel_options=SMALL_FLEX_BLOCKS)),
+                ("flex, T5 bucket table", KernelCase("flex_attention", "t5_buckets", kernel_options=SMALL_FLEX_BLOCKS))]
+        for name, case in rows:
+            self.compare(f"kernel: {name} / SDPA flash", self.kernel(case, decoder, train), flash)
+        encoder, length = self.sizes.encoder, self.sizes.encoder_length
+        plain = self.kernel(KernelCase("sdpa"), encoder, length)
+        for name, case in (("gathered + SDPA", KernelCase("sdpa", "c2p_p2c")),
+                           ("in a flex score function",
+                            KernelCase("flex_attention", "c2p_p2c", kernel_options=SMALL_FLEX_BLOCKS))):
+            self.compare(f"kernel: DeBERTa terms {name} / SDPA without bias",
+                         self.kernel(case, encoder, length), plain)
+
+
+def gpu_suite(sizes: SuiteSizes = GPU_SIZES) -> tuple[list[Point], list[PointRatio]]:
+    """The points, the most asked-for and cheapest first (a spent time budget cuts the last: the kernel rows),
+    and their ratios. The encodings named are the baseline's rows."""
+    suite = _Suite(sizes)
+    for rows in (suite.decoder_rows, suite.differential_rows, suite.deberta_rows, suite.long_forward_rows,
+                 suite.generate_rows, suite.flex_training_rows, suite.compiled_rows, suite.kernel_rows):
+        rows()
+    return suite.points, suite.ratios
 
 
 def suite_ratios(ratios: list[PointRatio], timings: list[PointTiming]) -> list[dict]:

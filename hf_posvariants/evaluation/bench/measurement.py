@@ -592,9 +592,13 @@ def point_step(point: Point, device: str, amp: bool) -> Callable[[], None]:
     return functools.partial(runner.step, point.task)
 
 
+MEMORY_STEPS = 2
+
+
 def measure_point(point: Point, device: str, amp: bool, warmup: int, rounds: int) -> PointTiming:
     """In this process: peak memory over the first two steps (after one for a step that keeps nothing, so a
-    compiled kernel is not counted), then `warmup` more steps and `rounds` timed ones, then the model FLOPs."""
+    compiled kernel is not counted), which count as warm-up, the rest of `warmup`, `rounds` timed steps, then
+    the model FLOPs."""
     step = point_step(point, device, amp)
     if point.task != "train":
         step()
@@ -605,14 +609,14 @@ def measure_point(point: Point, device: str, amp: bool, warmup: int, rounds: int
     else:
         reset_peak_rss()
         built = process_status_mib("VmRSS")
-    for _ in range(2):
+    for _ in range(MEMORY_STEPS):
         step()
     synchronize(device)
     if device.startswith("cuda"):
         peak = (torch.cuda.max_memory_allocated() - built) / 2**20
     else:
         peak = process_status_mib("VmHWM") - built
-    for _ in range(warmup):
+    for _ in range(warmup - MEMORY_STEPS):
         step()
     timing = PointTiming(point)
     timing.peak_memory_mib = peak
