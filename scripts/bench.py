@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
                            args.batch_size, args.kv_heads, args.dropout)
         lengths, warmup, rounds, memory = args.lengths, args.warmup, args.rounds, not args.no_memory
         if args.quick:
-            pinned = CASE_SETS[args.case_set](args.backends, args.families, args.encodings).pinned_lengths()  # a set's own lengths are its targets' lengths
-            shape, lengths, warmup, rounds, memory = BenchShape(32, 2, 4, 64, 97, 2), None if pinned else [32], 1, 2, False
+            # a case set pinning its ratios to lengths keeps them: they are its targets' lengths
+            pinned = CASE_SETS[args.case_set](args.backends, args.families, args.encodings).pinned_lengths()
+            shape, warmup, rounds, memory = BenchShape(32, 2, 4, 64, 97, 2), 1, 2, False
+            lengths = None if pinned else [32]
         result = run_benchmark(shape, lengths, args.backends, warmup, rounds, args.device,
                                tuple(args.tasks) if args.tasks else None, memory, args.families, args.encodings,
                                args.clock, args.case_set, args.amp, args.peak_tflops)

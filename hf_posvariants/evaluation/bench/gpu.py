@@ -236,7 +236,8 @@ def run_gpu_suite(device: str = "cuda", sizes: SuiteSizes = GPU_SIZES, amp: bool
     seconds = time.monotonic() - begin
     peak = device_peak_tflops(device, amp, peak_tflops)
     return {
-        "case_set": "gpu", "device": torch.cuda.get_device_name() if device.startswith("cuda") else device, "torch": torch.__version__, "transformers": transformers.__version__,
+        "case_set": "gpu", "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "torch": torch.__version__, "transformers": transformers.__version__,
         "precision": "bf16 autocast" if amp else "fp32", "compile": compile, "warmup": warmup, "rounds": rounds,
         "sizes": asdict(sizes), "peak_tflops": peak, "seconds": seconds,
         "memory_method": "cuda.max_memory_allocated minus the built model" if device.startswith("cuda")

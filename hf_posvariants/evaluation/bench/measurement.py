@@ -8,9 +8,9 @@ counted). `amp=True` runs forward and loss under bf16 autocast.
 
 FLOPs per step are model FLOPs: counted once per model by `torch.utils.flop_counter.FlopCounterMode`
 on one step of the same model at the eager backend, uncompiled, for one sequence times the batch (every
-matmul, attention's included, backward included), so they do not depend on the kernel that runs them; divided by the median time they give the
-achieved FLOP/s, and divided by the device's peak (`peak_tflops`, or the table below for bf16 on known
-GPUs) the model FLOPs utilisation (MFU).
+matmul, attention's included, backward included), so they do not depend on the kernel that runs them;
+divided by the median time they give the achieved FLOP/s, and divided by the device's peak (`peak_tflops`,
+or the table below for bf16 on known GPUs) the model FLOPs utilisation (MFU).
 
 Peak memory is what a training step adds to a built model, over two steps (gradients, AdamW state,
 activations), measured for each case alone. On a GPU: `torch.cuda.max_memory_allocated` minus the
@@ -61,7 +61,6 @@ from hf_posvariants.evaluation.bench.cases import (
     Point,
     Ratio,
     RatioSpec,
-    SCORE_FUNCTION_BIASES,
     deberta_buckets,
     kernel_cases,
 )
