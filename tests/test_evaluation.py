@@ -347,7 +347,7 @@ def test_bench_kernel_cases_time_every_kernel_form(tmp_path):
     forms = {(t["case"]["backend"], t["case"]["bias"], t["case"]["calls"], t["case"]["value_width"])
              for t in result["timings"]}
     assert forms == {(backend, *form) for backend in ("eager", "sdpa")
-                     for form in ((False, 1, 1), (True, 1, 1), (False, 2, 1), (False, 1, 2))}
+                     for form in (("none", 1, 1), ("mask", 1, 1), ("none", 2, 1), ("none", 1, 2))}
     assert all(t["error"] is None and t["median_ms"] > 0 for t in result["timings"])
     assert {r["name"] for r in result["ratios"]} >= {"SDPA speed-up over eager (causal)",
                                                       "differential, two calls / one wide call (sdpa)"}
@@ -434,3 +434,120 @@ def test_position_path_case_sets_pair_every_score_bias_with_rope():
         assert {case.backend for case in numerators} == {backend}
         assert {(spec.denominator.position_encoding, spec.denominator.backend) for spec in chosen.ratios} == {("rope", "sdpa")}
         assert {spec.metric for spec in chosen.ratios} == {"time", "memory"}
+
+
+def test_training_targets_case_set_pins_each_ratio_to_its_length():
+    chosen = bench.CASE_SETS["training_targets"]()
+    by_name = {spec.name: spec for spec in chosen.ratios}
+    assert {"t5_bias / rope training step", "fire / t5_bias training step", "alibi / rope training step",
+            "ours / DebertaV2ForMaskedLM training step", "posvar_diff / posvar_llama training step"} <= set(by_name)
+    assert {spec.length for spec in chosen.ratios} == {256, 1024, 2048} == set(chosen.pinned_lengths())
+    assert by_name["ours / DebertaV2ForMaskedLM training step"].denominator.model_type == "DebertaV2ForMaskedLM"
+    assert {case.model_type for case in chosen.cases_at(256)} == {"posvar_deberta", "DebertaV2ForMaskedLM"}
+    assert {case.position_encoding for case in chosen.cases_at(2048)} == {"rope", "t5_bias", "fire", "alibi"}
+    assert {spec.metric for spec in chosen.ratios} == {"time", "memory"}
+    assert chosen.tasks == ("train",)
+
+
+@pytest.mark.slow
+def test_training_targets_run_each_case_at_its_own_length_only(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = script("bench").main(["--quick", "--case-set", "training_targets", "--encodings", "alibi",
+                                       "--threads", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    measured = {(t["case"]["model_type"], t["length"]) for t in result["timings"]}
+    assert ("posvar_deberta", 256) in measured and ("posvar_deberta", 2048) not in measured
+    assert ("posvar_diff", 1024) in measured and ("posvar_diff", 256) not in measured
+    assert {t["task"] for t in result["timings"]} == {"train"}
+    assert {r["length"] for r in result["ratios"] if r["name"].startswith("alibi /")} == {2048}
+    assert all(r["value"] > 0 for r in result["ratios"] if r["value"] is not None)
+
+
+def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_path):
+    """The GPU rows, tiny on the CPU: every case runs in its own process and reports, except what the CPU cannot
+    do (flex attention has no backward there), and the ratio table names every group of the GPU baseline."""
+    result = script("bench").main(["--case-set", "gpu", "--dry-run", "--out-dir", str(tmp_path)])
+    cpu_limit = "FlexAttention does not support backward on CPU"
+    for timing in result["timings"]:
+        needs_flex_backward = timing["case"]["backend"] == "flex_attention" and timing["task"] in ("train", "kernel")
+        if needs_flex_backward:
+            assert cpu_limit in timing["error"], timing["label"]
+        else:
+            assert timing["error"] is None and timing["median_ms"] > 0, (timing["label"], timing["error"])
+            assert timing["peak_memory_mib"] is not None
+    trained = [t for t in result["timings"] if t["task"] == "train" and t["error"] is None]
+    assert trained and all(t["flops_per_step"] > 0 for t in trained)
+    assert all(t["per_token_ms"] > 0 for t in result["timings"] if t["task"] == "generate")
+    names = " | ".join(r["name"] for r in result["ratios"])
+    for row in ("/ Llama, training (SDPA)", "Llama eager / SDPA", "alibi / rope", "t5_bias / rope",
+                "on flex / rope on SDPA, training", "forward at 64", "forward at 128", "/ DebertaV2", "/ BERT SDPA",
+                "/ DiffLlama", "compiled / not", "generate per token", "kernel: flex, T5 bucket table"):
+        assert row in names, row
+    measured = [r for r in result["ratios"] if not r["numerator_error"] and not r["denominator_error"]]
+    assert measured and all(r["time"] > 0 for r in measured)
+    report = (tmp_path / "bench.md").read_text()
+    assert "| ratio | time | peak memory |" in report and cpu_limit in report
+
+
+def test_a_failing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
+    shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    unknown = bench.Point(bench.Case("ours", "posvar_nothing", "causal", "sdpa"), shape, 16, "train")
+    hanging = bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope"), shape, 16, "train",
+                          timeout_s=0.01)
+    fine = bench.Point(bench.Case("ours", "posvar_llama", "causal", "eager", "rope"), shape, 16, "train")
+    timings = bench.run_points([unknown, hanging, fine], "cpu", amp=False, warmup=0, rounds=1, compile=False,
+                               log=lambda message: None)
+    assert "posvar_nothing" in timings[0].error
+    assert timings[1].error.startswith("timed out after")
+    assert timings[2].error is None and timings[2].median_ms > 0
+
+
+def test_points_refuse_a_task_that_does_not_fit_their_case():
+    shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    with pytest.raises(ValueError, match="task='kernel'.*allowed values are"):
+        bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa"), shape, 16, "kernel")
+    with pytest.raises(ValueError, match="new_tokens=0"):
+        bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa"), shape, 16, "generate")
+    with pytest.raises(ValueError, match="bias='alibi'.*flex_attention"):
+        bench.KernelCase("sdpa", "alibi")
+
+
+@pytest.mark.parametrize("bias", ["none", "alibi", "t5_buckets", "t5_distances", "c2p_p2c"])
+def test_flex_kernel_score_functions_match_the_masked_kernel(bias):
+    """Forward only (flex has no backward on CPU), uncompiled: each flex score function adds the bias its
+    mask form adds; the T5, ALiBi and DeBERTa forms against the same scores built densely."""
+    from hf_posvariants.evaluation.bench import measurement
+
+    torch.manual_seed(0)
+    batch, heads, length, dim = 2, 2, 16, 8
+    query, key, value = (torch.randn(batch, heads, length, dim) for _ in range(3))
+    tensors = []
+
+    def tensor(*shape, grad=True):
+        tensors.append(torch.randn(*shape))
+        return tensors[-1]
+
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        flex = measurement.flex_kernel(bench.KernelCase("flex_attention", bias), batch, heads, length, "cpu", tensor)
+        output = flex(query, key, value)
+    position = torch.arange(length)
+    distance = (position[:, None] - position[None, :]).float()
+    scores = query @ key.transpose(-1, -2) / dim**0.5
+    if bias == "alibi":
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        scores = scores - slopes[:, None, None] * distance
+    elif bias == "t5_buckets":
+        scores = scores + tensors[0][distance.long().clamp(0, 31)].permute(2, 0, 1)
+    elif bias == "t5_distances":
+        scores = scores + tensors[0][:, (distance + length - 1).long()]
+    elif bias == "c2p_p2c":
+        index = measurement.relative_index(length, "cpu")
+        c2p, p2c = tensors
+        scores = scores + c2p.gather(3, index.expand(batch, heads, length, length)) \
+            + p2c.gather(3, index.expand(batch, heads, length, length)).transpose(-1, -2)
+    if bias != "c2p_p2c":
+        scores = scores.masked_fill(distance < 0, float("-inf"))
+    expected = scores.softmax(-1) @ value
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
