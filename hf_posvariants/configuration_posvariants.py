@@ -34,9 +34,6 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("standard", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
-# transformers' backends that have nowhere to put an additive score bias (they would drop it silently);
-# what each encoding or attention variant runs on is declared on its registry entry (`backends`).
-BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)

@@ -21,18 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import register_dataclass
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
+from .bias_route import MASK_BIAS_BACKENDS, SCORE_BIAS_BACKENDS, BiasRoute
 
-# Backends whose kernels can add a score bias: eager and SDPA take it inside the additive mask, flex as a
-# score function. Flash kernels have nowhere to put one and would drop it silently.
-SCORE_BIAS_BACKENDS = ("eager", "sdpa", "flex_attention")
+PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
 
 POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
 
@@ -58,21 +56,42 @@ def selectable_position_encodings() -> list[str]:
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class DistanceRow(NamedTuple):
+    """The tables of a bias that depends on the signed distance alone: one (heads, Q + K − 1) row per head, column n
+    for key − query = n − (Q − 1) (`distance_grid`). The one table a kernel may touch: it reorders the row's heads
+    (differential attention) or sends the bias gradient straight into it (`FlashAttentionWithBiasGradient`)."""
+
+    values: torch.Tensor
+
+
 @dataclass
 class ScoreBias:
     """An additive attention-score bias kept as a function of (head, query, key) over small tables.
 
-    ``tables`` are what the encoding computed once per forward (a few KB: slopes, a per-distance row per
-    head); ``encoding`` turns them into a flex ``score_mod`` or, for backends that need a tensor, into the
-    (1, heads, queries, keys) bias. The tables are tensors so that gradient checkpointing hands them to
-    every layer as inputs.
+    ``tables`` are what the encoding computed once per forward (a few KB: slopes, a per-distance row per head), a
+    named tuple of the encoding's own type (`DistanceRow` for the distance biases); ``encoding`` turns them into a
+    flex ``score_mod`` or, for backends that need a tensor, into the (1, heads, queries, keys) bias. The tables are
+    tensors so that gradient checkpointing hands them to every layer as inputs.
     """
 
     encoding: PositionEncoding
-    tables: tuple[torch.Tensor, ...]
+    tables: NamedTuple
     query_length: int
     key_length: int
-    folded: bool = False  # already in the mask; a kernel that takes the mask detached sends the gradient to `tables`
+
+    @property
+    def row(self) -> torch.Tensor | None:
+        """The (heads, Q + K − 1) per-distance row where the bias is that row gathered at `distance_grid`, else None."""
+        return self.tables.values if isinstance(self.tables, DistanceRow) else None
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any table needs a gradient (a learned bias)."""
+        return any(table.requires_grad for table in self.tables)
+
+    def with_row(self, row: torch.Tensor) -> ScoreBias:
+        """The same bias over another per-distance row (the heads reordered)."""
+        return ScoreBias(self.encoding, DistanceRow(row), self.query_length, self.key_length)
 
     def score_mod(self) -> ScoreMod:
         return self.encoding.score_function(self.tables, self.query_length, self.key_length)
@@ -86,17 +105,19 @@ class Positions:
     """Everything the attention layers need about position, computed once per forward and handed to every layer.
 
     ``rotary``: (cos, sin) of shape (B, Q, rotary_dim) for rotary encodings; ``key_rotary``: the keys' (cos, sin)
-    where they differ from the queries' (xPos scales the two sides inversely), else None. ``bias``: a score bias the
-    kernel adds (None when the model folded it into the mask, as on eager and SDPA). ``relative``: the
-    relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which its
-    attention variant turns into per-layer position terms. The model's blocks flatten this value into
-    positional tensors under gradient checkpointing (see ``PosVarBlock``), so it survives reentrant mode.
+    where they differ from the queries' (xPos scales the two sides inversely), else None. ``bias``: the shared score
+    bias. ``relative``: the relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which
+    its attention variant turns into per-layer position terms. ``route``: how any bias reaches the kernels, decided
+    once by `choose_bias_route` (a shared bias it folds into the mask is still kept here, for the tables its gradient
+    may go to). The model's blocks flatten this value into positional tensors under gradient checkpointing (see
+    ``PosVarBlock``), so it survives reentrant mode.
     """
 
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     bias: ScoreBias | None = None
     relative: tuple[torch.Tensor, torch.LongTensor] | None = None
+    route: BiasRoute = BiasRoute("mask")
 
 
 register_dataclass(ScoreBias)
@@ -117,8 +138,6 @@ class PositionEncoding(nn.Module):
     bounded: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     backends: ClassVar[tuple[str, ...] | None] = None
-    # Whether `score_bias` is `tables[0]` gathered at `distance_grid`, so a kernel can reduce its gradient per distance.
-    gathered_from_table: ClassVar[bool] = False
 
     def __init__(self, config, is_causal: bool):
         super().__init__()
@@ -152,10 +171,10 @@ class PositionEncoding(nn.Module):
         keys (CoPE); None for every other kind."""
         return None
 
-    def score_function(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> ScoreMod:
+    def score_function(self, tables: NamedTuple, query_length: int, key_length: int) -> ScoreMod:
         raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
 
-    def materialise_bias(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> torch.Tensor:
+    def materialise_bias(self, tables: NamedTuple, query_length: int, key_length: int) -> torch.Tensor:
         raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
 
     def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor | None:
@@ -398,7 +417,6 @@ class DistanceBias(PositionEncoding):
 
     kind = "bias"
     backends = SCORE_BIAS_BACKENDS
-    gathered_from_table = True
 
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
@@ -408,10 +426,10 @@ class DistanceBias(PositionEncoding):
         query_length, key_length = query_slots.shape[0], key_slots.shape[0]
         # Distance of table column n: n + key_slots[0] - query_slots[-1] (see `distance_grid`).
         relative = torch.arange(query_length + key_length - 1, device=key_slots.device) + (key_slots[0] - query_slots[-1])
-        return ScoreBias(self, (self.distance_table(relative),), query_length, key_length)
+        return ScoreBias(self, DistanceRow(self.distance_table(relative)), query_length, key_length)
 
     def score_function(self, tables, query_length, key_length):
-        (table,) = tables
+        table = tables.values
 
         def add_distance_bias(score, batch, head, query, key):
             return score + table[head, key - query + query_length - 1].to(score.dtype)
@@ -419,7 +437,7 @@ class DistanceBias(PositionEncoding):
         return add_distance_bias
 
     def materialise_bias(self, tables, query_length, key_length):
-        (table,) = tables
+        table = tables.values
         return table[:, distance_grid(query_length, key_length, table.device)].unsqueeze(0)  # (1, H, Q, K)
 
 
@@ -453,6 +471,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(geometric(lower) + extra, dtype=torch.float32)
 
 
+class AlibiTables(NamedTuple):
+    """ALiBi's bias as flex reads it: no row, the (heads,) slopes and key slot − query slot of the first pair."""
+
+    slopes: torch.Tensor
+    offset: torch.Tensor
+
+
 @register_position_encoding("alibi")
 class ALiBiBias(DistanceBias):
     """Attention with Linear Biases (Press et al., "Train Short, Test Long", 2022): score -= m_h·|i - j|.
@@ -461,8 +486,6 @@ class ALiBiBias(DistanceBias):
     where it equals the paper's causal form m_h·(i - j). Flex computes the bias from the slopes in the
     kernel, reading no table at all.
     """
-
-    gathered_from_table = False  # computed from the slopes
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -478,10 +501,10 @@ class ALiBiBias(DistanceBias):
     def score_bias(self, query_slots, key_slots, position_ids=None):
         # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
         offset = (key_slots[0] - query_slots[0]).float()
-        return ScoreBias(self, (self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
+        return ScoreBias(self, AlibiTables(self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
 
     def score_function(self, tables, query_length, key_length):
-        slopes, offset = tables
+        slopes, offset = tables.slopes, tables.offset
 
         def subtract_linear_distance(score, batch, head, query, key):
             return score - (slopes[head] * (key - query + offset).abs()).to(score.dtype)
@@ -489,9 +512,9 @@ class ALiBiBias(DistanceBias):
         return subtract_linear_distance
 
     def materialise_bias(self, tables, query_length, key_length):
-        slopes, offset = tables
-        relative = torch.arange(query_length + key_length - 1, device=slopes.device) - (query_length - 1) + offset
-        return super().materialise_bias((self.distance_table(relative),), query_length, key_length)
+        relative = torch.arange(query_length + key_length - 1, device=tables.slopes.device) - (query_length - 1)
+        row = DistanceRow(self.distance_table(relative + tables.offset))
+        return super().materialise_bias(row, query_length, key_length)
 
 
 def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: int) -> torch.LongTensor:
@@ -659,6 +682,19 @@ class DynamicPositionBias(DistanceBias):
         return self.mlp(features[:, None].to(self.mlp[0].weight.dtype)).T  # (H, N)
 
 
+class FireTables(NamedTuple):
+    """FIRE's bias as flex reads it: the MLP's weights and the interpolation's inputs, no (Q, K) tensor."""
+
+    positions: torch.Tensor  # (B, Q): the queries' positions
+    offset: torch.Tensor  # key slot − query slot = key index − query index + this
+    c: torch.Tensor  # ψ's learned scale, positive
+    threshold: torch.Tensor  # L, positive
+    w1: torch.Tensor  # (W,): first layer, one input
+    b1: torch.Tensor  # (W,)
+    w2: torch.Tensor  # (H, W): second layer
+    b2: torch.Tensor  # (H,)
+
+
 @register_position_encoding("fire")
 class FIREBias(PositionEncoding):
     """FIRE (Li et al., "Functional Interpolation for Relative Positions Improves Long Context Transformers", ICLR
@@ -690,12 +726,12 @@ class FIREBias(PositionEncoding):
         if position_ids is None:
             position_ids = query_slots[None]
         first, second = self.mlp[0], self.mlp[2]
-        tables = (
-            position_ids.float(),  # (B, Q): the queries' positions
-            (key_slots[0] - query_slots[0]).float(),  # key slot − query slot = key index − query index + this
-            self.distance_scale.abs(),
-            (self.threshold_scale * self.initial_threshold).abs(),
-            first.weight[:, 0], first.bias, second.weight, second.bias,  # (W,), (W,), (H, W), (H,)
+        tables = FireTables(
+            positions=position_ids.float(),
+            offset=(key_slots[0] - query_slots[0]).float(),
+            c=self.distance_scale.abs(),
+            threshold=(self.threshold_scale * self.initial_threshold).abs(),
+            w1=first.weight[:, 0], b1=first.bias, w2=second.weight, b2=second.bias,
         )
         return ScoreBias(self, tables, query_slots.shape[0], key_slots.shape[0])
 
@@ -708,23 +744,21 @@ class FIREBias(PositionEncoding):
         return torch.log(c * distance.abs() + 1) / normaliser
 
     def materialise_bias(self, tables, query_length, key_length):
-        positions, offset, c, threshold, *_ = tables
-        grid = distance_grid(query_length, key_length, positions.device) - (query_length - 1) + offset  # (Q, K): j − i
-        inputs = self.interpolated_distance(grid[None], positions[:, :, None], c, threshold)  # (B, Q, K)
+        grid = distance_grid(query_length, key_length, tables.positions.device) - (query_length - 1) + tables.offset  # j − i
+        inputs = self.interpolated_distance(grid[None], tables.positions[:, :, None], tables.c, tables.threshold)  # (B, Q, K)
         # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype.
         return self.mlp(inputs[..., None].to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2)  # (B, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
-        positions, offset, c, threshold, w1, b1, w2, b2 = tables
-        width = w1.shape[0]
-        shared = positions.shape[0] == 1  # one row of positions for the whole batch (position_ids of shape (1, Q))
+        width = tables.w1.shape[0]
+        shared = tables.positions.shape[0] == 1  # one row of positions for the whole batch (position_ids (1, Q))
 
         def add_fire_bias(score, batch, head, query, key):
-            position = positions[0, query] if shared else positions[batch, query]
-            x = self.interpolated_distance(key - query + offset, position, c, threshold)
-            bias = b2[head]
+            position = tables.positions[0, query] if shared else tables.positions[batch, query]
+            x = self.interpolated_distance(key - query + tables.offset, position, tables.c, tables.threshold)
+            bias = tables.b2[head]
             for unit in range(width):  # the MLP, one hidden unit at a time: a score function sees scalars
-                bias = bias + w2[head, unit] * torch.relu(w1[unit] * x + b1[unit])
+                bias = bias + tables.w2[head, unit] * torch.relu(tables.w1[unit] * x + tables.b1[unit])
             return score + bias.to(score.dtype)
 
         return add_fire_bias
@@ -744,7 +778,7 @@ class ContextualPositionEncoding(PositionEncoding):
     """
 
     kind = "contextual"
-    backends = ("eager", "sdpa")
+    backends = MASK_BIAS_BACKENDS
 
     @classmethod
     def layer_module(cls, config, is_causal):
