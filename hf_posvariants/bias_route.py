@@ -23,16 +23,18 @@ BiasGradient = Literal["autograd", "mask", "row"]
 
 @dataclass(frozen=True)
 class BackendBias:
-    """How one attention backend carries a bias: `carrier`, and whether a learned bias in its mask may train through
-    `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward)."""
+    """How one attention backend carries a bias: `carrier`; whether a learned bias in its mask may train through
+    `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); and whether,
+    handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too."""
 
     carrier: BiasCarrier
     cpu_gradient_kernel: bool = False
+    causal_without_mask: bool = False
 
 
 BACKEND_BIAS: dict[str, BackendBias] = {
     "eager": BackendBias("mask"),
-    "sdpa": BackendBias("mask", cpu_gradient_kernel=True),
+    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True),
     "flex_attention": BackendBias("score_function"),
     "flash_attention_2": BackendBias("none"),
     "flash_attention_3": BackendBias("none"),
@@ -48,6 +50,7 @@ def backends_carrying(*carriers: BiasCarrier) -> tuple[str, ...]:
 
 MASK_BIAS_BACKENDS = backends_carrying("mask")
 SCORE_BIAS_BACKENDS = backends_carrying("mask", "score_function")
+SCORE_FUNCTION_BACKENDS = backends_carrying("score_function")
 BIASLESS_BACKENDS = backends_carrying("none")
 
 

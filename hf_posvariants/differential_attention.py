@@ -49,7 +49,7 @@ from .attention import (
     repeat_kv,
     run_attention_kernel,
 )
-from .bias_route import MASK_BIAS_BACKENDS, BiasRoute
+from .bias_route import BACKEND_BIAS, MASK_BIAS_BACKENDS, BiasRoute
 from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
@@ -264,7 +264,8 @@ class DifferentialAttention(PosVarAttention):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps of every head (B, H, Q, K), then (softmax₁ − λ·softmax₂) of each pair times its value."""
         # Without a mask, SDPA applies causality itself (`is_causal`): so must its stand-in.
-        causal = self.is_causal and self.config._attn_implementation == "sdpa"
+        backend = BACKEND_BIAS.get(self.config._attn_implementation)
+        causal = self.is_causal and backend is not None and backend.causal_without_mask
         weights = attention_weights(self, query, key, attention_mask, self.scaling, position_bias, causal_without_mask=causal)
         first, second = weights.chunk(2, dim=1)  # (B, H/2, Q, K) each
         # First-map head j reads KV pair j // groups, as the kernels' grouped-KV rule does.

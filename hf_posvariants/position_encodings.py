@@ -11,8 +11,9 @@ Every encoding declares its *kind*, which says where position enters the network
   function of position (Golovneva et al. 2024);
 - ``none``: no position signal at all (Kazemnejad et al. 2023).
 
-The model computes position information once per forward through three hooks, of which each
-encoding overrides the one its kind needs, and passes it down to every layer.
+Each kind is a base class below (`AbsoluteEncoding`, `RotaryEncoding`, `ScoreBiasEncoding`, `RelativeEncoding`,
+`ContextualEncoding`; `NoPositionEncoding` for none) that declares only its own hooks; the model calls the hook of
+every stage where position may enter, a no-op on `PositionEncoding`, and passes the result down to every layer.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
@@ -125,12 +126,12 @@ register_dataclass(Positions)
 
 
 class PositionEncoding(nn.Module):
-    """Base class: every hook is a no-op, so an encoding overrides only the ones of its kind.
+    """Base class: what every kind shares, and the stages where position may enter, each a no-op here.
 
     Class attributes declare capabilities, read by validation, the README table and the benchmarks:
     ``bounded`` (a finite table of ``max_position_embeddings`` positions), ``cacheable`` (a token's
     encoding does not depend on tokens after it, so a KV cache stays valid), ``backends`` (the attention
-    implementations that can carry it; None means every one).
+    implementations that can carry it; None means every one). ``kind`` is set by the kind's base class.
     """
 
     name: ClassVar[str]
@@ -154,37 +155,20 @@ class PositionEncoding(nn.Module):
     def key_rotary_embeddings(
         self, hidden_states: torch.Tensor, position_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The keys' (cos, sin) where they differ from the queries'; None means the keys use the queries' pair."""
         return None
 
     def score_bias(
         self, query_slots: torch.LongTensor, key_slots: torch.LongTensor, position_ids: torch.LongTensor | None = None
     ) -> ScoreBias | None:
-        """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
-        sequence), as small tables; None for encodings without a bias. ``position_ids`` (B, Q) are the queries'
-        positions, for the few encodings that depend on more than the distance (FIRE)."""
         return None
-
-    @classmethod
-    def layer_module(cls, config, is_causal: bool) -> nn.Module | None:
-        """A module each attention layer owns, for ``contextual`` encodings computed from the layer's own queries and
-        keys (CoPE); None for every other kind."""
-        return None
-
-    def score_function(self, tables: NamedTuple, query_length: int, key_length: int) -> ScoreMod:
-        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
-
-    def materialise_bias(self, tables: NamedTuple, query_length: int, key_length: int) -> torch.Tensor:
-        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
-
-    def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor | None:
-        """The materialised additive bias of shape (1, heads, queries, keys), or None."""
-        bias = self.score_bias(query_slots, key_slots)
-        return None if bias is None else bias.materialise()
 
     def relative_positions(
         self, query_slots: torch.LongTensor, key_slots: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor] | None:
+        return None
+
+    @classmethod
+    def layer_module(cls, config, is_causal: bool) -> nn.Module | None:
         return None
 
     def initial_buffers(self) -> dict[str, torch.Tensor]:
@@ -204,6 +188,75 @@ class PositionEncoding(nn.Module):
             )
 
 
+class AbsoluteEncoding(PositionEncoding):
+    """Kind ``absolute``: a vector per position added to the token embeddings."""
+
+    kind = "absolute"
+
+    def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RotaryEncoding(PositionEncoding):
+    """Kind ``rotary``: queries and keys rotated by (cos, sin) of shape (B, T, rotary_dim)."""
+
+    kind = "rotary"
+
+    def rotary_embeddings(self, hidden_states, position_ids):
+        raise NotImplementedError
+
+    def key_rotary_embeddings(self, hidden_states, position_ids):
+        """The keys' (cos, sin) where they differ from the queries'; None means the keys use the queries' pair."""
+        return None
+
+
+class ScoreBiasEncoding(PositionEncoding):
+    """Kind ``bias``: an additive per-head score bias shared by all layers, as small tables (`ScoreBias`) that give a
+    flex score function or the materialised tensor; it reaches the kernels by the route of `choose_bias_route`."""
+
+    kind = "bias"
+    backends = SCORE_BIAS_BACKENDS
+
+    def score_bias(self, query_slots, key_slots, position_ids=None) -> ScoreBias:
+        """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
+        sequence), as small tables. ``position_ids`` (B, Q) are the queries' positions, for the few encodings that
+        depend on more than the distance (FIRE)."""
+        raise NotImplementedError
+
+    def score_function(self, tables: NamedTuple, query_length: int, key_length: int) -> ScoreMod:
+        raise NotImplementedError
+
+    def materialise_bias(self, tables: NamedTuple, query_length: int, key_length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor:
+        """The materialised additive bias of shape (1, heads, queries, keys)."""
+        return self.score_bias(query_slots, key_slots).materialise()
+
+
+class RelativeEncoding(PositionEncoding):
+    """Kind ``relative``: a table of relative embeddings and a per-distance index, which the attention variant that
+    consumes it (DeBERTa's disentangled attention) turns into per-layer position terms."""
+
+    kind = "relative"
+    backends = SCORE_BIAS_BACKENDS
+
+    def relative_positions(self, query_slots, key_slots):
+        raise NotImplementedError
+
+
+class ContextualEncoding(PositionEncoding):
+    """Kind ``contextual``: a bias each attention layer computes from its own queries and keys, through the module
+    it owns (`layer_module`); a tensor a kernel adds, so only the backends whose carrier is the mask."""
+
+    kind = "contextual"
+    backends = MASK_BIAS_BACKENDS
+
+    @classmethod
+    def layer_module(cls, config, is_causal):
+        raise NotImplementedError
+
+
 def distance_grid(query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
     """(Q, K) index into a per-distance row of length Q + K - 1: entry [i, j] = j - i + Q - 1."""
     queries = torch.arange(query_length, device=device)[:, None]
@@ -219,20 +272,17 @@ def sinusoid_table(position_ids: torch.Tensor, dim: int, base: float = 10_000.0)
 
 
 @register_position_encoding("sinusoidal")
-class SinusoidalPositionEncoding(PositionEncoding):
+class SinusoidalPositionEncoding(AbsoluteEncoding):
     """Fixed sin/cos table added to the embeddings (Vaswani et al., "Attention Is All You Need", 2017)."""
-
-    kind = "absolute"
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
         return inputs_embeds + sinusoid_table(position_ids, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
 
 
 @register_position_encoding("learned")
-class LearnedPositionEncoding(PositionEncoding):
+class LearnedPositionEncoding(AbsoluteEncoding):
     """A trained table of one vector per position (BERT, Devlin et al. 2019; GPT-2, Radford et al. 2019)."""
 
-    kind = "absolute"
     bounded = True
 
     def __init__(self, config, is_causal):
@@ -245,7 +295,7 @@ class LearnedPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("index")
-class IndexPositionEncoding(PositionEncoding):
+class IndexPositionEncoding(AbsoluteEncoding):
     """The raw position index added to every channel: the naive scheme whose magnitude grows without bound.
 
     Positions are exact integers up to 2^24 in float32 but only up to 2048 in float16 and 256 in bfloat16
@@ -255,7 +305,6 @@ class IndexPositionEncoding(PositionEncoding):
     bfloat16 for this encoding.
     """
 
-    kind = "absolute"
     bounded = True
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
@@ -271,7 +320,7 @@ class IndexPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("normalized_index")
-class NormalizedIndexPositionEncoding(PositionEncoding):
+class NormalizedIndexPositionEncoding(AbsoluteEncoding):
     """Position divided by the sequence length, so values lie in [0, 1).
 
     The same position gets a different code in sequences of different lengths, and a token's code
@@ -279,7 +328,6 @@ class NormalizedIndexPositionEncoding(PositionEncoding):
     means a KV cache goes stale, so generation recomputes the whole sequence (``cacheable = False``).
     """
 
-    kind = "absolute"
     cacheable = False
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
@@ -288,10 +336,9 @@ class NormalizedIndexPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("binary")
-class BinaryPositionEncoding(PositionEncoding):
+class BinaryPositionEncoding(AbsoluteEncoding):
     """The binary code of the position, as ±1 in the first ceil(log2(max_position_embeddings)) channels."""
 
-    kind = "absolute"
     bounded = True
 
     def __init__(self, config, is_causal):
@@ -327,15 +374,13 @@ def default_rope_parameters(config, device=None, **kwargs) -> tuple[torch.Tensor
 
 
 @register_position_encoding("rope")
-class RotaryPositionEncoding(PositionEncoding):
+class RotaryPositionEncoding(RotaryEncoding):
     """Rotary position embedding (Su et al., "RoFormer", 2021) in transformers' half-split layout.
 
     ``config.rope_parameters`` selects theta, the partial rotary factor and any scaling type that
     transformers implements (linear, dynamic, yarn, llama3, longrope); their frequency functions are
     transformers' own, so a scaled checkpoint matches transformers' models exactly.
     """
-
-    kind = "rotary"
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -405,7 +450,7 @@ def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets:
     return offset + torch.where(distance < exact, distance, log_bucket)
 
 
-class DistanceBias(PositionEncoding):
+class DistanceBias(ScoreBiasEncoding):
     """Base of the bias encodings that depend only on the signed distance ``key - query``.
 
     A subclass gives one row per head over the distances it is asked for (``distance_table``); the row
@@ -414,9 +459,6 @@ class DistanceBias(PositionEncoding):
     row rather than a small bucket table keeps the bias gradient spread over Q + K - 1 cells instead of
     being accumulated into a handful.
     """
-
-    kind = "bias"
-    backends = SCORE_BIAS_BACKENDS
 
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
@@ -533,7 +575,7 @@ def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: i
 
 
 @register_position_encoding("deberta_relative")
-class DebertaRelativePositions(PositionEncoding):
+class DebertaRelativePositions(RelativeEncoding):
     """DeBERTa's relative positions (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
     ICLR 2021): one table of 2k embeddings shared by all layers, indexed by δ(i, j) = clamp(bucket(i - j) + k,
     0, 2k - 1).
@@ -542,9 +584,6 @@ class DebertaRelativePositions(PositionEncoding):
     with each layer's query/key projections into the c2p/p2c terms. Its configuration keys are
     posvar_deberta's (``position_buckets``, ``max_relative_positions``, ``norm_rel_ebd``).
     """
-
-    kind = "relative"
-    backends = SCORE_BIAS_BACKENDS
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -572,7 +611,7 @@ class DebertaRelativePositions(PositionEncoding):
 
 
 @register_position_encoding("xpos")
-class XPosEncoding(PositionEncoding):
+class XPosEncoding(RotaryEncoding):
     """xPos (Sun et al., "A Length-Extrapolatable Transformer", 2022): RoPE whose query at position n is scaled by
     ζ^(n/B) and key at position m by ζ^(−m/B), so each channel pair's score decays as ζ_i^((n−m)/B).
 
@@ -583,7 +622,6 @@ class XPosEncoding(PositionEncoding):
     bidirectional model the same factor grows for keys after the query, as the paper's formula gives.
     """
 
-    kind = "rotary"
     gamma: ClassVar[float] = 0.4
 
     def __init__(self, config, is_causal):
@@ -696,7 +734,7 @@ class FireTables(NamedTuple):
 
 
 @register_position_encoding("fire")
-class FIREBias(PositionEncoding):
+class FIREBias(ScoreBiasEncoding):
     """FIRE (Li et al., "Functional Interpolation for Relative Positions Improves Long Context Transformers", ICLR
     2024): b(i, j) = f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(c·|x| + 1), f_θ an MLP with one ReLU layer.
 
@@ -707,8 +745,6 @@ class FIREBias(PositionEncoding):
     the MLP unit by unit from (B, Q) positions and the weights (no (Q, K) tensor).
     """
 
-    kind = "bias"
-    backends = SCORE_BIAS_BACKENDS
     eps: ClassVar[float] = 1e-6
 
     def __init__(self, config, is_causal):
@@ -765,7 +801,7 @@ class FIREBias(PositionEncoding):
 
 
 @register_position_encoding("cope")
-class ContextualPositionEncoding(PositionEncoding):
+class ContextualPositionEncoding(ContextualEncoding):
     """CoPE (Golovneva et al., "Contextual Position Encoding: Learning to Count What's Important", 2024): the position
     of key j for query i is a count of gates, p_ij = Σ over t from j to i of σ(q_i·k_t), and the score gains q_i·e[p_ij], with e
     interpolated between the two nearest of ``cope_max_positions`` learned embeddings.
@@ -776,9 +812,6 @@ class ContextualPositionEncoding(PositionEncoding):
     refused. A token's count reads only keys up to it, so a KV cache stays valid (cacheable, dynamic and static).
     Bidirectional models count the gates between the two tokens in either direction (|p| without a sign).
     """
-
-    kind = "contextual"
-    backends = MASK_BIAS_BACKENDS
 
     @classmethod
     def layer_module(cls, config, is_causal):

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from hf_posvariants.bias_route import SCORE_FUNCTION_BACKENDS
 from hf_posvariants.evaluation.data import blocks
 from hf_posvariants.evaluation.report import markdown_table
 from hf_posvariants.training.run_folder import read_run_record
@@ -83,8 +84,9 @@ def long_context_backend(config, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     requirements = config.backend_requirements() if hasattr(config, "backend_requirements") else []
-    if requirements and all("flex_attention" in backends for _, _, backends in requirements):
-        return "flex_attention"
+    flex = SCORE_FUNCTION_BACKENDS[0]
+    if requirements and all(flex in backends for _, _, backends in requirements):
+        return flex
     return "sdpa"
 
 
