@@ -330,11 +330,12 @@ class PosVarAttention(nn.Module):
 
     Position enters as rotary (cos, sin) applied to queries and keys, or as an additive score bias: inside
     the mask (eager, SDPA) or as a flex score function. ``backends`` declares the attention implementations
-    the variant can run (None: every one); ``relative_encoding_name`` names the ``relative`` position
-    encoding a variant consumes (none for most).
+    the variant can run (None: every one), ``config_fields`` the fields it owns; ``relative_encoding_name``
+    names the ``relative`` position encoding a variant consumes (none for most).
     """
 
     backends: tuple[str, ...] | None = None
+    config_fields: tuple[str, ...] = ()  # the config fields only this variant reads (flat, as in config.json)
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()

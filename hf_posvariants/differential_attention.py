@@ -103,6 +103,10 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
+    config_fields = (
+        "differential_head_layout", "differential_norm_affine", "differential_lambda_init", "differential_lambda_std"
+    )
+
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
         self.head_layout = config.differential_head_layout

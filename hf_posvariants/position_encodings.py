@@ -30,6 +30,7 @@ from torch.utils._pytree import register_dataclass
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .bias_route import MASK_BIAS_BACKENDS, SCORE_BIAS_BACKENDS, BiasRoute
+from .validation import choice_error, require_positive
 
 PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
 
@@ -132,6 +133,8 @@ class PositionEncoding(nn.Module):
     ``bounded`` (a finite table of ``max_position_embeddings`` positions), ``cacheable`` (a token's
     encoding does not depend on tokens after it, so a KV cache stays valid), ``backends`` (the attention
     implementations that can carry it; None means every one). ``kind`` is set by the kind's base class.
+    ``config_fields`` names the config fields only this encoding reads (flat, as in config.json); its
+    ``validate_config`` refuses values of them, or of shared fields, that it cannot run with.
     """
 
     name: ClassVar[str]
@@ -139,10 +142,15 @@ class PositionEncoding(nn.Module):
     bounded: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     backends: ClassVar[tuple[str, ...] | None] = None
+    config_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, is_causal: bool):
         super().__init__()
         self.max_positions = config.max_position_embeddings
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Refuse settings this encoding cannot run (called by the config's validation while it is in use)."""
 
     def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
         return inputs_embeds
@@ -345,6 +353,14 @@ class BinaryPositionEncoding(AbsoluteEncoding):
         super().__init__(config, is_causal)
         self.num_bits = binary_width(config.max_position_embeddings)
 
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if binary_width(config.max_position_embeddings) > config.hidden_size:
+            raise ValueError(
+                f"position_encoding='binary' needs {binary_width(config.max_position_embeddings)} channels for "
+                f"max_position_embeddings={config.max_position_embeddings}, more than hidden_size={config.hidden_size}."
+            )
+
     def add_to_embeddings(self, inputs_embeds, position_ids):
         self.check_positions(position_ids)
         bit_values = 2 ** torch.arange(self.num_bits, device=position_ids.device)
@@ -489,12 +505,25 @@ class T5RelativeBias(DistanceBias):
     (Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
     Transformer", 2020)."""
 
+    config_fields = ("relative_attention_num_buckets", "relative_attention_max_distance")
+
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
         self.bidirectional = not is_causal
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+        if buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets={buckets} must be at least 4 for position_encoding='t5_bias'.")
+        if distance <= buckets // 2:
+            raise ValueError(
+                f"relative_attention_max_distance={distance} must exceed relative_attention_num_buckets // 2 "
+                f"= {buckets // 2} for position_encoding='t5_bias' (the logarithmic buckets start there)."
+            )
 
     def distance_table(self, relative):
         buckets = t5_relative_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
@@ -623,6 +652,23 @@ class XPosEncoding(RotaryEncoding):
     """
 
     gamma: ClassVar[float] = 0.4
+    config_fields = ("xpos_scale_base",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='xpos'")
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        rotary_dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_parameters['rope_type']={rope_type!r} is not supported with position_encoding='xpos' "
+                "(its decay replaces RoPE's scalings); allowed value is 'default'."
+            )
+        if rotary_dim % 2 or rotary_dim == 0:
+            raise ValueError(
+                f"position_encoding='xpos' rotates channel pairs, so head_dim × partial_rotary_factor must be a "
+                f"positive even number; got head_dim={config.head_dim} (rotary dim {rotary_dim})."
+            )
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -668,6 +714,12 @@ class KerpleBias(DistanceBias):
     """
 
     min_parameter: ClassVar[float] = 1e-2
+    config_fields = ("kerple_variant",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.kerple_variant not in KERPLE_VARIANTS:
+            raise choice_error("kerple_variant", config.kerple_variant, KERPLE_VARIANTS)
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -706,6 +758,12 @@ class DynamicPositionBias(DistanceBias):
     ``dynamic_bias_layers`` SiLU layers of width ``dynamic_bias_hidden_size``, then a linear map to the heads; the
     MLP is evaluated once per forward over the Q + K − 1 distances in play.
     """
+
+    config_fields = ("dynamic_bias_hidden_size", "dynamic_bias_layers")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='dynamic_bias'")
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -746,6 +804,11 @@ class FIREBias(ScoreBiasEncoding):
     """
 
     eps: ClassVar[float] = 1e-6
+    config_fields = ("fire_mlp_width", "fire_threshold")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='fire'")
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -812,6 +875,16 @@ class ContextualPositionEncoding(ContextualEncoding):
     refused. A token's count reads only keys up to it, so a KV cache stays valid (cacheable, dynamic and static).
     Bidirectional models count the gates between the two tokens in either direction (|p| without a sign).
     """
+
+    config_fields = ("cope_max_positions",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.cope_max_positions < 2:
+            raise ValueError(
+                f"cope_max_positions={config.cope_max_positions} must be at least 2 for position_encoding='cope' "
+                "(positions are interpolated between two embeddings)."
+            )
 
     @classmethod
     def layer_module(cls, config, is_causal):
