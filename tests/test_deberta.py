@@ -175,8 +175,10 @@ def test_eager_matches_sdpa_gradients():
 
 @pytest.mark.slow  # its inductor compile failed once after other flex compiles in the same process
 @pytest.mark.flex
-def test_flex_matches_eager():
-    config = deberta_config()
+@pytest.mark.parametrize("schedule", [None, ["nope", "alibi"]], ids=["position-terms", "with-scheduled-alibi"])
+def test_flex_matches_eager(schedule):
+    """Flex takes DeBERTa's position terms as a score function, and a scheduled layer's shared bias with them."""
+    config = deberta_config(layer_position_encodings=schedule)
     input_ids, attention_mask = batch(length=32)
     eager, flex = build(AutoModelForMaskedLM, config, "eager"), build(AutoModelForMaskedLM, config, "flex_attention")
     with torch.no_grad():
