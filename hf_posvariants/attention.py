@@ -2,9 +2,11 @@
 
 We ship one eager kernel, the reference: it understands an additive position bias and grouped KV
 heads. SDPA (the default) and flex attention come from transformers' registry. Position arrives once
-per forward as one `Positions` value: rotary (cos, sin) rotate queries and keys here; a bias shared by
-all layers rides in the additive mask on eager and SDPA (the model folds it in) and reaches flex as a
-`score_mod` over small tables, so the flex path never builds a (queries × keys) tensor.
+per forward as one `Positions` value: rotary (cos, sin) rotate queries and keys here; how a bias reaches the
+kernel is its `route` (`bias_route.py`), decided once per forward: a bias shared by all layers rides in the
+additive mask on eager and SDPA (the model folds it in) and reaches flex as a `score_mod` over small tables, so
+the flex path never builds a (queries × keys) tensor. A layer's own bias (CoPE's counts, DeBERTa's position
+terms) takes the same route. Layers hand the kernel runner one typed `KernelBias`; the runner only dispatches.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +22,8 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .position_encodings import POSITION_ENCODINGS, Positions, ScoreBias, ScoreMod, rotate
+from .bias_route import BiasRoute
+from .position_encodings import POSITION_ENCODINGS, Positions, ScoreMod, rotate
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -74,10 +78,6 @@ def attention_weights(
     elif attention_mask is not None:
         scores = scores + attention_mask[..., :key_length]
     return nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-
-
-# Backends whose kernels add the mask to the scores, so a bias can travel inside it.
-MASK_BIAS_BACKENDS = ("eager", "sdpa")
 
 
 def fold_bias_into_mask(
@@ -189,12 +189,9 @@ class FlashAttentionWithBiasGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, mask, table, scale):
-        if query.shape[-1] == value.shape[-1]:
-            output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
-            )
-        else:  # wider values (differential attention's one-call path): SDPA's math kernel, keeping nothing
-            output = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.detach(), scale=scale)
+        output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
+        )
         ctx.save_for_backward(query, key, value, mask, output, table)
         ctx.scale = scale
         return output
@@ -234,55 +231,51 @@ class FlashAttentionWithBiasGradient(torch.autograd.Function):
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), grad_mask, grad_table, None
 
 
-def learned_mask_on_cpu(module: nn.Module, query: torch.Tensor, attention_mask, kwargs: dict) -> bool:
-    """Whether SDPA gets a float mask carrying a learned bias (needing a gradient itself, or routing it to the
-    `folded_bias` tables), on CPU, with nothing the kernel above cannot do (dropout, a separate bias)."""
-    if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
-        return False
-    return (
-        (kwargs.get("folded_bias") is not None or attention_mask.requires_grad)
-        and module.config._attn_implementation == "sdpa"
-        and query.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and not (module.training and module.attention_dropout > 0)
-        and "position_bias" not in kwargs
-        and not torch.compiler.is_compiling()
-    )
-
-
 def flash_attention_with_bias_gradient(
-    module, query, key, value, attention_mask, folded_bias: ScoreBias | None = None
+    module, query, key, value, attention_mask, row: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, None]:
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     mask = attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
-    table = folded_bias.tables[0] if folded_bias is not None else query.new_empty(0)
+    table = row if row is not None else query.new_empty(0)
     output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, table, module.scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
-def add_contextual_bias(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> None:
-    """For a layer with contextual positions (CoPE): their bias, computed from these very queries and keys (in the
-    kernel's head order), added to kwargs' `position_bias`."""
-    if module.contextual_positions is None:
-        return
-    # Differential attention may zero-pad queries and keys past head_dim for its one-call kernel path.
-    query_heads, key_heads = query[..., : module.head_dim], key[..., : module.head_dim]
-    bias = module.contextual_positions(
-        query_heads, repeat_kv(key_heads, module.num_key_value_groups), attention_mask, module.scaling
-    )
-    if kwargs.get("position_bias") is not None:
-        bias = bias + kwargs["position_bias"]
-    kwargs["position_bias"] = bias.to(query.dtype)
+@dataclass
+class KernelBias:
+    """The position bias one kernel call receives, in the form its `route` gives (see `kernel_bias`).
+
+    ``tensor``: a (B|1, H, Q, K) bias the kernel adds to the scores besides the mask (transformers' `position_bias`);
+    ``score_mod``: flex's score function; ``row``: the (H, Q + K − 1) per-distance row that the gradient of a bias
+    folded into the mask goes to (`route.gradient == "row"`).
+    """
+
+    route: BiasRoute
+    tensor: torch.Tensor | None = None
+    score_mod: ScoreMod | None = None
+    row: torch.Tensor | None = None
 
 
-def with_folded_bias_gradient(attention_mask, folded_bias: ScoreBias | None):
-    """The mask, given back the gradient of a bias folded into it that the model routed to its tables, for a call
-    that cannot take the table kernel (say a layer adds a bias of its own): zero in value."""
-    if folded_bias is None or not torch.is_grad_enabled():
-        return attention_mask
-    bias = folded_bias.materialise().to(attention_mask.dtype)
-    return attention_mask + (bias - bias.detach())
+def chained(first: ScoreMod | None, second: ScoreMod | None) -> ScoreMod | None:
+    """One score function adding both biases (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(score, batch, head, query, key):
+        return second(first(score, batch, head, query, key), batch, head, query, key)
+
+    return both
+
+
+def kernel_bias(positions: Positions, own: torch.Tensor | ScoreMod | None = None) -> KernelBias:
+    """What a kernel call receives of the shared bias and of the layer's `own` bias (a tensor where the route's carrier
+    is the mask, a score function on flex), as `positions.route` says: a shared bias folded into the mask only as the
+    row its gradient goes to, if any."""
+    route, shared = positions.route, positions.bias
+    if route.carrier == "score_function":
+        return KernelBias(route, score_mod=chained(None if shared is None else shared.score_mod(), own))
+    return KernelBias(route, tensor=own, row=shared.row if route.gradient == "row" else None)
 
 
 def run_attention_kernel(
@@ -291,18 +284,18 @@ def run_attention_kernel(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask,
-    score_mod: ScoreMod | None = None,
+    bias: KernelBias,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The configured backend on (B, H, T, D) heads: a score function goes to flex, anything else through
-    transformers' attention interface (a tensor `position_bias` in kwargs included), after a layer with
-    contextual positions (CoPE) has added their bias."""
-    add_contextual_bias(module, query, key, attention_mask, kwargs)
-    if score_mod is not None:
-        return flex_score_attention(module, query, key, value, attention_mask, score_mod, module.scaling)
-    if learned_mask_on_cpu(module, query, attention_mask, kwargs):
-        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, kwargs.get("folded_bias"))
-    attention_mask = with_folded_bias_gradient(attention_mask, kwargs.pop("folded_bias", None))
+    """The kernel `bias` names, on (B, H, T, D) heads: a score function goes to flex, a route with the gradient kernel
+    to `FlashAttentionWithBiasGradient`, anything else through transformers' attention interface (a bias tensor as
+    its `position_bias`). It decides nothing itself."""
+    if bias.score_mod is not None:
+        return flex_score_attention(module, query, key, value, attention_mask, bias.score_mod, module.scaling)
+    if bias.route.gradient_kernel:
+        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, bias.row)
+    if bias.tensor is not None:
+        kwargs["position_bias"] = bias.tensor
     return attention_function(module)(
         module,
         query,
@@ -337,11 +330,12 @@ class PosVarAttention(nn.Module):
 
     Position enters as rotary (cos, sin) applied to queries and keys, or as an additive score bias: inside
     the mask (eager, SDPA) or as a flex score function. ``backends`` declares the attention implementations
-    the variant can run (None: every one); ``relative_encoding_name`` names the ``relative`` position
-    encoding a variant consumes (none for most).
+    the variant can run (None: every one), ``config_fields`` the fields it owns; ``relative_encoding_name``
+    names the ``relative`` position encoding a variant consumes (none for most).
     """
 
     backends: tuple[str, ...] | None = None
+    config_fields: tuple[str, ...] = ()  # the config fields only this variant reads (flat, as in config.json)
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()
@@ -403,18 +397,22 @@ class PosVarAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query, key, value = self.project(hidden_states, positions, cache, cache_kwargs=kwargs)
-        return self.attend(query, key, value, attention_mask, **self.bias_arguments(positions.bias, query.dtype), **kwargs)
+        bias = kernel_bias(positions, self.contextual_bias(query, key, attention_mask))
+        return self.attend(query, key, value, attention_mask, bias, **kwargs)
 
-    def bias_arguments(self, bias: ScoreBias | None, dtype: torch.dtype) -> dict:
-        """How the kernel receives a shared bias: flex as a score function, any other backend as the (1, H, Q, K)
-        tensor `position_bias`; a bias already folded into the mask only as the tables its gradient goes to."""
-        if bias is None:
-            return {}
-        if bias.folded:
-            return {"folded_bias": bias}
-        if self.config._attn_implementation == "flex_attention":
-            return {"score_mod": bias.score_mod()}
-        return {"position_bias": bias.materialise().to(dtype)}
+    def contextual_bias(self, query: torch.Tensor, key: torch.Tensor, attention_mask) -> torch.Tensor | None:
+        """For a layer with contextual positions (CoPE): their (B, H, Q, K) bias, computed from these very queries and
+        keys (in the kernel's head order); else None."""
+        if self.contextual_positions is None:
+            return None
+        bias = self.contextual_positions(query, repeat_kv(key, self.num_key_value_groups), attention_mask, self.scaling)
+        return bias.to(query.dtype)
+
+    def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
+        """Whether this layer's kernel call can be `FlashAttentionWithBiasGradient`, which takes the mask alone (read by
+        `choose_bias_route` for a (B, H, Q, K) score tensor of `score_elements`): not where the layer adds a bias of its
+        own."""
+        return self.contextual_positions is None
 
     def attend(
         self,
@@ -422,11 +420,11 @@ class PosVarAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        score_mod: ScoreMod | None = None,
+        bias: KernelBias,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The backend's kernel on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
-        output, weights = run_attention_kernel(self, query, key, value, attention_mask, score_mod, **kwargs)
+        output, weights = run_attention_kernel(self, query, key, value, attention_mask, bias, **kwargs)
         if torch.compiler.is_exporting():
             # torch.export drops the kernel's own contiguous() (a no-op when traced), and SDPA's decomposition with a
             # float mask then returns transposed strides that cannot be viewed as (B, T, hidden); copy explicitly.

@@ -13,9 +13,10 @@ from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 
-from .configuration_posvariants import PosVarConfig, _choice_error
+from .components import POSITION_ENCODINGS
+from .configuration_posvariants import PosVarConfig
 from .disentangled_attention import POSITION_TERMS
-from .position_encodings import POSITION_ENCODINGS
+from .validation import choice_error
 REL_EMBEDDING_NORMS = ("none", "layer_norm")
 # Where position enters the input embeddings (DeBERTa-v2's `position_biased_input`): a learned table
 # ("learned", v1/v2) or nothing ("nope", v3); any other absolute scheme of the registry also fits.
@@ -96,14 +97,14 @@ class PosVarDebertaConfig(PosVarConfig):
         super().validate_architecture()
         unknown = [term for term in self.pos_att_type if term not in POSITION_TERMS]
         if unknown:
-            raise _choice_error("pos_att_type", unknown, POSITION_TERMS)
+            raise choice_error("pos_att_type", unknown, POSITION_TERMS)
         if self.norm_rel_ebd not in REL_EMBEDDING_NORMS:
-            raise _choice_error("norm_rel_ebd", self.norm_rel_ebd, REL_EMBEDDING_NORMS)
+            raise choice_error("norm_rel_ebd", self.norm_rel_ebd, REL_EMBEDDING_NORMS)
         if self.position_encoding_class.kind not in INPUT_POSITION_KINDS:
             allowed = [name for name, cls in POSITION_ENCODINGS.items() if cls.kind in INPUT_POSITION_KINDS]
-            raise _choice_error("position_encoding", self.position_encoding, allowed)
+            raise choice_error("position_encoding", self.position_encoding, allowed)
         if self.attention_variant != "disentangled":
-            raise _choice_error("attention_variant", self.attention_variant, ["disentangled"])
+            raise choice_error("attention_variant", self.attention_variant, ["disentangled"])
         if self.is_decoder:
             raise ValueError("is_decoder=True is not supported by posvar_deberta, a bidirectional encoder; allowed value is False.")
         if self.emd_layers < 0:

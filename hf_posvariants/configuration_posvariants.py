@@ -2,8 +2,9 @@
 
 Field names follow transformers' Llama (`num_key_value_heads`, `rope_parameters`, `rms_norm_eps`
 is spelled `norm_eps` since both norms use it) so recipes and checkpoints move between the two.
-All validation lives in `validate_architecture`, which transformers runs when a config is built
-and again when it is saved; every refusal is a plain ValueError naming the field, the value and what
+`validate_architecture`, which transformers runs when a config is built and again when it is saved, checks the
+shared fields and asks each component in use (encoding, attention variant) to check the fields it owns
+(`validate_config`, `config_fields`); every refusal is a plain ValueError naming the field, the value and what
 is allowed.
 This file imports only torch, transformers and huggingface_hub (a dependency of transformers): it travels
 with remote-code checkpoints.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import types
 import typing
@@ -25,18 +25,13 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-from .attention import ATTENTION_VARIANTS
-from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
-from .disentangled_attention import DisentangledAttention  # noqa: F401  (registers "disentangled")
-from .position_encodings import KERPLE_VARIANTS, POSITION_ENCODINGS, binary_width, selectable_position_encodings
+from .components import ATTENTION_VARIANTS, POSITION_ENCODINGS, selectable_position_encodings
+from .validation import choice_error, require_number
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("standard", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
-# transformers' backends that have nowhere to put an additive score bias (they would drop it silently);
-# what each encoding or attention variant runs on is declared on its registry entry (`backends`).
-BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -53,17 +48,6 @@ ROPE_NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "mscale": (">= 0", lambda value: value >= 0),
     "mscale_all_dim": (">= 0", lambda value: value >= 0),
 }
-
-
-def _choice_error(field: str, value, allowed) -> ValueError:
-    return ValueError(f"{field}={value!r} is not supported; allowed values are {sorted(allowed)}.")
-
-
-def _require_number(field: str, value, allowed: str, within: Callable[[float], bool]) -> None:
-    """A finite real number for which `within` holds, else a ValueError naming the field, value and range."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (is_number and math.isfinite(value) and within(value)):
-        raise ValueError(f"{field}={value!r} is not allowed; allowed values are finite numbers {allowed}.")
 
 
 def _matches_annotation(value, annotation) -> bool:
@@ -237,9 +221,9 @@ class PosVarConfig(PreTrainedConfig):
         self._validate_pad_token_id()
         ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
         self._validate_layer_schedule()
-        self._validate_encoding_hyperparameters()
+        for name in self.position_encodings_in_use:  # a field only an unused encoding reads is not checked
+            POSITION_ENCODINGS[name].validate_config(self)
         self.validate_rope()
-        self._validate_position_encoding()
         self.check_attention_backend()
 
     def _validate_choices(self):
@@ -253,9 +237,9 @@ class PosVarConfig(PreTrainedConfig):
             ("hidden_act", ACT2FN),
         ):
             if getattr(self, field) not in allowed:
-                raise _choice_error(field, getattr(self, field), allowed)
+                raise choice_error(field, getattr(self, field), allowed)
         if self.classifier_pooling is not None and self.classifier_pooling not in CLASSIFIER_POOLINGS:
-            raise _choice_error("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
+            raise choice_error("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
 
     def _validate_sizes(self):
         """Positive sizes, and head counts that divide what they split."""
@@ -287,10 +271,10 @@ class PosVarConfig(PreTrainedConfig):
     def _validate_numbers(self):
         """Real-valued fields that would turn into NaN or nonsense weights."""
         for field in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
-            _require_number(field, getattr(self, field), "in [0, 1)", lambda value: 0 <= value < 1)
-        _require_number("norm_eps", self.norm_eps, "> 0", lambda value: value > 0)
-        _require_number("initializer_range", self.initializer_range, ">= 0", lambda value: value >= 0)
-        _require_number("differential_lambda_std", self.differential_lambda_std, ">= 0", lambda value: value >= 0)
+            require_number(field, getattr(self, field), "in [0, 1)", lambda value: 0 <= value < 1)
+        require_number("norm_eps", self.norm_eps, "> 0", lambda value: value > 0)
+        require_number("initializer_range", self.initializer_range, ">= 0", lambda value: value >= 0)
+        require_number("differential_lambda_std", self.differential_lambda_std, ">= 0", lambda value: value >= 0)
 
     def _validate_pad_token_id(self):
         """The padding row of the embedding table must exist (transformers only warns; torch then fails or
@@ -311,10 +295,10 @@ class PosVarConfig(PreTrainedConfig):
         rope = self.rope_parameters
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            raise _choice_error("rope_parameters['rope_type']", rope_type, ROPE_TYPES)
+            raise choice_error("rope_parameters['rope_type']", rope_type, ROPE_TYPES)
         for key, (allowed, within) in ROPE_NUMBER_RULES.items():
             if rope.get(key) is not None:
-                _require_number(f"rope_parameters['{key}']", rope[key], allowed, within)
+                require_number(f"rope_parameters['{key}']", rope[key], allowed, within)
         rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
         if rotary_dim % 2 or rotary_dim == 0:
             raise ValueError(
@@ -358,24 +342,7 @@ class PosVarConfig(PreTrainedConfig):
                     f"rotary_dim // 2 = {rotary_dim // 2} numbers > 0 (one per rotated channel pair)."
                 )
             for index, factor in enumerate(factors):
-                _require_number(f"rope_parameters['{key}'][{index}]", factor, "> 0", lambda value: value > 0)
-
-    def _validate_position_encoding(self):
-        encoding = self.position_encoding
-        if encoding == "binary" and binary_width(self.max_position_embeddings) > self.hidden_size:
-            raise ValueError(
-                f"position_encoding='binary' needs {binary_width(self.max_position_embeddings)} channels for "
-                f"max_position_embeddings={self.max_position_embeddings}, more than hidden_size={self.hidden_size}."
-            )
-        if encoding == "t5_bias":
-            buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
-            if buckets < 4:
-                raise ValueError(f"relative_attention_num_buckets={buckets} must be at least 4 for position_encoding='t5_bias'.")
-            if distance <= buckets // 2:
-                raise ValueError(
-                    f"relative_attention_max_distance={distance} must exceed relative_attention_num_buckets // 2 "
-                    f"= {buckets // 2} for position_encoding='t5_bias' (the logarithmic buckets start there)."
-                )
+                require_number(f"rope_parameters['{key}'][{index}]", factor, "> 0", lambda value: value > 0)
 
     def _validate_layer_schedule(self):
         schedule = self.layer_position_encodings
@@ -398,39 +365,6 @@ class PosVarConfig(PreTrainedConfig):
                 f"position_encoding={self.position_encoding!r} is not in layer_position_encodings={schedule!r}; with a "
                 f"schedule it must be an absolute encoding, 'nope', or one of {sorted(set(schedule))}."
             )
-
-    def _validate_encoding_hyperparameters(self):
-        """The hyper-parameters of the encodings in use (a field an unused encoding reads is not checked)."""
-        in_use = set(self.position_encodings_in_use)
-        if "kerple" in in_use and self.kerple_variant not in KERPLE_VARIANTS:
-            raise _choice_error("kerple_variant", self.kerple_variant, KERPLE_VARIANTS)
-        positive = {
-            "dynamic_bias": ("dynamic_bias_hidden_size", "dynamic_bias_layers"),
-            "fire": ("fire_mlp_width", "fire_threshold"),
-            "xpos": ("xpos_scale_base",),
-        }
-        for encoding, fields in positive.items():
-            for field in fields if encoding in in_use else ():
-                if not getattr(self, field) > 0:
-                    raise ValueError(f"{field}={getattr(self, field)!r} must be positive for position_encoding={encoding!r}.")
-        if "cope" in in_use and self.cope_max_positions < 2:
-            raise ValueError(
-                f"cope_max_positions={self.cope_max_positions} must be at least 2 for position_encoding='cope' "
-                "(positions are interpolated between two embeddings)."
-            )
-        if "xpos" in in_use:
-            rope_type = self.rope_parameters.get("rope_type", "default")
-            rotary_dim = int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
-            if rope_type != "default":
-                raise ValueError(
-                    f"rope_parameters['rope_type']={rope_type!r} is not supported with position_encoding='xpos' "
-                    "(its decay replaces RoPE's scalings); allowed value is 'default'."
-                )
-            if rotary_dim % 2 or rotary_dim == 0:
-                raise ValueError(
-                    f"position_encoding='xpos' rotates channel pairs, so head_dim × partial_rotary_factor must be a "
-                    f"positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim})."
-                )
 
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(field, value, the backends it runs on) for every component that does not run on all of them, read from

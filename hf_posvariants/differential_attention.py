@@ -14,14 +14,14 @@ Two head layouts say which projected heads form a pair (`config.differential_hea
 - "halves" (transformers' `diffllama`): query head i and head i + H/2 are the two maps, KV heads m and
   m + H_kv/2 the two keys and value halves.
 An additive position bias has one slice per softmax map, in the layout's own head order (also when the
-model has folded it into the mask).
+model has folded it into the mask); it reaches the kernels by the route of `Positions`, like any layer's.
 
 The kernels are transformers' attention interface, so eager, SDPA, flex and flash all work, with grouped KV
 heads and every position encoding. Where the (B, H, Q, K) maps are small enough to hold, they are computed once
 and subtracted before they meet the value, which halves the value matmul; otherwise each pair's two maps meet
-its 2d-wide value in one kernel call (QKᵀ once) where the kernel takes a value wider than the query, in one call
-with zero-padded queries and keys where it needs equal widths, or in two calls, one per value half.
-`KERNEL_CALL_CHOICES` picks per backend, device and size, and the paths agree to float rounding.
+its 2d-wide value in one kernel call with zero-padded queries and keys (kernels need equal widths), or in two
+calls, one per value half. `KERNEL_CALL_CHOICES` picks per backend, device and size, and the paths agree to
+float rounding.
 
 `output_attentions=True` returns, per layer, (B, num_attention_heads, Q, K): every softmax map, the first
 maps of the H/2 differential heads followed by their second maps (whatever the head layout), i.e. the
@@ -31,7 +31,6 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
-import functools
 import dataclasses
 import math
 
@@ -43,15 +42,15 @@ from transformers.cache_utils import Cache
 from transformers.generation.continuous_batching import PagedAttentionCache
 
 from .attention import (
-    MASK_BIAS_BACKENDS,
+    KernelBias,
     PosVarAttention,
-    add_contextual_bias,
     attention_weights,
+    kernel_bias,
     register_attention_variant,
     repeat_kv,
     run_attention_kernel,
-    with_folded_bias_gradient,
 )
+from .bias_route import BACKEND_BIAS, MASK_BIAS_BACKENDS, BiasRoute
 from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
@@ -59,11 +58,11 @@ HEAD_LAYOUTS = ("pairs", "halves")
 # How the two maps of every pair reach the pair's 2d-wide value:
 #   "subtracted_maps": the maps materialised (eager's maths), QKᵀ and softmax once, and softmax₁ − λ·softmax₂ meets
 #                  the value: half the value matmul of every other path, but (B, H, Q, K) scores in memory;
-#   "one_call":    one kernel call with the two value halves side by side (2d wide): QKᵀ and softmax once;
-#   "padded_call": the same call with queries and keys zero-padded to 2d, for kernels that need equal widths
-#                  (flash): the matmul flops of two calls, but exp/softmax and the kernel's passes run once;
+#   "padded_call": one kernel call with the two value halves side by side (2d wide) and queries and keys zero-padded
+#                  to 2d, as kernels need equal widths: the matmul flops of two calls, but exp/softmax and the
+#                  kernel's passes run once;
 #   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
-KERNEL_CALLS = ("subtracted_maps", "one_call", "padded_call", "two_calls")
+KERNEL_CALLS = ("subtracted_maps", "padded_call", "two_calls")
 
 # (backend, device type) → the paths that measured fastest there, each with the largest score tensor (B·H·Q·K
 # elements, None: any) it is chosen for; the first that fits is taken. Absent pairs take "two_calls", which every
@@ -76,9 +75,9 @@ KERNEL_CALL_CHOICES: dict[tuple[str, str], tuple[tuple[str, int | None], ...]] =
     # CPU: up to 4 Mi score elements (16 MiB in fp32) the subtracted maps take 0.55-0.67× the time of the padded
     # call (batch 4 at 256 and 512 tokens, 16 at 256); at 8 Mi and beyond they are 1.05-1.6× slower (memory-bound:
     # 4 × 1,024, 8 × 512, 2 × 1,024, 4 × 768), and the flash kernel's memory stays linear in length.
-    # Flash needs equal widths (a 2d-wide value falls back to the math kernel): padded_call 0.98× DiffLlama at 256
-    # tokens and 0.94× at 512, two_calls 1.02× / 0.99×, one_call 1.05× / 1.20×. Both flash paths do the same
-    # matmul flops; padded runs the exp and the kernel's passes once.
+    # Flash needs equal widths (a 2d-wide value falls back to the math kernel, 1.05× / 1.20× DiffLlama): padded_call
+    # 0.98× DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×. Both flash paths do the same matmul
+    # flops; padded runs the exp and the kernel's passes once.
     ("sdpa", "cpu"): (("subtracted_maps", 2**22), ("padded_call", None)),
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
     # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
@@ -105,14 +104,17 @@ class DifferentialAttention(PosVarAttention):
     """Differential attention (Ye et al., "Differential Transformer", ICLR 2025): the difference of two softmax
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
-    # The kernel runs twice per layer under one layer_idx (or once on keys padded to twice their width), which only
-    # kernels that leave the KV cache to the layer can take. transformers' own do, except that flash writes
+    # The kernel runs twice per layer under one layer_idx, which only kernels that leave the KV cache to the layer
+    # can take. transformers' own do, except that flash writes
     # continuous batching's paged cache itself: with a paged cache only `paged_cache_backends` run. Any other
     # registered kernel (vLLM's Transformers backend, a hub kernel) may write its engine's cache, and is refused.
     kernel_backends: tuple[str, ...] = (
         "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager",
     )  # fmt: skip
     paged_cache_backends: tuple[str, ...] = ("sdpa", "paged|eager")
+    config_fields = (
+        "differential_head_layout", "differential_norm_affine", "differential_lambda_init", "differential_lambda_std"
+    )
 
     def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__(config, layer_idx, is_causal)
@@ -204,11 +206,12 @@ class DifferentialAttention(PosVarAttention):
         self.check_backend(cache)
         query, key, value = self.project(hidden_states, positions, cache, cache_kwargs=kwargs)
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
-        kwargs.update(self.bias_in_kernel_order(self.bias_arguments(positions.bias, query.dtype), query.device))
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[1] > 1:  # a shared bias folded in
+        if positions.route.folded:  # the shared bias in the mask has the model's head order
             attention_mask = self.maps_first(attention_mask)
+        bias = self.in_kernel_order(kernel_bias(positions), query.device)
+        bias.tensor = self.contextual_bias(query, key, attention_mask)  # once, for every kernel call of the layer
         lam = self.differential_lambda().to(query.dtype)
-        difference, weights = self.attend_pairs(query, key, value, attention_mask, lam, **kwargs)
+        difference, weights = self.attend_pairs(query, key, value, attention_mask, lam, bias, **kwargs)
         output = self.groupnorm(difference) * (1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
         return output, weights  # weights: the kernel's own maps, so a gradient reaches them
@@ -227,87 +230,91 @@ class DifferentialAttention(PosVarAttention):
         if isinstance(cache, PagedAttentionCache) and backend not in self.paged_cache_backends:
             raise ValueError(
                 f"attn_implementation={backend!r} writes the paged KV cache of continuous batching inside the kernel, "
-                "and differential attention calls the kernel twice per layer under one layer_idx (or once on keys "
-                f"padded to twice their width), so the cache would be written twice; allowed backends with a paged "
+                "and differential attention calls the kernel twice per layer under one layer_idx, so the cache would "
+                f"be written twice; allowed backends with a paged "
                 f"cache are {list(self.paged_cache_backends)}, and every backend runs with generate()'s caches."
             )
 
-    def kernel_path(self, query: torch.Tensor, key: torch.Tensor) -> str:
-        """`self.kernel_calls` when set (tests, benchmarks), else `choose_kernel_calls` for this call."""
-        backend = self.config._attn_implementation
+    def chosen_path(self, score_elements: int, device_type: str) -> str:
+        """`self.kernel_calls` when set (tests, benchmarks), else `choose_kernel_calls` for a (B, H, Q, K) score tensor
+        of `score_elements` on `device_type`."""
+        return self.kernel_calls or choose_kernel_calls(self.config._attn_implementation, device_type, score_elements)
+
+    def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
+        # The subtracted maps are computed here (eager's maths): a learned bias folded into the mask keeps its gradient.
+        path = self.chosen_path(score_elements, device_type)
+        return super().takes_gradient_kernel(score_elements, device_type) and path != "subtracted_maps"
+
+    def kernel_path(self, query: torch.Tensor, key: torch.Tensor, route: BiasRoute) -> str:
+        """The path of `chosen_path` for this call, checked against `KERNEL_CALLS` and the bias route."""
         score_elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
-        path = self.kernel_calls or choose_kernel_calls(backend, query.device.type, score_elements)
+        path = self.chosen_path(score_elements, query.device.type)
         if path not in KERNEL_CALLS:
             raise ValueError(f"kernel_calls={path!r} is not a differential kernel path; allowed: {list(KERNEL_CALLS)}.")
         # The subtracted maps reproduce the backends whose bias rides in the mask, never a flex score function.
-        if path == "subtracted_maps" and backend not in MASK_BIAS_BACKENDS:
+        if path == "subtracted_maps" and route.carrier != "mask":
             raise ValueError(
-                f"kernel_calls='subtracted_maps' computes the maps itself, which attn_implementation={backend!r} "
-                f"would not; allowed backends are {list(MASK_BIAS_BACKENDS)}."
+                f"kernel_calls='subtracted_maps' computes the maps itself, which attn_implementation="
+                f"{self.config._attn_implementation!r} would not; allowed backends are {list(MASK_BIAS_BACKENDS)}."
             )
         return path
 
     def attend_pairs(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, lam: torch.Tensor,
-        **kwargs,
+        bias: KernelBias, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(softmax₁ − λ·softmax₂)·V for every pair and its 2d-wide value, by the path of `kernel_path`.
 
         Takes maps-first queries/keys (B, H, Q, d), (B, H_kv, K, d) and the projected values (B, H_kv, K, d);
         returns the differences (B, Q, H/2, 2d) and the maps (B, H, Q, K) or None.
         """
-        path = self.kernel_path(query, key)
+        path = self.kernel_path(query, key, bias.route)
         value_halves = self.split_pair(value)
         if path == "two_calls":  # one call per value half: each computes QKᵀ and both maps again, on equal widths
-            attend = functools.partial(run_attention_kernel, self, attention_mask=attention_mask, **kwargs)
             outputs = []
             for value_half in value_halves:
-                output, weights = attend(query, key, torch.cat((value_half, value_half), dim=1))  # (B, Q, H, d)
-                outputs.append(output)
+                both_maps_value = torch.cat((value_half, value_half), dim=1)
+                output, weights = run_attention_kernel(self, query, key, both_maps_value, attention_mask, bias, **kwargs)
+                outputs.append(output)  # (B, Q, H, d)
             first, second = torch.cat(outputs, dim=-1).chunk(2, dim=2)
             return first - lam * second, weights
         # The value of KV pair m is its two value heads side by side, (B, H_kv/2, K, 2d).
         wide_value = torch.cat(value_halves, dim=-1)
         if path == "subtracted_maps":
-            return self.subtract_maps(query, key, wide_value, attention_mask, lam, **kwargs)
-        if path == "padded_call":  # zero columns add nothing to QKᵀ; `scaling` stays that of width d
-            query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
+            return self.subtract_maps(query, key, wide_value, attention_mask, lam, bias.tensor)
+        # padded_call: zero columns add nothing to QKᵀ; `scaling` stays that of width d.
+        query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
         # Both maps of a pair read its value, so it is tiled over the first- and second-map KV heads.
         output, weights = run_attention_kernel(
-            self, query, key, torch.cat((wide_value, wide_value), dim=1), attention_mask=attention_mask, **kwargs
+            self, query, key, torch.cat((wide_value, wide_value), dim=1), attention_mask, bias, **kwargs
         )  # (B, Q, H, 2d)
         first, second = output.chunk(2, dim=2)
         return first - lam * second, weights
 
     def subtract_maps(
         self, query: torch.Tensor, key: torch.Tensor, wide_value: torch.Tensor, attention_mask, lam: torch.Tensor,
-        folded_bias=None, **kwargs,
+        position_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps of every head (B, H, Q, K), then (softmax₁ − λ·softmax₂) of each pair times its value."""
-        add_contextual_bias(self, query, key, attention_mask, kwargs)
-        attention_mask = with_folded_bias_gradient(attention_mask, folded_bias)
         # Without a mask, SDPA applies causality itself (`is_causal`): so must its stand-in.
-        causal = self.is_causal and self.config._attn_implementation == "sdpa"
-        weights = attention_weights(self, query, key, attention_mask, self.scaling, kwargs.get("position_bias"),
-                                    causal_without_mask=causal)
+        backend = BACKEND_BIAS.get(self.config._attn_implementation)
+        causal = self.is_causal and backend is not None and backend.causal_without_mask
+        weights = attention_weights(self, query, key, attention_mask, self.scaling, position_bias, causal_without_mask=causal)
         first, second = weights.chunk(2, dim=1)  # (B, H/2, Q, K) each
         # First-map head j reads KV pair j // groups, as the kernels' grouped-KV rule does.
         difference = torch.matmul(first - lam * second, repeat_kv(wide_value, self.num_key_value_groups))
         return difference.transpose(1, 2), weights
 
-    def bias_in_kernel_order(self, arguments: dict, device: torch.device) -> dict:
-        """A bias tensor or score function seen from the kernel's [first maps, second maps] head order."""
-        if "position_bias" in arguments:
-            return {"position_bias": self.maps_first(arguments["position_bias"])}
-        if "folded_bias" in arguments:  # per-distance rows of a bias already in the (reordered) mask
-            bias = arguments["folded_bias"]
-            return {"folded_bias": dataclasses.replace(bias, tables=(self.maps_first(bias.tables[0][None])[0],))}
-        if "score_mod" not in arguments:
-            return arguments
-        score_mod = arguments["score_mod"]
+    def in_kernel_order(self, bias: KernelBias, device: torch.device) -> KernelBias:
+        """The shared bias (a score function, or the row of a bias folded into the reordered mask) seen from the
+        kernel's [first maps, second maps] head order."""
+        row = None if bias.row is None else self.maps_first(bias.row[None])[0]
+        if bias.score_mod is None:
+            return dataclasses.replace(bias, row=row)
+        in_config_order = bias.score_mod
         config_head = self.maps_first(torch.arange(self.num_heads, device=device)[None])[0]
 
         def reordered(score, batch, head, query, key):
-            return score_mod(score, batch, config_head[head], query, key)
+            return in_config_order(score, batch, config_head[head], query, key)
 
-        return {"score_mod": reordered}
+        return dataclasses.replace(bias, row=row, score_mod=reordered)

@@ -8,8 +8,9 @@ A query i scores a key j with content and relative-position parts:
 
 with k^r, q^r the key/query projections of the relative-embedding table of the `deberta_relative` encoding
 (2k rows shared by all layers) and δ its index. Each layer projects the 2k rows once, so the position terms
-are (B, H, Q, 2k) and (B, H, K, 2k) products; eager and SDPA receive them gathered into a pre-scaled
-(B, H, Q, K) bias, flex as a score function that indexes them by distance (no (Q, K) tensor).
+are (B, H, Q, 2k) and (B, H, K, 2k) products. They take the bias route of `Positions` like any bias: eager and
+SDPA receive them gathered into a pre-scaled (B, H, Q, K) tensor, flex as a score function that indexes them by
+distance (no (Q, K) tensor).
 
 Index convention: the reference code's (microsoft/DeBERTa, also transformers' DebertaV2), so checkpoints
 carry over. It differs from the paper's equation 4 in the p2c term: the paper indexes q^r with δ(j, i), the
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .attention import PosVarAttention, register_attention_variant
+from .attention import PosVarAttention, kernel_bias, register_attention_variant
 from .position_encodings import Positions, ScoreMod, distance_grid
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -110,6 +111,22 @@ class DisentangledAttention(PosVarAttention):
 
         return add_position_terms
 
+    def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
+        return not self.position_terms  # the terms are a bias of the layer's own
+
+    def position_terms_bias(
+        self, query: torch.Tensor, key: torch.Tensor, positions: Positions
+    ) -> torch.Tensor | ScoreMod | None:
+        """c2p + p2c in the form of the route's carrier: a (B, H, Q, K) tensor, or a score function on flex."""
+        if not self.position_terms:
+            return None
+        table, by_distance = positions.relative
+        c2p, p2c = self.position_terms_by_row(query, key, table)
+        if positions.route.carrier == "score_function":
+            return self.score_function(c2p, p2c, by_distance, query.shape[2])
+        index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
+        return self.gathered_bias(c2p, p2c, index)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -122,11 +139,5 @@ class DisentangledAttention(PosVarAttention):
         """Self-attention, or with `key_value_states` (the Enhanced Mask Decoder) queries from `hidden_states`
         against keys and values from `key_value_states`."""
         query, key, value = self.project(hidden_states, positions, cache, key_value_states)
-        if not self.position_terms:
-            return self.attend(query, key, value, attention_mask, **kwargs)
-        table, by_distance = positions.relative
-        c2p, p2c = self.position_terms_by_row(query, key, table)
-        if self.config._attn_implementation == "flex_attention":
-            return self.attend(query, key, value, attention_mask, self.score_function(c2p, p2c, by_distance, query.shape[2]), **kwargs)
-        index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
-        return self.attend(query, key, value, attention_mask, position_bias=self.gathered_bias(c2p, p2c, index), **kwargs)
+        bias = kernel_bias(positions, self.position_terms_bias(query, key, positions))
+        return self.attend(query, key, value, attention_mask, bias, **kwargs)

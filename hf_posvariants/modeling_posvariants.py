@@ -10,7 +10,6 @@ This file imports only torch and transformers: it travels with remote-code check
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -38,7 +37,8 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import ATTENTION_VARIANTS, MASK_BIAS_BACKENDS, PosVarAttention, fold_bias_into_mask
+from .attention import ATTENTION_VARIANTS, PosVarAttention, fold_bias_into_mask
+from .bias_route import BiasRoute, choose_bias_route
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
 from .position_encodings import POSITION_ENCODINGS, ContextualPositions, PositionEncoding, Positions, ScoreBias
@@ -317,23 +317,6 @@ class PosVarModel(PosVarPreTrainedModel):
         hidden_states = self.position_encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
         return self.dropout(self.embed_norm(hidden_states))
 
-    def can_fold_bias(self) -> bool:
-        """Whether the shared position bias may ride in the mask (flex takes it as a score function instead)."""
-        return self.config._attn_implementation in MASK_BIAS_BACKENDS
-
-    def routes_bias_gradient(self, bias: ScoreBias, hidden_states: torch.Tensor) -> bool:
-        """Whether the learned per-distance bias folded into the mask sends its gradient straight to its table: on
-        CPU SDPA, whose kernel for it (`FlashAttentionWithBiasGradient`) then keeps no (Q, K) tensor per layer."""
-        return (
-            self.config._attn_implementation == "sdpa"
-            and hidden_states.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and bias.encoding.gathered_from_table
-            and bias.tables[0].requires_grad
-            and not (self.training and self.config.attention_dropout > 0)
-            and not torch.compiler.is_compiling()
-        )
-
     def check_paged_encodings(self) -> None:
         """Continuous batching packs every request into one row and gathers each one's keys from a paged cache in
         the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
@@ -352,6 +335,22 @@ class PosVarModel(PosVarPreTrainedModel):
     def encoding_named(self, name: str) -> PositionEncoding:
         return self.position_encoding if name == self.config.position_encoding else self.scheduled_encodings[name]
 
+    def bias_route(self, bias: ScoreBias | None, layer_idx: int, hidden_states: torch.Tensor, key_length: int) -> BiasRoute:
+        """`choose_bias_route` for this forward and the layers sharing the encoding of layer `layer_idx`."""
+        name, device_type = self.layer_encoding_names[layer_idx], hidden_states.device.type
+        batch_size, query_length = hidden_states.shape[:2]
+        score_elements = batch_size * self.config.num_attention_heads * query_length * key_length
+        layers = [layer.self_attn for layer, used in zip(self.layers, self.layer_encoding_names) if used == name]
+        return choose_bias_route(
+            self.config._attn_implementation,
+            device_type,
+            bias,
+            grad_enabled=torch.is_grad_enabled(),
+            attention_dropout=self.training and self.config.attention_dropout > 0,
+            compiling=torch.compiler.is_compiling(),
+            layers_take_gradient_kernel=all(layer.takes_gradient_kernel(score_elements, device_type) for layer in layers),
+        )
+
     def compute_positions(
         self,
         hidden_states: torch.Tensor,
@@ -359,19 +358,21 @@ class PosVarModel(PosVarPreTrainedModel):
         query_slots: torch.LongTensor,
         key_slots: torch.LongTensor,
         mask: torch.Tensor | None,
-        encoding: PositionEncoding | None = None,
+        layer_idx: int = -1,
     ) -> tuple[Positions, torch.Tensor | None]:
-        """The one `Positions` value for every layer of `encoding` (by default the model's), and the mask with a
-        shared bias folded in where the backend adds masks (eager, SDPA): in the compute dtype, (1, H, Q, K) unless
-        the mask or the bias is per batch row."""
-        encoding = self.position_encoding if encoding is None else encoding
+        """The `Positions` of layer `layer_idx` (by default the last), from the encoding that layer uses, with the bias
+        route of this forward; and the mask, with the shared bias folded in where the route says (eager, SDPA): in the
+        compute dtype, (1, H, Q, K) unless the mask or the bias is per batch row. Layers of one encoding share them
+        (`positions_per_layer`)."""
+        encoding = self.encoding_named(self.layer_encoding_names[layer_idx])
         bias = encoding.score_bias(query_slots, key_slots, position_ids)
-        if bias is not None and self.can_fold_bias():
-            routed = self.routes_bias_gradient(bias, hidden_states)
-            with torch.no_grad() if routed else contextlib.nullcontext():
+        route = self.bias_route(bias, layer_idx, hidden_states, key_slots.shape[0])
+        if route.folded:
+            # Sent to the row by the kernel, the gradient need not flow through the folded mask.
+            with torch.no_grad() if route.gradient == "row" else contextlib.nullcontext():
                 materialised = bias.materialise().to(hidden_states.dtype)
                 mask = fold_bias_into_mask(materialised, mask, query_slots, key_slots, self.is_causal)
-            bias = dataclasses.replace(bias, folded=True) if routed else None
+            bias = bias if route.gradient == "row" else None
         relative = None
         if self.relative_positions is not None:
             relative = self.relative_positions.relative_positions(query_slots, key_slots)
@@ -380,8 +381,17 @@ class PosVarModel(PosVarPreTrainedModel):
             key_rotary=encoding.key_rotary_embeddings(hidden_states, position_ids),
             bias=bias,
             relative=relative,
+            route=route,
         )
         return positions, mask
+
+    def positions_per_layer(self, *inputs) -> list[tuple[Positions, torch.Tensor | None]]:
+        """Every layer's `Positions` and mask, `compute_positions(*inputs, layer_idx)` once per distinct encoding."""
+        first_layer = {}
+        for layer_idx, name in enumerate(self.layer_encoding_names):
+            first_layer.setdefault(name, layer_idx)
+        computed = {name: self.compute_positions(*inputs, layer_idx) for name, layer_idx in first_layer.items()}
+        return [computed[name] for name in self.layer_encoding_names]
 
     @merge_with_config_defaults
     @capture_outputs
@@ -427,13 +437,8 @@ class PosVarModel(PosVarPreTrainedModel):
         sized_cache = cache is not None and not paged
         key_length, key_offset = cache.get_mask_sizes(query_length, 0) if sized_cache else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
-        # Each distinct encoding of the layers is computed once: its Positions and the mask that carries its bias.
-        per_encoding = {
-            name: self.compute_positions(hidden_states, position_ids, query_slots, key_slots, mask, self.encoding_named(name))
-            for name in dict.fromkeys(self.layer_encoding_names)
-        }
-        for layer, name in zip(self.layers, self.layer_encoding_names):
-            positions, layer_mask = per_encoding[name]
+        per_layer = self.positions_per_layer(hidden_states, position_ids, query_slots, key_slots, mask)
+        for layer, (positions, layer_mask) in zip(self.layers, per_layer):
             hidden_states = layer(hidden_states, layer_mask, positions, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 

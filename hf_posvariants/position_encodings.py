@@ -11,8 +11,9 @@ Every encoding declares its *kind*, which says where position enters the network
   function of position (Golovneva et al. 2024);
 - ``none``: no position signal at all (Kazemnejad et al. 2023).
 
-The model computes position information once per forward through three hooks, of which each
-encoding overrides the one its kind needs, and passes it down to every layer.
+Each kind is a base class below (`AbsoluteEncoding`, `RotaryEncoding`, `ScoreBiasEncoding`, `RelativeEncoding`,
+`ContextualEncoding`; `NoPositionEncoding` for none) that declares only its own hooks; the model calls the hook of
+every stage where position may enter, a no-op on `PositionEncoding`, and passes the result down to every layer.
 This file imports only torch and transformers: it travels with remote-code checkpoints.
 """
 
@@ -21,18 +22,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import register_dataclass
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
+from .bias_route import MASK_BIAS_BACKENDS, SCORE_BIAS_BACKENDS, BiasRoute
+from .validation import choice_error, require_positive
 
-# Backends whose kernels can add a score bias: eager and SDPA take it inside the additive mask, flex as a
-# score function. Flash kernels have nowhere to put one and would drop it silently.
-SCORE_BIAS_BACKENDS = ("eager", "sdpa", "flex_attention")
+PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
 
 POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
 
@@ -58,21 +58,42 @@ def selectable_position_encodings() -> list[str]:
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class DistanceRow(NamedTuple):
+    """The tables of a bias that depends on the signed distance alone: one (heads, Q + K − 1) row per head, column n
+    for key − query = n − (Q − 1) (`distance_grid`). The one table a kernel may touch: it reorders the row's heads
+    (differential attention) or sends the bias gradient straight into it (`FlashAttentionWithBiasGradient`)."""
+
+    values: torch.Tensor
+
+
 @dataclass
 class ScoreBias:
     """An additive attention-score bias kept as a function of (head, query, key) over small tables.
 
-    ``tables`` are what the encoding computed once per forward (a few KB: slopes, a per-distance row per
-    head); ``encoding`` turns them into a flex ``score_mod`` or, for backends that need a tensor, into the
-    (1, heads, queries, keys) bias. The tables are tensors so that gradient checkpointing hands them to
-    every layer as inputs.
+    ``tables`` are what the encoding computed once per forward (a few KB: slopes, a per-distance row per head), a
+    named tuple of the encoding's own type (`DistanceRow` for the distance biases); ``encoding`` turns them into a
+    flex ``score_mod`` or, for backends that need a tensor, into the (1, heads, queries, keys) bias. The tables are
+    tensors so that gradient checkpointing hands them to every layer as inputs.
     """
 
     encoding: PositionEncoding
-    tables: tuple[torch.Tensor, ...]
+    tables: NamedTuple
     query_length: int
     key_length: int
-    folded: bool = False  # already in the mask; a kernel that takes the mask detached sends the gradient to `tables`
+
+    @property
+    def row(self) -> torch.Tensor | None:
+        """The (heads, Q + K − 1) per-distance row where the bias is that row gathered at `distance_grid`, else None."""
+        return self.tables.values if isinstance(self.tables, DistanceRow) else None
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any table needs a gradient (a learned bias)."""
+        return any(table.requires_grad for table in self.tables)
+
+    def with_row(self, row: torch.Tensor) -> ScoreBias:
+        """The same bias over another per-distance row (the heads reordered)."""
+        return ScoreBias(self.encoding, DistanceRow(row), self.query_length, self.key_length)
 
     def score_mod(self) -> ScoreMod:
         return self.encoding.score_function(self.tables, self.query_length, self.key_length)
@@ -86,17 +107,19 @@ class Positions:
     """Everything the attention layers need about position, computed once per forward and handed to every layer.
 
     ``rotary``: (cos, sin) of shape (B, Q, rotary_dim) for rotary encodings; ``key_rotary``: the keys' (cos, sin)
-    where they differ from the queries' (xPos scales the two sides inversely), else None. ``bias``: a score bias the
-    kernel adds (None when the model folded it into the mask, as on eager and SDPA). ``relative``: the
-    relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which its
-    attention variant turns into per-layer position terms. The model's blocks flatten this value into
-    positional tensors under gradient checkpointing (see ``PosVarBlock``), so it survives reentrant mode.
+    where they differ from the queries' (xPos scales the two sides inversely), else None. ``bias``: the shared score
+    bias. ``relative``: the relative-embedding table and per-distance index of a ``relative`` encoding (DeBERTa), which
+    its attention variant turns into per-layer position terms. ``route``: how any bias reaches the kernels, decided
+    once by `choose_bias_route` (a shared bias it folds into the mask is still kept here, for the tables its gradient
+    may go to). The model's blocks flatten this value into positional tensors under gradient checkpointing (see
+    ``PosVarBlock``), so it survives reentrant mode.
     """
 
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     bias: ScoreBias | None = None
     relative: tuple[torch.Tensor, torch.LongTensor] | None = None
+    route: BiasRoute = BiasRoute("mask")
 
 
 register_dataclass(ScoreBias)
@@ -104,12 +127,14 @@ register_dataclass(Positions)
 
 
 class PositionEncoding(nn.Module):
-    """Base class: every hook is a no-op, so an encoding overrides only the ones of its kind.
+    """Base class: what every kind shares, and the stages where position may enter, each a no-op here.
 
     Class attributes declare capabilities, read by validation, the README table and the benchmarks:
     ``bounded`` (a finite table of ``max_position_embeddings`` positions), ``cacheable`` (a token's
     encoding does not depend on tokens after it, so a KV cache stays valid), ``backends`` (the attention
-    implementations that can carry it; None means every one).
+    implementations that can carry it; None means every one). ``kind`` is set by the kind's base class.
+    ``config_fields`` names the config fields only this encoding reads (flat, as in config.json); its
+    ``validate_config`` refuses values of them, or of shared fields, that it cannot run with.
     """
 
     name: ClassVar[str]
@@ -117,12 +142,15 @@ class PositionEncoding(nn.Module):
     bounded: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     backends: ClassVar[tuple[str, ...] | None] = None
-    # Whether `score_bias` is `tables[0]` gathered at `distance_grid`, so a kernel can reduce its gradient per distance.
-    gathered_from_table: ClassVar[bool] = False
+    config_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, is_causal: bool):
         super().__init__()
         self.max_positions = config.max_position_embeddings
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Refuse settings this encoding cannot run (called by the config's validation while it is in use)."""
 
     def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
         return inputs_embeds
@@ -135,37 +163,20 @@ class PositionEncoding(nn.Module):
     def key_rotary_embeddings(
         self, hidden_states: torch.Tensor, position_ids: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The keys' (cos, sin) where they differ from the queries'; None means the keys use the queries' pair."""
         return None
 
     def score_bias(
         self, query_slots: torch.LongTensor, key_slots: torch.LongTensor, position_ids: torch.LongTensor | None = None
     ) -> ScoreBias | None:
-        """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
-        sequence), as small tables; None for encodings without a bias. ``position_ids`` (B, Q) are the queries'
-        positions, for the few encodings that depend on more than the distance (FIRE)."""
         return None
-
-    @classmethod
-    def layer_module(cls, config, is_causal: bool) -> nn.Module | None:
-        """A module each attention layer owns, for ``contextual`` encodings computed from the layer's own queries and
-        keys (CoPE); None for every other kind."""
-        return None
-
-    def score_function(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> ScoreMod:
-        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
-
-    def materialise_bias(self, tables: tuple[torch.Tensor, ...], query_length: int, key_length: int) -> torch.Tensor:
-        raise NotImplementedError(f"position_encoding={self.name!r} has no score bias.")
-
-    def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor | None:
-        """The materialised additive bias of shape (1, heads, queries, keys), or None."""
-        bias = self.score_bias(query_slots, key_slots)
-        return None if bias is None else bias.materialise()
 
     def relative_positions(
         self, query_slots: torch.LongTensor, key_slots: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor] | None:
+        return None
+
+    @classmethod
+    def layer_module(cls, config, is_causal: bool) -> nn.Module | None:
         return None
 
     def initial_buffers(self) -> dict[str, torch.Tensor]:
@@ -185,6 +196,75 @@ class PositionEncoding(nn.Module):
             )
 
 
+class AbsoluteEncoding(PositionEncoding):
+    """Kind ``absolute``: a vector per position added to the token embeddings."""
+
+    kind = "absolute"
+
+    def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RotaryEncoding(PositionEncoding):
+    """Kind ``rotary``: queries and keys rotated by (cos, sin) of shape (B, T, rotary_dim)."""
+
+    kind = "rotary"
+
+    def rotary_embeddings(self, hidden_states, position_ids):
+        raise NotImplementedError
+
+    def key_rotary_embeddings(self, hidden_states, position_ids):
+        """The keys' (cos, sin) where they differ from the queries'; None means the keys use the queries' pair."""
+        return None
+
+
+class ScoreBiasEncoding(PositionEncoding):
+    """Kind ``bias``: an additive per-head score bias shared by all layers, as small tables (`ScoreBias`) that give a
+    flex score function or the materialised tensor; it reaches the kernels by the route of `choose_bias_route`."""
+
+    kind = "bias"
+    backends = SCORE_BIAS_BACKENDS
+
+    def score_bias(self, query_slots, key_slots, position_ids=None) -> ScoreBias:
+        """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
+        sequence), as small tables. ``position_ids`` (B, Q) are the queries' positions, for the few encodings that
+        depend on more than the distance (FIRE)."""
+        raise NotImplementedError
+
+    def score_function(self, tables: NamedTuple, query_length: int, key_length: int) -> ScoreMod:
+        raise NotImplementedError
+
+    def materialise_bias(self, tables: NamedTuple, query_length: int, key_length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor:
+        """The materialised additive bias of shape (1, heads, queries, keys)."""
+        return self.score_bias(query_slots, key_slots).materialise()
+
+
+class RelativeEncoding(PositionEncoding):
+    """Kind ``relative``: a table of relative embeddings and a per-distance index, which the attention variant that
+    consumes it (DeBERTa's disentangled attention) turns into per-layer position terms."""
+
+    kind = "relative"
+    backends = SCORE_BIAS_BACKENDS
+
+    def relative_positions(self, query_slots, key_slots):
+        raise NotImplementedError
+
+
+class ContextualEncoding(PositionEncoding):
+    """Kind ``contextual``: a bias each attention layer computes from its own queries and keys, through the module
+    it owns (`layer_module`); a tensor a kernel adds, so only the backends whose carrier is the mask."""
+
+    kind = "contextual"
+    backends = MASK_BIAS_BACKENDS
+
+    @classmethod
+    def layer_module(cls, config, is_causal):
+        raise NotImplementedError
+
+
 def distance_grid(query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
     """(Q, K) index into a per-distance row of length Q + K - 1: entry [i, j] = j - i + Q - 1."""
     queries = torch.arange(query_length, device=device)[:, None]
@@ -200,20 +280,17 @@ def sinusoid_table(position_ids: torch.Tensor, dim: int, base: float = 10_000.0)
 
 
 @register_position_encoding("sinusoidal")
-class SinusoidalPositionEncoding(PositionEncoding):
+class SinusoidalPositionEncoding(AbsoluteEncoding):
     """Fixed sin/cos table added to the embeddings (Vaswani et al., "Attention Is All You Need", 2017)."""
-
-    kind = "absolute"
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
         return inputs_embeds + sinusoid_table(position_ids, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
 
 
 @register_position_encoding("learned")
-class LearnedPositionEncoding(PositionEncoding):
+class LearnedPositionEncoding(AbsoluteEncoding):
     """A trained table of one vector per position (BERT, Devlin et al. 2019; GPT-2, Radford et al. 2019)."""
 
-    kind = "absolute"
     bounded = True
 
     def __init__(self, config, is_causal):
@@ -226,7 +303,7 @@ class LearnedPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("index")
-class IndexPositionEncoding(PositionEncoding):
+class IndexPositionEncoding(AbsoluteEncoding):
     """The raw position index added to every channel: the naive scheme whose magnitude grows without bound.
 
     Positions are exact integers up to 2^24 in float32 but only up to 2048 in float16 and 256 in bfloat16
@@ -236,7 +313,6 @@ class IndexPositionEncoding(PositionEncoding):
     bfloat16 for this encoding.
     """
 
-    kind = "absolute"
     bounded = True
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
@@ -252,7 +328,7 @@ class IndexPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("normalized_index")
-class NormalizedIndexPositionEncoding(PositionEncoding):
+class NormalizedIndexPositionEncoding(AbsoluteEncoding):
     """Position divided by the sequence length, so values lie in [0, 1).
 
     The same position gets a different code in sequences of different lengths, and a token's code
@@ -260,7 +336,6 @@ class NormalizedIndexPositionEncoding(PositionEncoding):
     means a KV cache goes stale, so generation recomputes the whole sequence (``cacheable = False``).
     """
 
-    kind = "absolute"
     cacheable = False
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
@@ -269,15 +344,22 @@ class NormalizedIndexPositionEncoding(PositionEncoding):
 
 
 @register_position_encoding("binary")
-class BinaryPositionEncoding(PositionEncoding):
+class BinaryPositionEncoding(AbsoluteEncoding):
     """The binary code of the position, as ±1 in the first ceil(log2(max_position_embeddings)) channels."""
 
-    kind = "absolute"
     bounded = True
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
         self.num_bits = binary_width(config.max_position_embeddings)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if binary_width(config.max_position_embeddings) > config.hidden_size:
+            raise ValueError(
+                f"position_encoding='binary' needs {binary_width(config.max_position_embeddings)} channels for "
+                f"max_position_embeddings={config.max_position_embeddings}, more than hidden_size={config.hidden_size}."
+            )
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
         self.check_positions(position_ids)
@@ -308,15 +390,13 @@ def default_rope_parameters(config, device=None, **kwargs) -> tuple[torch.Tensor
 
 
 @register_position_encoding("rope")
-class RotaryPositionEncoding(PositionEncoding):
+class RotaryPositionEncoding(RotaryEncoding):
     """Rotary position embedding (Su et al., "RoFormer", 2021) in transformers' half-split layout.
 
     ``config.rope_parameters`` selects theta, the partial rotary factor and any scaling type that
     transformers implements (linear, dynamic, yarn, llama3, longrope); their frequency functions are
     transformers' own, so a scaled checkpoint matches transformers' models exactly.
     """
-
-    kind = "rotary"
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -386,7 +466,7 @@ def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets:
     return offset + torch.where(distance < exact, distance, log_bucket)
 
 
-class DistanceBias(PositionEncoding):
+class DistanceBias(ScoreBiasEncoding):
     """Base of the bias encodings that depend only on the signed distance ``key - query``.
 
     A subclass gives one row per head over the distances it is asked for (``distance_table``); the row
@@ -396,10 +476,6 @@ class DistanceBias(PositionEncoding):
     being accumulated into a handful.
     """
 
-    kind = "bias"
-    backends = SCORE_BIAS_BACKENDS
-    gathered_from_table = True
-
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
         raise NotImplementedError
@@ -408,10 +484,10 @@ class DistanceBias(PositionEncoding):
         query_length, key_length = query_slots.shape[0], key_slots.shape[0]
         # Distance of table column n: n + key_slots[0] - query_slots[-1] (see `distance_grid`).
         relative = torch.arange(query_length + key_length - 1, device=key_slots.device) + (key_slots[0] - query_slots[-1])
-        return ScoreBias(self, (self.distance_table(relative),), query_length, key_length)
+        return ScoreBias(self, DistanceRow(self.distance_table(relative)), query_length, key_length)
 
     def score_function(self, tables, query_length, key_length):
-        (table,) = tables
+        table = tables.values
 
         def add_distance_bias(score, batch, head, query, key):
             return score + table[head, key - query + query_length - 1].to(score.dtype)
@@ -419,7 +495,7 @@ class DistanceBias(PositionEncoding):
         return add_distance_bias
 
     def materialise_bias(self, tables, query_length, key_length):
-        (table,) = tables
+        table = tables.values
         return table[:, distance_grid(query_length, key_length, table.device)].unsqueeze(0)  # (1, H, Q, K)
 
 
@@ -429,12 +505,25 @@ class T5RelativeBias(DistanceBias):
     (Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
     Transformer", 2020)."""
 
+    config_fields = ("relative_attention_num_buckets", "relative_attention_max_distance")
+
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
         self.bidirectional = not is_causal
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+        if buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets={buckets} must be at least 4 for position_encoding='t5_bias'.")
+        if distance <= buckets // 2:
+            raise ValueError(
+                f"relative_attention_max_distance={distance} must exceed relative_attention_num_buckets // 2 "
+                f"= {buckets // 2} for position_encoding='t5_bias' (the logarithmic buckets start there)."
+            )
 
     def distance_table(self, relative):
         buckets = t5_relative_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
@@ -453,6 +542,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(geometric(lower) + extra, dtype=torch.float32)
 
 
+class AlibiTables(NamedTuple):
+    """ALiBi's bias as flex reads it: no row, the (heads,) slopes and key slot − query slot of the first pair."""
+
+    slopes: torch.Tensor
+    offset: torch.Tensor
+
+
 @register_position_encoding("alibi")
 class ALiBiBias(DistanceBias):
     """Attention with Linear Biases (Press et al., "Train Short, Test Long", 2022): score -= m_h·|i - j|.
@@ -461,8 +557,6 @@ class ALiBiBias(DistanceBias):
     where it equals the paper's causal form m_h·(i - j). Flex computes the bias from the slopes in the
     kernel, reading no table at all.
     """
-
-    gathered_from_table = False  # computed from the slopes
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -478,10 +572,10 @@ class ALiBiBias(DistanceBias):
     def score_bias(self, query_slots, key_slots, position_ids=None):
         # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
         offset = (key_slots[0] - query_slots[0]).float()
-        return ScoreBias(self, (self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
+        return ScoreBias(self, AlibiTables(self.slopes, offset), query_slots.shape[0], key_slots.shape[0])
 
     def score_function(self, tables, query_length, key_length):
-        slopes, offset = tables
+        slopes, offset = tables.slopes, tables.offset
 
         def subtract_linear_distance(score, batch, head, query, key):
             return score - (slopes[head] * (key - query + offset).abs()).to(score.dtype)
@@ -489,9 +583,9 @@ class ALiBiBias(DistanceBias):
         return subtract_linear_distance
 
     def materialise_bias(self, tables, query_length, key_length):
-        slopes, offset = tables
-        relative = torch.arange(query_length + key_length - 1, device=slopes.device) - (query_length - 1) + offset
-        return super().materialise_bias((self.distance_table(relative),), query_length, key_length)
+        relative = torch.arange(query_length + key_length - 1, device=tables.slopes.device) - (query_length - 1)
+        row = DistanceRow(self.distance_table(relative + tables.offset))
+        return super().materialise_bias(row, query_length, key_length)
 
 
 def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: int) -> torch.LongTensor:
@@ -510,7 +604,7 @@ def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: i
 
 
 @register_position_encoding("deberta_relative")
-class DebertaRelativePositions(PositionEncoding):
+class DebertaRelativePositions(RelativeEncoding):
     """DeBERTa's relative positions (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
     ICLR 2021): one table of 2k embeddings shared by all layers, indexed by δ(i, j) = clamp(bucket(i - j) + k,
     0, 2k - 1).
@@ -519,9 +613,6 @@ class DebertaRelativePositions(PositionEncoding):
     with each layer's query/key projections into the c2p/p2c terms. Its configuration keys are
     posvar_deberta's (``position_buckets``, ``max_relative_positions``, ``norm_rel_ebd``).
     """
-
-    kind = "relative"
-    backends = SCORE_BIAS_BACKENDS
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -549,7 +640,7 @@ class DebertaRelativePositions(PositionEncoding):
 
 
 @register_position_encoding("xpos")
-class XPosEncoding(PositionEncoding):
+class XPosEncoding(RotaryEncoding):
     """xPos (Sun et al., "A Length-Extrapolatable Transformer", 2022): RoPE whose query at position n is scaled by
     ζ^(n/B) and key at position m by ζ^(−m/B), so each channel pair's score decays as ζ_i^((n−m)/B).
 
@@ -560,8 +651,24 @@ class XPosEncoding(PositionEncoding):
     bidirectional model the same factor grows for keys after the query, as the paper's formula gives.
     """
 
-    kind = "rotary"
     gamma: ClassVar[float] = 0.4
+    config_fields = ("xpos_scale_base",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='xpos'")
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        rotary_dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_parameters['rope_type']={rope_type!r} is not supported with position_encoding='xpos' "
+                "(its decay replaces RoPE's scalings); allowed value is 'default'."
+            )
+        if rotary_dim % 2 or rotary_dim == 0:
+            raise ValueError(
+                f"position_encoding='xpos' rotates channel pairs, so head_dim × partial_rotary_factor must be a "
+                f"positive even number; got head_dim={config.head_dim} (rotary dim {rotary_dim})."
+            )
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -607,6 +714,12 @@ class KerpleBias(DistanceBias):
     """
 
     min_parameter: ClassVar[float] = 1e-2
+    config_fields = ("kerple_variant",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.kerple_variant not in KERPLE_VARIANTS:
+            raise choice_error("kerple_variant", config.kerple_variant, KERPLE_VARIANTS)
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -646,6 +759,12 @@ class DynamicPositionBias(DistanceBias):
     MLP is evaluated once per forward over the Q + K − 1 distances in play.
     """
 
+    config_fields = ("dynamic_bias_hidden_size", "dynamic_bias_layers")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='dynamic_bias'")
+
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
         width = config.dynamic_bias_hidden_size
@@ -659,8 +778,21 @@ class DynamicPositionBias(DistanceBias):
         return self.mlp(features[:, None].to(self.mlp[0].weight.dtype)).T  # (H, N)
 
 
+class FireTables(NamedTuple):
+    """FIRE's bias as flex reads it: the MLP's weights and the interpolation's inputs, no (Q, K) tensor."""
+
+    positions: torch.Tensor  # (B, Q): the queries' positions
+    offset: torch.Tensor  # key slot − query slot = key index − query index + this
+    c: torch.Tensor  # ψ's learned scale, positive
+    threshold: torch.Tensor  # L, positive
+    w1: torch.Tensor  # (W,): first layer, one input
+    b1: torch.Tensor  # (W,)
+    w2: torch.Tensor  # (H, W): second layer
+    b2: torch.Tensor  # (H,)
+
+
 @register_position_encoding("fire")
-class FIREBias(PositionEncoding):
+class FIREBias(ScoreBiasEncoding):
     """FIRE (Li et al., "Functional Interpolation for Relative Positions Improves Long Context Transformers", ICLR
     2024): b(i, j) = f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(c·|x| + 1), f_θ an MLP with one ReLU layer.
 
@@ -671,9 +803,12 @@ class FIREBias(PositionEncoding):
     the MLP unit by unit from (B, Q) positions and the weights (no (Q, K) tensor).
     """
 
-    kind = "bias"
-    backends = SCORE_BIAS_BACKENDS
     eps: ClassVar[float] = 1e-6
+    config_fields = ("fire_mlp_width", "fire_threshold")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive(config, cls.config_fields, "position_encoding='fire'")
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
@@ -690,12 +825,12 @@ class FIREBias(PositionEncoding):
         if position_ids is None:
             position_ids = query_slots[None]
         first, second = self.mlp[0], self.mlp[2]
-        tables = (
-            position_ids.float(),  # (B, Q): the queries' positions
-            (key_slots[0] - query_slots[0]).float(),  # key slot − query slot = key index − query index + this
-            self.distance_scale.abs(),
-            (self.threshold_scale * self.initial_threshold).abs(),
-            first.weight[:, 0], first.bias, second.weight, second.bias,  # (W,), (W,), (H, W), (H,)
+        tables = FireTables(
+            positions=position_ids.float(),
+            offset=(key_slots[0] - query_slots[0]).float(),
+            c=self.distance_scale.abs(),
+            threshold=(self.threshold_scale * self.initial_threshold).abs(),
+            w1=first.weight[:, 0], b1=first.bias, w2=second.weight, b2=second.bias,
         )
         return ScoreBias(self, tables, query_slots.shape[0], key_slots.shape[0])
 
@@ -708,30 +843,28 @@ class FIREBias(PositionEncoding):
         return torch.log(c * distance.abs() + 1) / normaliser
 
     def materialise_bias(self, tables, query_length, key_length):
-        positions, offset, c, threshold, *_ = tables
-        grid = distance_grid(query_length, key_length, positions.device) - (query_length - 1) + offset  # (Q, K): j − i
-        inputs = self.interpolated_distance(grid[None], positions[:, :, None], c, threshold)  # (B, Q, K)
+        grid = distance_grid(query_length, key_length, tables.positions.device) - (query_length - 1) + tables.offset  # j − i
+        inputs = self.interpolated_distance(grid[None], tables.positions[:, :, None], tables.c, tables.threshold)  # (B, Q, K)
         # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype.
         return self.mlp(inputs[..., None].to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2)  # (B, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
-        positions, offset, c, threshold, w1, b1, w2, b2 = tables
-        width = w1.shape[0]
-        shared = positions.shape[0] == 1  # one row of positions for the whole batch (position_ids of shape (1, Q))
+        width = tables.w1.shape[0]
+        shared = tables.positions.shape[0] == 1  # one row of positions for the whole batch (position_ids (1, Q))
 
         def add_fire_bias(score, batch, head, query, key):
-            position = positions[0, query] if shared else positions[batch, query]
-            x = self.interpolated_distance(key - query + offset, position, c, threshold)
-            bias = b2[head]
+            position = tables.positions[0, query] if shared else tables.positions[batch, query]
+            x = self.interpolated_distance(key - query + tables.offset, position, tables.c, tables.threshold)
+            bias = tables.b2[head]
             for unit in range(width):  # the MLP, one hidden unit at a time: a score function sees scalars
-                bias = bias + w2[head, unit] * torch.relu(w1[unit] * x + b1[unit])
+                bias = bias + tables.w2[head, unit] * torch.relu(tables.w1[unit] * x + tables.b1[unit])
             return score + bias.to(score.dtype)
 
         return add_fire_bias
 
 
 @register_position_encoding("cope")
-class ContextualPositionEncoding(PositionEncoding):
+class ContextualPositionEncoding(ContextualEncoding):
     """CoPE (Golovneva et al., "Contextual Position Encoding: Learning to Count What's Important", 2024): the position
     of key j for query i is a count of gates, p_ij = Σ over t from j to i of σ(q_i·k_t), and the score gains q_i·e[p_ij], with e
     interpolated between the two nearest of ``cope_max_positions`` learned embeddings.
@@ -743,8 +876,15 @@ class ContextualPositionEncoding(PositionEncoding):
     Bidirectional models count the gates between the two tokens in either direction (|p| without a sign).
     """
 
-    kind = "contextual"
-    backends = ("eager", "sdpa")
+    config_fields = ("cope_max_positions",)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.cope_max_positions < 2:
+            raise ValueError(
+                f"cope_max_positions={config.cope_max_positions} must be at least 2 for position_encoding='cope' "
+                "(positions are interpolated between two embeddings)."
+            )
 
     @classmethod
     def layer_module(cls, config, is_causal):

@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_posvariants.context_extension import EXTENSION_SCALINGS, extend
+from hf_posvariants.evaluation.extension import extend
+from hf_posvariants.evaluation.length import ROPE_SCALINGS
 
 
 def main(argv: list[str]) -> dict:
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("checkpoint")
     parser.add_argument("recipe", help="fine-tuning recipe, e.g. configs/extend/tiny_llama.yaml")
     change = parser.add_mutually_exclusive_group()
-    change.add_argument("--rope-scaling", choices=EXTENSION_SCALINGS, help="RoPE rescaling (default: yarn)")
+    change.add_argument("--rope-scaling", choices=ROPE_SCALINGS, help="RoPE rescaling (default: yarn)")
     change.add_argument("--encoding", help="switch to this position encoding instead (e.g. alibi, xpos, fire)")
     parser.add_argument("--factor", type=float, default=4.0, help="extended length / trained length")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/extend"))

@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hf_posvariants.context_extension import EXTENSION_SCALINGS, extend  # noqa: E402
+from hf_posvariants.evaluation.extension import extend  # noqa: E402
+from hf_posvariants.evaluation.length import ROPE_SCALINGS  # noqa: E402
 
 SCALING_NAMES = {"linear": "PI (linear)", "yarn": "YaRN", "dynamic": "dynamic NTK", "llama3": "Llama 3"}
 
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("recipe")
-    parser.add_argument("--scalings", nargs="+", choices=EXTENSION_SCALINGS, default=["linear", "yarn", "dynamic"])
+    parser.add_argument("--scalings", nargs="+", choices=ROPE_SCALINGS, default=["linear", "yarn", "dynamic"])
     parser.add_argument("--factor", type=float, default=4.0)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/extension_study"))
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/extension_study"))

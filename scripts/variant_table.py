@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS
 from hf_posvariants.attention import ATTENTION_VARIANTS
-from hf_posvariants.configuration_posvariants import BIASLESS_BACKENDS
+from hf_posvariants.bias_route import BIASLESS_BACKENDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- variant-table:begin -->", "<!-- variant-table:end -->"

@@ -29,7 +29,8 @@ from transformers.activations import ACT2FN
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS, PosVarDebertaConfig
 from hf_posvariants.attention import ATTENTION_VARIANTS
-from hf_posvariants.configuration_posvariants import BIASLESS_BACKENDS, ROPE_TYPES
+from hf_posvariants.bias_route import BIASLESS_BACKENDS
+from hf_posvariants.configuration_posvariants import ROPE_TYPES
 
 VOCAB = 31
 CPU_BACKENDS = ("eager", "sdpa")

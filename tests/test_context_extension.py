@@ -14,13 +14,9 @@ from conftest import VOCAB, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_posvariants import PosVarLlamaConfig
-from hf_posvariants.context_extension import (
-    EXTENSION_SCALINGS,
-    convert_checkpoint,
-    extend_config,
-    extended_rope_parameters,
-    posvar_config_from_llama,
-)
+from hf_posvariants.conversion.llama import convert_llama_checkpoint, convert_llama_config
+from hf_posvariants.evaluation.extension import extend_config
+from hf_posvariants.evaluation.length import ROPE_SCALINGS, scaled_rope_parameters
 from hf_posvariants.evaluation.data import byte_tokenizer
 from hf_posvariants.training import pipeline
 from test_training import _one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
@@ -43,7 +39,7 @@ def test_converted_llama_computes_the_same_logits(tmp_path):
     llama = LlamaForCausalLM(llama_config()).eval()
     llama.save_pretrained(tmp_path / "llama")
     byte_tokenizer().save_pretrained(tmp_path / "llama")
-    config = convert_checkpoint(tmp_path / "llama", tmp_path / "ours")
+    config = convert_llama_checkpoint(tmp_path / "llama", tmp_path / "ours")
     assert config.model_type == "posvar_llama" and config.norm_eps == 1e-6
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = torch.randint(3, VOCAB, (2, 20))
@@ -52,12 +48,12 @@ def test_converted_llama_computes_the_same_logits(tmp_path):
     assert (tmp_path / "ours" / "tokenizer_config.json").exists()
 
 
-@pytest.mark.parametrize("rope_type", EXTENSION_SCALINGS)
+@pytest.mark.parametrize("rope_type", ROPE_SCALINGS)
 def test_each_rescaling_matches_transformers_llama_at_four_times_the_length(rope_type):
-    parameters = extended_rope_parameters({"rope_type": "default", "rope_theta": 10_000.0}, rope_type, 4.0, 16)
+    parameters = scaled_rope_parameters({"rope_type": "default", "rope_theta": 10_000.0}, rope_type, 4.0, 16)
     length = 16 if rope_type == "dynamic" else 64
     llama = LlamaForCausalLM(llama_config(rope_parameters=dict(parameters), max_position_embeddings=length)).eval()
-    ours = AutoModelForCausalLM.from_config(posvar_config_from_llama(llama.config), attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(convert_llama_config(llama.config), attn_implementation="eager").eval()
     ours.load_state_dict(llama.state_dict(), strict=True)
     ids = torch.randint(3, VOCAB, (1, 64))
     with torch.no_grad():
@@ -67,7 +63,7 @@ def test_each_rescaling_matches_transformers_llama_at_four_times_the_length(rope
 def test_linear_scaling_is_position_interpolation():
     # Chen et al. 2023: position n of the extended model is position n / factor of the original.
     scaled = PosVarLlamaConfig(**dict(hidden_size=32, num_attention_heads=4),
-                               rope_parameters=extended_rope_parameters({"rope_theta": 10_000.0}, "linear", 4.0, 16))
+                               rope_parameters=scaled_rope_parameters({"rope_theta": 10_000.0}, "linear", 4.0, 16))
     plain = PosVarLlamaConfig(hidden_size=32, num_attention_heads=4)
     scaled_model, plain_model = AutoModelForCausalLM.from_config(scaled), AutoModelForCausalLM.from_config(plain)
     at = torch.tensor([[8, 20, 60]])
@@ -82,7 +78,7 @@ def test_linear_scaling_is_position_interpolation():
 )
 def test_bad_rescalings_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):
-        extended_rope_parameters({"rope_theta": 10_000.0}, *arguments, 16)
+        scaled_rope_parameters({"rope_theta": 10_000.0}, *arguments, 16)
 
 
 def test_only_rotary_checkpoints_are_rescaled(tmp_path):

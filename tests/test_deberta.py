@@ -24,7 +24,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from conftest import VOCAB, build, tiny_config
 from hf_posvariants import PosVarDebertaConfig
 from hf_posvariants.conversion import convert_deberta
-from hf_posvariants.position_encodings import deberta_log_bucket
+from hf_posvariants.position_encodings import Positions, deberta_log_bucket
 
 LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised
 
@@ -175,8 +175,10 @@ def test_eager_matches_sdpa_gradients():
 
 @pytest.mark.slow  # its inductor compile failed once after other flex compiles in the same process
 @pytest.mark.flex
-def test_flex_matches_eager():
-    config = deberta_config()
+@pytest.mark.parametrize("schedule", [None, ["nope", "alibi"]], ids=["position-terms", "with-scheduled-alibi"])
+def test_flex_matches_eager(schedule):
+    """Flex takes DeBERTa's position terms as a score function, and a scheduled layer's shared bias with them."""
+    config = deberta_config(layer_position_encodings=schedule)
     input_ids, attention_mask = batch(length=32)
     eager, flex = build(AutoModelForMaskedLM, config, "eager"), build(AutoModelForMaskedLM, config, "flex_attention")
     with torch.no_grad():
@@ -241,6 +243,26 @@ def test_enhanced_mask_decoder_changes_only_the_head():
             query = last_layer.input_layernorm(query + attended)
             query = last_layer.post_attention_layernorm(query + last_layer.mlp(query))
         torch.testing.assert_close(logits_with, with_emd.lm_head(with_emd.transform(query)))
+
+
+def test_enhanced_mask_decoder_uses_the_last_layers_scheduled_encoding():
+    """With a per-layer schedule the decoder re-runs the last layer with that layer's encoding (ALiBi here), not the
+    model's input encoding."""
+    config = deberta_config(layer_position_encodings=["nope", "alibi"], emd_layers=1)
+    model = build(AutoModelForMaskedLM, config)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        encoder = model.model
+        kv = encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-2]
+        slots = torch.arange(input_ids.shape[1])
+        padding = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        alibi = encoder.encoding_named("alibi").attention_bias(slots, slots)  # (1, H, Q, K)
+        positions = Positions(relative=encoder.relative_positions.relative_positions(slots, slots))
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        query = model.emd(kv, position_ids)
+        states = encoder.layers[-1](query, padding + alibi, positions, None, kv)
+        expected = model.lm_head(model.transform(encoder.norm(states)))
+        torch.testing.assert_close(model(input_ids, attention_mask=attention_mask).logits, expected)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from hf_posvariants.differential_attention import (
     DifferentialAttention,
     choose_kernel_calls,
 )
-from hf_posvariants.position_encodings import Positions
+from hf_posvariants.position_encodings import ContextualPositions, Positions
 from transformers.generation.continuous_batching import PagedAttentionCache
 from hf_posvariants.conversion.diffllama import convert_diffllama, convert_diffllama_config, convert_diffllama_state_dict
 
@@ -293,7 +293,7 @@ def test_kernel_path_choice_per_backend_device_and_size(monkeypatch):
 
     monkeypatch.setattr(differential_attention, "run_attention_kernel", recording)
     limit = 1 * 4 * 5 * 5  # batch 1, 4 maps, 5 tokens
-    cases = [("eager", (("one_call", None),), [8]), ("sdpa", (("padded_call", None),), [16]),
+    cases = [("eager", (("padded_call", None),), [16]), ("sdpa", (("padded_call", None),), [16]),
              ("sdpa", (("two_calls", None),), [8, 8]), ("sdpa", (("subtracted_maps", limit), ("two_calls", None)), []),
              ("sdpa", (("subtracted_maps", limit - 1), ("padded_call", None)), [16])]
     for backend, paths, widths in cases:
@@ -302,6 +302,19 @@ def test_kernel_path_choice_per_backend_device_and_size(monkeypatch):
         with torch.no_grad():
             build(AutoModelForCausalLM, diff_config(), backend)(input_ids=random_ids(1, 5))
         assert calls == [(layer, width) for layer in range(2) for width in widths], (backend, paths)
+
+
+@pytest.mark.parametrize("path", ["two_calls", "padded_call"])
+def test_contextual_bias_is_computed_once_per_layer(monkeypatch, path):
+    """CoPE's counts come from the layer's projected queries and keys, once, however many kernel calls follow."""
+    model = build(AutoModelForCausalLM, diff_config("cope"), "sdpa")
+    force_kernel_calls(model, path)
+    calls = []
+    original = ContextualPositions.forward
+    monkeypatch.setattr(ContextualPositions, "forward", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        model(input_ids=random_ids(2, 5))
+    assert len(calls) == model.config.num_hidden_layers
 
 
 def test_unknown_forced_kernel_path_is_refused():

@@ -128,6 +128,15 @@ def test_sliding_window_with_full_stride_is_non_overlapping(checkpoints, corpus)
     assert half["tokens_scored"] == (TRAIN_LENGTH - 1) + (tokens.numel() - TRAIN_LENGTH)
 
 
+@pytest.mark.parametrize("rope_type", length.ROPE_SCALINGS)
+def test_evaluation_rescales_rope_as_context_extension_does(rope_type):
+    """One rescaler: evaluation accepts every scaling the extension does (Llama 3's included), with its parameters."""
+    scaled = length.rope_scaled_config(tiny_llama("rope"), rope_type, 4.0, TRAIN_LENGTH)
+    original = tiny_llama("rope").rope_parameters
+    assert scaled.rope_parameters == length.scaled_rope_parameters(original, rope_type, 4.0, TRAIN_LENGTH)
+    scaled.validate_architecture()
+
+
 def test_rope_scaling_is_refused_for_other_encodings_and_leaves_the_weights():
     with pytest.raises(ValueError, match="position_encoding='alibi'"):
         length.rope_scaled_config(tiny_llama("alibi"), "yarn", 4.0, TRAIN_LENGTH)

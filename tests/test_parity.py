@@ -169,6 +169,32 @@ def test_sinusoidal_matches_closed_form_table():
 BIAS_ENCODINGS = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls.kind == "bias")
 
 
+class SharedBiasAsLayerBias(torch.nn.Module):
+    """Stands in for a layer's contextual positions, so the layer hands the model's shared bias to the kernel as its
+    own (B|1, H, Q, K) tensor (transformers' `position_bias`), in the kernel's head order."""
+
+    def __init__(self, attention: torch.nn.Module, computed: dict):
+        super().__init__()
+        self.kernel_order = getattr(attention, "maps_first", lambda bias: bias)
+        self.computed = computed
+
+    def forward(self, query, key, attention_mask, scaling):
+        return self.kernel_order(self.computed["bias"].materialise())
+
+
+def add_shared_bias_per_layer(model) -> None:
+    """The shared bias kept out of the mask and added by every layer instead: the reference for folding it in."""
+    encoding, computed = model.position_encoding, {}
+    score_bias = encoding.score_bias
+
+    def withheld(*args, **kwargs):
+        computed["bias"] = score_bias(*args, **kwargs)
+
+    encoding.score_bias = withheld
+    for layer in model.layers:
+        layer.self_attn.contextual_positions = SharedBiasAsLayerBias(layer.self_attn, computed)
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("head", [AutoModelForCausalLM, AutoModelForMaskedLM], ids=["causal", "masked"])
 @pytest.mark.parametrize("encoding", BIAS_ENCODINGS)
@@ -182,7 +208,8 @@ def test_bias_folded_into_mask_equals_bias_per_layer(config_class, encoding, hea
     results = []
     for fold in (True, False):
         model.zero_grad()
-        model.base_model.can_fold_bias = lambda fold=fold: fold
+        if not fold:
+            add_shared_bias_per_layer(model.base_model)
         logits = model(input_ids=ids, attention_mask=mask).logits
         logits[mask.bool()].square().sum().backward()
         grads = [p.grad.clone() for p in model.base_model.position_encoding.parameters()]

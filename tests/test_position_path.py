@@ -8,9 +8,16 @@ import torch
 from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, PosVarModel
-from hf_posvariants import attention
+from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, modeling_posvariants
 from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasGradient
+from hf_posvariants.bias_route import (
+    BACKEND_BIAS,
+    BIASLESS_BACKENDS,
+    MASK_BIAS_BACKENDS,
+    SCORE_BIAS_BACKENDS,
+    BiasRoute,
+    choose_bias_route,
+)
 from hf_posvariants.evaluation.length import load_causal_lm, token_losses
 from hf_posvariants.position_encodings import DistanceBias, distance_grid
 
@@ -144,6 +151,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(config_class, encoding)
             torch.testing.assert_close(candidate[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_backend_groups_come_from_the_one_table():
+    assert MASK_BIAS_BACKENDS == ("eager", "sdpa")
+    assert SCORE_BIAS_BACKENDS == ("eager", "sdpa", "flex_attention")
+    assert set(BIASLESS_BACKENDS) == set(BACKEND_BIAS) - set(SCORE_BIAS_BACKENDS)
+    assert {"flash_attention_2", "paged_attention"} <= set(BIASLESS_BACKENDS)
+
+
+def route_of(encoding: str, backend: str = "sdpa", device_type: str = "cpu", **overrides) -> BiasRoute:
+    """The route `choose_bias_route` picks for a training step of `encoding` (learned parameters, grad mode on)."""
+    config = tiny_config(FAMILY_CONFIGS[0], encoding, num_attention_heads=4)
+    bias = POSITION_ENCODINGS[encoding](config, True).score_bias(torch.arange(4), torch.arange(4), torch.arange(4)[None])
+    settings = dict(grad_enabled=True, attention_dropout=False, compiling=False, layers_take_gradient_kernel=True)
+    settings.update(overrides)
+    return choose_bias_route(backend, device_type, bias, **settings)
+
+
+def test_bias_route_per_backend_device_bias_and_grad_mode():
+    # A learned per-distance row trains through the CPU kernel that sends its gradient to the row; FIRE's bias is no
+    # row, so its gradient goes to the mask; a fixed bias (ALiBi) needs neither.
+    assert route_of("t5_bias") == BiasRoute("mask", folded=True, gradient="row")
+    assert route_of("fire") == BiasRoute("mask", folded=True, gradient="mask")
+    assert route_of("alibi") == BiasRoute("mask", folded=True)
+    # Every condition the gradient kernel needs, one at a time.
+    for overrides in (dict(grad_enabled=False), dict(attention_dropout=True), dict(compiling=True),
+                      dict(layers_take_gradient_kernel=False), dict(device_type="cuda"), dict(backend="eager")):
+        assert route_of("t5_bias", **overrides) == BiasRoute("mask", folded=True), overrides
+    assert route_of("t5_bias", backend="flex_attention") == BiasRoute("score_function")
+    assert route_of("t5_bias", backend="flash_attention_2") == BiasRoute("none")
+    assert choose_bias_route("flex_attention", "cpu", None, grad_enabled=True, attention_dropout=False, compiling=False,
+                             layers_take_gradient_kernel=True) == BiasRoute("score_function")
+
+
+@pytest.mark.parametrize(("schedule", "distinct"), [(None, 1), (["t5_bias", "alibi"], 2)])
+def test_bias_route_is_decided_once_per_encoding_and_forward(monkeypatch, schedule, distinct):
+    config = tiny_config(FAMILY_CONFIGS[1], "t5_bias", layer_position_encodings=schedule, num_hidden_layers=4)
+    model = build(AutoModelForCausalLM, config, "sdpa").train()
+    routes = []
+    choose = modeling_posvariants.choose_bias_route
+    monkeypatch.setattr(modeling_posvariants, "choose_bias_route", lambda *a, **k: routes.append(choose(*a, **k)) or routes[-1])
+    ids = torch.randint(3, VOCAB, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert routes[0] == BiasRoute("mask", folded=True, gradient="row") and len(routes) == distinct
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["mask-shared-by-the-batch", "mask-per-row"])
 def test_flash_attention_with_bias_gradient_matches_sdpa_math(shared):
     """The CPU kernel for a learned bias folded into the mask ≡ SDPA's math kernel, values and every gradient,
@@ -176,9 +227,9 @@ def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch, config
     gradients, calls = [], []
     original = FlashAttentionWithBiasGradient.apply
     monkeypatch.setattr(FlashAttentionWithBiasGradient, "apply", lambda *args: calls.append(args[4].numel()) or original(*args))
-    for route_to_table, flash in ((True, True), (False, True), (False, False)):
-        monkeypatch.setattr(PosVarModel, "routes_bias_gradient", lambda *args, r=route_to_table: r)
-        monkeypatch.setattr(attention, "learned_mask_on_cpu", lambda *args, f=flash: f)
+    for gradient in ("row", "mask", "autograd"):
+        route = BiasRoute("mask", folded=True, gradient=gradient)
+        monkeypatch.setattr(modeling_posvariants, "choose_bias_route", lambda *args, route=route, **kwargs: route)
         model = build(AutoModelForCausalLM, config, "sdpa").train()
         for module in model.modules():
             if hasattr(module, "kernel_calls"):  # differential attention: a kernel path, not its small-size maths

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS
-from hf_posvariants.configuration_posvariants import BIASLESS_BACKENDS
+from hf_posvariants.bias_route import BIASLESS_BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

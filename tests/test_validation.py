@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import FAMILY_CONFIGS, build, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS, PosVarDebertaConfig, PosVarLlamaConfig, PosVarTransformerConfig
+from hf_posvariants.components import ATTENTION_VARIANTS, selectable_position_encodings
+from hf_posvariants.configuration_posvariants import PosVarConfig
 
 def tiny_deberta_config(**overrides) -> PosVarDebertaConfig:
     fields = dict(num_key_value_heads=4, position_buckets=8)
@@ -220,3 +224,14 @@ def test_input_ids_and_embeds_are_exclusive():
     model = build(AutoModel, tiny_config(PosVarLlamaConfig, "rope"), "sdpa")
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(input_ids=torch.ones(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 32))
+
+
+def test_components_own_declared_and_documented_fields():
+    """Each encoding's and attention variant's own fields are config fields, owned by one component, and named in
+    PosVarConfig's docstring, which also lists every selectable encoding."""
+    fields = {field.name for field in dataclasses.fields(PosVarConfig)}
+    owned = [name for cls in [*POSITION_ENCODINGS.values(), *ATTENTION_VARIANTS.values()] for name in cls.config_fields]
+    assert owned and len(owned) == len(set(owned)) and set(owned) <= fields
+    documentation = PosVarConfig.__doc__
+    assert all(name in documentation for name in owned), [name for name in owned if name not in documentation]
+    assert all(f'"{name}"' in documentation for name in selectable_position_encodings())

@@ -14,30 +14,10 @@ from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
 
 from ..configuration_differential import PosVarDiffConfig
 from ..modeling_differential import PosVarDiffForCausalLM
+from .llama import LLAMA_FIELDS
 
-# DiffLlamaConfig field → PosVarDiffConfig field, where the two differ only in name or not at all.
-_SHARED_FIELDS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_hidden_layers",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "hidden_act": "hidden_act",
-    "max_position_embeddings": "max_position_embeddings",
-    "initializer_range": "initializer_range",
-    "rms_norm_eps": "norm_eps",
-    "use_cache": "use_cache",
-    "pad_token_id": "pad_token_id",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "rope_parameters": "rope_parameters",
-    "attention_bias": "attention_bias",
-    "attention_dropout": "attention_dropout",
-    "lambda_std_dev": "differential_lambda_std",
-}
+# DiffLlamaConfig field → PosVarDiffConfig field: Llama's block, and DiffLlama's λ initialisation.
+_SHARED_FIELDS = {**LLAMA_FIELDS, "lambda_std_dev": "differential_lambda_std"}
 
 
 # How DiffLlama reads the paper, in our config's terms (the benchmarks build the same function from it).

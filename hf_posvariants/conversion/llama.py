@@ -1,12 +1,14 @@
-"""Export a posvariants causal LM that is exactly a Llama as transformers' own `LlamaForCausalLM`.
+"""Conversion between transformers' `LlamaForCausalLM` and the posvariants causal LMs, both ways.
 
-A posvar model computes Llama's function when its block is Llama's (`LLAMA_BLOCK`: RoPE with any of
+posvar_llama keeps Llama's parameter names, so a state dict loads as it is and only the config is translated, field
+by field (`LLAMA_FIELDS`, shared with DiffLlama's converter, whose block is Llama's).
+
+Into Llama: a posvar model computes Llama's function when its block is Llama's (`LLAMA_BLOCK`: RoPE with any of
 transformers' scalings, standard attention, RMSNorm before each sublayer, gated MLP, unscaled embeddings, no
-per-layer schedule) and every other field either maps onto a Llama field (`LLAMA_FIELDS`) or is read only by
-components such a model does not build (`UNUSED_BY_LLAMA`). Parameter names already coincide, so the export is a
-config translation plus a strict state-dict load. The folder it writes loads with plain transformers, without
-this package and without remote code, and so in every engine that serves Llama (vLLM, TGI, SGLang, llama.cpp).
-Anything else is refused naming the field, its value and what a Llama has.
+per-layer schedule) and every other field either maps onto a Llama field or is read only by components such a model
+does not build (`UNUSED_BY_LLAMA`). The folder `export_llama` writes loads with plain transformers, without this
+package and without remote code, and so in every engine that serves Llama (vLLM, TGI, SGLang, llama.cpp). Anything
+else is refused naming the field, its value and what a Llama has.
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ from transformers import (
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
 
-# LlamaConfig field → posvariants field: the one map between the two configs. Every name but the norm's is shared.
+# Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
 LLAMA_FIELDS: dict[str, str] = {
-    **{name: name for name in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rope_parameters",
-        "attention_bias", "mlp_bias", "attention_dropout", "initializer_range", "use_cache", "tie_word_embeddings",
-        "pad_token_id", "bos_token_id", "eos_token_id",
-    )},
+    **{
+        name: name
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+            "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
+            "attention_bias", "attention_dropout", "use_cache",
+        )
+    },
     "rms_norm_eps": "norm_eps",
 }  # fmt: skip
+# LlamaConfig's own: the fields above plus those DiffLlama lacks.
+LLAMA_CONFIG_FIELDS: dict[str, str] = {**LLAMA_FIELDS, "mlp_bias": "mlp_bias"}
 
 # The posvariants fields whose values make the block Llama's; each must hold exactly this value.
 LLAMA_BLOCK: dict[str, object] = {
@@ -77,7 +84,7 @@ def llama_differences(config: PosVarConfig) -> list[str]:
         )
     # Any other field (a family's own, or one added later) must keep the posvar_llama default, which is Llama's.
     llama_defaults = PosVarLlamaConfig()
-    accounted = set(LLAMA_FIELDS.values()) | set(LLAMA_BLOCK) | UNUSED_BY_LLAMA
+    accounted = set(LLAMA_CONFIG_FIELDS.values()) | set(LLAMA_BLOCK) | UNUSED_BY_LLAMA
     base_fields = {field.name for field in dataclasses.fields(PreTrainedConfig)}
     for field in dataclasses.fields(config):
         if field.name in accounted or field.name in base_fields:
@@ -111,7 +118,7 @@ def check_exportable(config: PosVarConfig, architecture: str | None = None) -> N
 def llama_config_from_posvar(config: PosVarConfig) -> LlamaConfig:
     """The `LlamaConfig` computing what `config`'s causal LM computes (checked first)."""
     check_exportable(config)
-    fields = {theirs: getattr(config, ours) for theirs, ours in LLAMA_FIELDS.items()}
+    fields = {theirs: getattr(config, ours) for theirs, ours in LLAMA_CONFIG_FIELDS.items()}
     fields["rope_parameters"] = dict(config.rope_parameters)
     llama = LlamaConfig(**fields)
     llama.architectures = [LlamaForCausalLM.__name__]
@@ -147,3 +154,26 @@ def export_llama(source: str | Path, destination: str | Path) -> Path:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)
     return destination
+
+
+def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:
+    """The posvar_llama config computing what `LlamaForCausalLM(config)` computes."""
+    fields = {ours: getattr(config, theirs) for theirs, ours in LLAMA_CONFIG_FIELDS.items()}
+    fields["rope_parameters"] = dict(config.rope_parameters)
+    return PosVarLlamaConfig(**fields)
+
+
+def convert_llama_checkpoint(source: str | Path, destination: Path, tokenizer: str | Path | None = None) -> PosVarLlamaConfig:
+    """Write `source` (a LlamaForCausalLM or posvar_llama folder) as a posvar_llama checkpoint with its tokenizer."""
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type == "llama":
+        llama = LlamaForCausalLM.from_pretrained(source)
+        model = AutoModelForCausalLM.from_config(convert_llama_config(config))
+        model.load_state_dict(llama.state_dict(), strict=True)  # identical names; a missing key is an error
+    elif config.model_type == "posvar_llama":
+        model = AutoModelForCausalLM.from_pretrained(source)
+    else:
+        raise ValueError(f"model_type={config.model_type!r} is not supported; allowed values are ['llama', 'posvar_llama'].")
+    model.save_pretrained(destination)
+    AutoTokenizer.from_pretrained(tokenizer or source).save_pretrained(destination)
+    return model.config

@@ -22,12 +22,14 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from hf_posvariants.bias_route import SCORE_FUNCTION_BACKENDS
 from hf_posvariants.evaluation.data import blocks
 from hf_posvariants.evaluation.report import markdown_table
 from hf_posvariants.training.run_folder import read_run_record
 
 MODES = ("nonoverlapping", "sliding")
-ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+# transformers' RoPE scalings that stretch a trained context, for evaluation and for context extension alike.
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 
 
 @dataclass
@@ -51,11 +53,24 @@ def supported_length(config) -> int | None:
     return None
 
 
-def rope_scaled_config(config, rope_type: str, factor: float, train_length: int):
-    """A copy of `config` whose RoPE is rescaled for evaluation with transformers' own scaling
-    functions; the weights are untouched."""
+def scaled_rope_parameters(rope_parameters: dict, rope_type: str, factor: float, original_length: int) -> dict:
+    """transformers' rope_parameters for `rope_type` stretching a model trained at `original_length` by `factor`."""
     if rope_type not in ROPE_SCALINGS:
         raise ValueError(f"rope_scaling={rope_type!r} is not supported; allowed values are {list(ROPE_SCALINGS)}.")
+    if factor <= 1:
+        raise ValueError(f"factor={factor} must exceed 1 (the extended context is factor × the original length).")
+    kept = {key: rope_parameters[key] for key in ("rope_theta", "partial_rotary_factor") if key in rope_parameters}
+    parameters = {**kept, "rope_type": rope_type, "factor": float(factor)}
+    if rope_type in ("yarn", "llama3"):
+        parameters["original_max_position_embeddings"] = original_length
+    if rope_type == "llama3":  # Llama 3.1's published band edges
+        parameters.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return parameters
+
+
+def rope_scaled_config(config, rope_type: str, factor: float, train_length: int):
+    """A copy of `config` whose RoPE is rescaled for evaluation with transformers' own scaling
+    functions (`scaled_rope_parameters`); the weights are untouched."""
     encoding = getattr(config, "position_encoding", "rope")
     if encoding != "rope" or getattr(config, "rope_parameters", None) is None:
         raise ValueError(
@@ -63,15 +78,10 @@ def rope_scaled_config(config, rope_type: str, factor: float, train_length: int)
             "allowed encodings are ['rope']."
         )
     config = config.__class__.from_dict(config.to_dict())
-    parameters = {"rope_type": rope_type, "factor": float(factor), "rope_theta": config.rope_parameters["rope_theta"]}
-    if "partial_rotary_factor" in config.rope_parameters:
-        parameters["partial_rotary_factor"] = config.rope_parameters["partial_rotary_factor"]
-    if rope_type == "yarn":
-        parameters["original_max_position_embeddings"] = train_length
+    config.rope_parameters = scaled_rope_parameters(config.rope_parameters, rope_type, factor, train_length)
     if rope_type == "dynamic":
         # Dynamic NTK rescales once a sequence exceeds max_position_embeddings: make that the trained length.
         config.max_position_embeddings = train_length
-    config.rope_parameters = parameters
     return config
 
 
@@ -83,8 +93,9 @@ def long_context_backend(config, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     requirements = config.backend_requirements() if hasattr(config, "backend_requirements") else []
-    if requirements and all("flex_attention" in backends for _, _, backends in requirements):
-        return "flex_attention"
+    flex = SCORE_FUNCTION_BACKENDS[0]
+    if requirements and all(flex in backends for _, _, backends in requirements):
+        return flex
     return "sdpa"
 
 

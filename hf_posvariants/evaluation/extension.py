@@ -1,13 +1,13 @@
-"""Context extension of a pretrained decoder (issue 14): a `LlamaForCausalLM` (or posvar_llama) checkpoint becomes a
-posvar_llama whose RoPE is rescaled for a longer context, is fine-tuned at the longer block by the training pipeline,
-and is scored before and after at the original and the extended length. Instead of rescaling RoPE, the model can
-switch to another (unbounded) position encoding and learn it in the fine-tune.
+"""Context extension of a pretrained decoder: a `LlamaForCausalLM` (or posvar_llama) checkpoint becomes a posvar_llama
+whose RoPE is rescaled for a longer context, is fine-tuned at the longer block by the training pipeline, and is scored
+before and after at the original and the extended length. Instead of rescaling RoPE, the model can switch to another
+(unbounded) position encoding and learn it in the fine-tune.
 
     python scripts/extend_context.py CHECKPOINT configs/extend/tiny_llama.yaml --rope-scaling yarn --factor 4
 
-The weights load as they are (posvar_llama keeps Llama's parameter names); the rescaling uses transformers' own RoPE
-functions: linear (position interpolation, Chen et al. 2023), dynamic NTK, YaRN (Peng et al. 2023) or Llama 3's.
-This module drives the pipeline and the length evaluation through their public entry points; it is not model code.
+The weights load as they are (`conversion.llama`); the rescaling is the evaluation's (`length.scaled_rope_parameters`,
+transformers' own RoPE functions): linear (position interpolation, Chen et al. 2023), dynamic NTK, YaRN (Peng et al.
+2023) or Llama 3's. This module drives the pipeline and the length evaluation through their public entry points.
 """
 
 from __future__ import annotations
@@ -17,63 +17,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .configuration_posvariants import PosVarLlamaConfig
-from .position_encodings import POSITION_ENCODINGS, selectable_position_encodings
-from .evaluation.length import evaluate_lengths
-from .evaluation.probes import probe_sweep
-from .training import pipeline
-from .training.data import load_splits, pack_blocks, text_column_of
+from ..conversion.llama import convert_llama_checkpoint
+from ..position_encodings import POSITION_ENCODINGS, selectable_position_encodings
+from ..training import pipeline
+from ..training.data import load_splits, pack_blocks, text_column_of
+from .length import evaluate_lengths, scaled_rope_parameters
+from .probes import probe_sweep
 
-EXTENSION_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PROBE_TASKS = ["passkey", "copy", "associative_recall"]
-# Llama fields that posvar_llama spells differently; every other shared field keeps its name.
-RENAMED_FIELDS = {"rms_norm_eps": "norm_eps"}
-SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "hidden_act", "max_position_embeddings", "rope_parameters", "attention_bias", "mlp_bias",
-    "attention_dropout", "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-)  # fmt: skip
-
-
-def posvar_config_from_llama(config: LlamaConfig) -> PosVarLlamaConfig:
-    """The posvar_llama config computing what `LlamaForCausalLM(config)` computes."""
-    fields = {name: getattr(config, name) for name in SHARED_FIELDS}
-    fields.update({ours: getattr(config, theirs) for theirs, ours in RENAMED_FIELDS.items()})
-    fields["rope_parameters"] = dict(config.rope_parameters)
-    return PosVarLlamaConfig(**fields)
-
-
-def convert_checkpoint(source: str | Path, destination: Path, tokenizer: str | Path | None = None) -> PosVarLlamaConfig:
-    """Write `source` (a LlamaForCausalLM or posvar_llama folder) as a posvar_llama checkpoint with its tokenizer."""
-    config = AutoConfig.from_pretrained(source)
-    if config.model_type == "llama":
-        llama = LlamaForCausalLM.from_pretrained(source)
-        model = AutoModelForCausalLM.from_config(posvar_config_from_llama(config))
-        model.load_state_dict(llama.state_dict(), strict=True)  # identical names; a missing key is an error
-    elif config.model_type == "posvar_llama":
-        model = AutoModelForCausalLM.from_pretrained(source)
-    else:
-        raise ValueError(f"model_type={config.model_type!r} is not supported; allowed values are ['llama', 'posvar_llama'].")
-    model.save_pretrained(destination)
-    AutoTokenizer.from_pretrained(tokenizer or source).save_pretrained(destination)
-    return model.config
-
-
-def extended_rope_parameters(rope_parameters: dict, rope_type: str, factor: float, original_length: int) -> dict:
-    """transformers' rope_parameters for `rope_type` stretching a model trained at `original_length` by `factor`."""
-    if rope_type not in EXTENSION_SCALINGS:
-        raise ValueError(f"rope_scaling={rope_type!r} is not supported; allowed values are {list(EXTENSION_SCALINGS)}.")
-    if factor <= 1:
-        raise ValueError(f"factor={factor} must exceed 1 (the extended context is factor × the original length).")
-    kept = {key: rope_parameters[key] for key in ("rope_theta", "partial_rotary_factor") if key in rope_parameters}
-    parameters = {**kept, "rope_type": rope_type, "factor": float(factor)}
-    if rope_type in ("yarn", "llama3"):
-        parameters["original_max_position_embeddings"] = original_length
-    if rope_type == "llama3":  # Llama 3.1's published band edges
-        parameters.update(low_freq_factor=1.0, high_freq_factor=4.0)
-    return parameters
 
 
 def extend_config(folder: Path, factor: float, rope_type: str | None = None, encoding: str | None = None) -> tuple[int, int]:
@@ -97,7 +50,7 @@ def extend_config(folder: Path, factor: float, rope_type: str | None = None, enc
                 f"context extension rescales RoPE, but position_encoding={config.position_encoding!r}; allowed "
                 "encodings are ['rope'] (or switch the encoding instead)."
             )
-        config.rope_parameters = extended_rope_parameters(config.rope_parameters, rope_type, factor, original)
+        config.rope_parameters = scaled_rope_parameters(config.rope_parameters, rope_type, factor, original)
         # Dynamic NTK rescales once a sequence exceeds max_position_embeddings, so that stays the trained length.
         config.max_position_embeddings = original if rope_type == "dynamic" else longer
     config.validate_architecture()
@@ -146,7 +99,7 @@ def extend(
     returns the report."""
     out_dir = Path(out_dir)
     converted, changed, extended = out_dir / "converted", out_dir / "changed", out_dir / "extended"
-    convert_checkpoint(checkpoint, converted, tokenizer)
+    convert_llama_checkpoint(checkpoint, converted, tokenizer)
     shutil.copytree(converted, changed, dirs_exist_ok=True)
     original, longer = extend_config(changed, factor, rope_type, encoding)
     recipe_argv = [str(recipe), "--model_name_or_path", str(changed), "--block_size", str(longer),

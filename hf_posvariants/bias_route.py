@@ -1,0 +1,102 @@
+"""How an additive position bias reaches the attention kernel: one table of what each backend can carry, and one
+decision per forward, `choose_bias_route`, that the model stores on `Positions` and every layer and kernel obeys.
+
+A bias travels in one of three ways: inside the additive float mask (eager and SDPA add it to the scores, together
+with a layer's own `position_bias` tensor), as flex attention's score function, or not at all (flash kernels have
+nowhere to put one; validation refuses a bias there). Adding a backend that can carry a bias is one row below.
+This file imports only the standard library: it travels with remote-code checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .position_encodings import ScoreBias
+
+BiasCarrier = Literal["mask", "score_function", "none"]
+# Where the gradient of a learned bias folded into the mask goes: through the kernel's own backward ("autograd"), or
+# through `FlashAttentionWithBiasGradient` (CPU) to the mask ("mask") or straight to the per-distance row ("row").
+BiasGradient = Literal["autograd", "mask", "row"]
+
+
+@dataclass(frozen=True)
+class BackendBias:
+    """How one attention backend carries a bias: `carrier`; whether a learned bias in its mask may train through
+    `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); and whether,
+    handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too."""
+
+    carrier: BiasCarrier
+    cpu_gradient_kernel: bool = False
+    causal_without_mask: bool = False
+
+
+BACKEND_BIAS: dict[str, BackendBias] = {
+    "eager": BackendBias("mask"),
+    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True),
+    "flex_attention": BackendBias("score_function"),
+    "flash_attention_2": BackendBias("none"),
+    "flash_attention_3": BackendBias("none"),
+    "flash_attention_4": BackendBias("none"),
+    "paged_attention": BackendBias("none"),
+}
+
+
+def backends_carrying(*carriers: BiasCarrier) -> tuple[str, ...]:
+    """The backends of `BACKEND_BIAS` whose carrier is one of `carriers`, in table order."""
+    return tuple(name for name, backend in BACKEND_BIAS.items() if backend.carrier in carriers)
+
+
+MASK_BIAS_BACKENDS = backends_carrying("mask")
+SCORE_BIAS_BACKENDS = backends_carrying("mask", "score_function")
+SCORE_FUNCTION_BACKENDS = backends_carrying("score_function")
+BIASLESS_BACKENDS = backends_carrying("none")
+
+
+@dataclass(frozen=True)
+class BiasRoute:
+    """How position bias reaches every kernel call of one forward, for one encoding's layers.
+
+    ``carrier``: how the backend takes any bias, the shared one or a layer's own (DeBERTa's position terms, CoPE's
+    counts): a tensor added to the scores ("mask") or a score function. ``folded``: the shared bias is inside the
+    mask, folded in once per forward. ``gradient``: where a folded learned bias sends its gradient.
+    """
+
+    carrier: BiasCarrier
+    folded: bool = False
+    gradient: BiasGradient = "autograd"
+
+    @property
+    def gradient_kernel(self) -> bool:
+        """Whether every kernel call takes `FlashAttentionWithBiasGradient` instead of the backend's own."""
+        return self.gradient != "autograd"
+
+
+def choose_bias_route(
+    backend: str,
+    device_type: str,
+    bias: ScoreBias | None,
+    *,
+    grad_enabled: bool,
+    attention_dropout: bool,
+    compiling: bool,
+    layers_take_gradient_kernel: bool,
+) -> BiasRoute:
+    """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
+
+    A shared bias rides in the mask where the backend adds masks, else it becomes a score function. A learned one in
+    the mask on a CPU backend with the gradient kernel trains through it, sending the gradient straight to the
+    per-distance row where the bias is one: unless the grad mode is off, attention dropout is on (the kernel has
+    none), the forward is being compiled, or a layer cannot take that kernel (`layers_take_gradient_kernel`: it adds
+    a bias of its own, or computes the maps itself).
+    """
+    row = BACKEND_BIAS.get(backend, BackendBias("none"))
+    if bias is None or row.carrier != "mask":
+        return BiasRoute(row.carrier)
+    learned = grad_enabled and bias.requires_grad
+    if not (learned and row.cpu_gradient_kernel and device_type == "cpu") or attention_dropout or compiling:
+        return BiasRoute(row.carrier, folded=True)
+    if not layers_take_gradient_kernel:
+        return BiasRoute(row.carrier, folded=True)
+    return BiasRoute(row.carrier, folded=True, gradient="row" if bias.row is not None else "mask")
