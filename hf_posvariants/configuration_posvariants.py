@@ -37,6 +37,12 @@ CLASSIFIER_POOLINGS = ("first", "last", "mean")
 # transformers' backends that have nowhere to put an additive score bias (they would drop it silently);
 # what each encoding or attention variant runs on is declared on its registry entry (`backends`).
 BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
+# Tensor parallelism gives each rank a slice of the heads through the projections alone. Encodings of these kinds
+# hold per-head state in the base model (a bias table with one row per head, ALiBi's slopes; DeBERTa's relative
+# embeddings projected per head), which would not follow the rank's heads; nor would the per-head pairing, λ
+# and norm of attention variants other than these.
+TENSOR_PARALLEL_UNSPLITTABLE_KINDS = ("bias", "relative")
+TENSOR_PARALLEL_VARIANTS = ("standard",)
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -145,6 +151,22 @@ class PosVarConfig(PreTrainedConfig):
 
     model_type = "posvar"
     keys_to_ignore_at_inference = ["cache"]
+    # Tensor and pipeline parallel plans under transformers' Llama names (`from_pretrained(..., tp_plan="auto")`,
+    # `DistributedConfig`); `check_tensor_parallel` refuses the configurations the head split cannot carry.
+    base_model_tp_plan: ClassVar[dict[str, str]] = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     # A fragment of a base-model weight name → the field that decides whether the weight exists (named when a
     # checkpoint's weights do not fit its config).
     weight_fields: ClassVar[dict[str, str]] = {"position_encoding.": "position_encoding", "self_attn.": "attention_variant"}
@@ -430,6 +452,34 @@ class PosVarConfig(PreTrainedConfig):
                 raise ValueError(
                     f"position_encoding='xpos' rotates channel pairs, so head_dim × partial_rotary_factor must be a "
                     f"positive even number; got head_dim={self.head_dim} (rotary dim {rotary_dim})."
+                )
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Refuse, naming the field and value, a configuration whose heads cannot be split over `tp_size` ranks."""
+        if self.attention_variant not in TENSOR_PARALLEL_VARIANTS:
+            raise ValueError(
+                f"Tensor parallelism (tp_size={tp_size}) is not supported for attention_variant="
+                f"{self.attention_variant!r}: its per-head parameters and head pairing would not follow each rank's "
+                f"heads; allowed values are {list(TENSOR_PARALLEL_VARIANTS)} (or tp_size=1)."
+            )
+        scheduled = [("layer_position_encodings", name) for name in self.layer_position_encodings or []]
+        for field, name in [("position_encoding", self.position_encoding), *scheduled]:
+            kind = POSITION_ENCODINGS[name].kind
+            if kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS:
+                allowed = [
+                    other for other in selectable_position_encodings()
+                    if POSITION_ENCODINGS[other].kind not in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
+                ]
+                raise ValueError(
+                    f"Tensor parallelism (tp_size={tp_size}) is not supported for {field}={name!r}: its {kind} "
+                    f"holds one entry per head for the whole model, which would not follow each rank's heads; "
+                    f"allowed encodings are {sorted(allowed)} (or tp_size=1)."
+                )
+        for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if getattr(self, field) % tp_size:
+                raise ValueError(
+                    f"Tensor parallelism (tp_size={tp_size}) needs {field}={getattr(self, field)} to be a multiple of "
+                    f"tp_size; allowed tp_size values divide it."
                 )
 
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:

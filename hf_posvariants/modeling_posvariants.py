@@ -187,6 +187,14 @@ class PosVarPreTrainedModel(PreTrainedModel):
         warn_if_trained_as_masked_lm(model, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """transformers' sharding at load time (`tp_plan="auto"`, `DistributedConfig`), after refusing a tensor-parallel
+        split that the configuration's per-head state could not follow (before any weight is loaded)."""
+        if distributed_config is not None and distributed_config.tp_size > 1:
+            model.config.check_tensor_parallel(distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
 
 def warn_if_trained_as_masked_lm(model: PosVarPreTrainedModel, source) -> None:
     """A masked LM's weights load into the causal-LM head without error (same names), but they never learned to
@@ -442,6 +450,8 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
     """Causal language model: always causal, with a KV cache and `generate()`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     lm_loss = "plain"  # the training loss: "plain" (from the logits) or a name in LM_LOSSES (`use_lm_loss`)
 
     def __init__(self, config: PosVarConfig):
@@ -543,6 +553,8 @@ class PosVarForMaskedLM(PosVarEncoderHead):
     """Masked language model (Devlin et al., "BERT", 2019): always bidirectional."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     output_class = MaskedLMOutput
 
     def __init__(self, config: PosVarConfig):
