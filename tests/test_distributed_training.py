@@ -101,7 +101,8 @@ def test_two_process_fsdp2_checkpoints_resumes_and_matches_one_process(tmp_path)
     for rank in ranks:
         assert rank["metrics"]["eval_perplexity"] == pytest.approx(one["eval_perplexity"], rel=1e-5)
     for folder in ("", "checkpoint-4"):
-        got, expected = load_file(tmp_path / "fsdp" / folder / "model.safetensors"), load_file(tmp_path / "one" / folder / "model.safetensors")
+        got = load_file(tmp_path / "fsdp" / folder / "model.safetensors")
+        expected = load_file(tmp_path / "one" / folder / "model.safetensors")
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)

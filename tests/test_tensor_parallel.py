@@ -128,10 +128,11 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
 def test_tensor_parallel_claims_follow_per_head_state(config_class, encoding):
     """Refused exactly where the model holds one entry per head outside the split projections: a bias encoding's
     tables, DeBERTa's relative projections, differential attention's head pairs."""
-    if config_class.attention_variant == "disentangled" and POSITION_ENCODINGS[encoding].kind not in ("absolute", "none"):
+    kind = POSITION_ENCODINGS[encoding].kind
+    if config_class.attention_variant == "disentangled" and kind not in ("absolute", "none"):
         pytest.skip("posvar_deberta takes only input encodings")
     config = tiny_config(config_class, encoding)
-    per_head = POSITION_ENCODINGS[encoding].kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
+    per_head = kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
     assert splits(config) == (config.attention_variant == "standard" and not per_head)
 
 

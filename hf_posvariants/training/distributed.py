@@ -9,7 +9,6 @@ again. A run from scratch has no checkpoint to load, so rank 0 writes the freshl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -71,7 +70,9 @@ def keep_source_module(model) -> None:
     wrapped = type(model)
     if not issubclass(wrapped, FSDPModule):
         return
-    family = next(cls for cls in wrapped.__mro__ if issubclass(cls, PreTrainedModel) and not issubclass(cls, FSDPModule))
+    family = next(
+        cls for cls in wrapped.__mro__ if issubclass(cls, PreTrainedModel) and not issubclass(cls, FSDPModule)
+    )
     wrapped.__module__ = family.__module__
 
 
