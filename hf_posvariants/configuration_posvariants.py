@@ -39,10 +39,10 @@ CLASSIFIER_POOLINGS = ("first", "last", "mean")
 BIASLESS_BACKENDS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "paged_attention")
 # Tensor parallelism gives each rank a slice of the heads through the projections alone. Encodings of these kinds
 # hold per-head state in the base model (a bias table with one row per head, ALiBi's slopes; DeBERTa's relative
-# embeddings projected per head), which would not follow the rank's heads; nor would the per-head pairing, λ
-# and norm of attention variants other than these.
+# embeddings projected per head), which would not follow the rank's heads. Differential attention splits: its λ
+# and norm are shared by all heads, and "pairs" keeps each head pair on one rank.
 TENSOR_PARALLEL_UNSPLITTABLE_KINDS = ("bias", "relative")
-TENSOR_PARALLEL_VARIANTS = ("standard",)
+TENSOR_PARALLEL_VARIANTS = ("standard", "differential")
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -459,8 +459,14 @@ class PosVarConfig(PreTrainedConfig):
         if self.attention_variant not in TENSOR_PARALLEL_VARIANTS:
             raise ValueError(
                 f"Tensor parallelism (tp_size={tp_size}) is not supported for attention_variant="
-                f"{self.attention_variant!r}: its per-head parameters and head pairing would not follow each rank's "
-                f"heads; allowed values are {list(TENSOR_PARALLEL_VARIANTS)} (or tp_size=1)."
+                f"{self.attention_variant!r}: its relative-position projections are per head and would not follow "
+                f"each rank's heads; allowed values are {list(TENSOR_PARALLEL_VARIANTS)} (or tp_size=1)."
+            )
+        if self.attention_variant == "differential" and self.differential_head_layout != "pairs":
+            raise ValueError(
+                f"Tensor parallelism (tp_size={tp_size}) is not supported for differential_head_layout="
+                f"{self.differential_head_layout!r}: it pairs head i with head i + H/2, which land on different "
+                "ranks; allowed value is 'pairs' (heads 2i, 2i+1 stay together)."
             )
         scheduled = [("layer_position_encodings", name) for name in self.layer_position_encodings or []]
         for field, name in [("position_encoding", self.position_encoding), *scheduled]:
@@ -475,11 +481,16 @@ class PosVarConfig(PreTrainedConfig):
                     f"holds one entry per head for the whole model, which would not follow each rank's heads; "
                     f"allowed encodings are {sorted(allowed)} (or tp_size=1)."
                 )
+        # Differential attention keeps pairs of query and of key/value heads on one rank.
+        differential = self.attention_variant == "differential"
+        per_rank = {"num_attention_heads": 2, "num_key_value_heads": 2} if differential else {}
         for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-            if getattr(self, field) % tp_size:
+            multiple = tp_size * per_rank.get(field, 1)
+            if getattr(self, field) % multiple:
                 raise ValueError(
                     f"Tensor parallelism (tp_size={tp_size}) needs {field}={getattr(self, field)} to be a multiple of "
-                    f"tp_size; allowed tp_size values divide it."
+                    f"{multiple}{' (head pairs per rank)' if multiple != tp_size else ''}; choose a tp_size that "
+                    "divides it."
                 )
 
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:

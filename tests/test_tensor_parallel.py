@@ -79,11 +79,17 @@ def cases():
     """(name, config) for every causal family × encoding, GQA and tied or untied heads as the families have them;
     plus per-layer schedules, one with a bias entry."""
     for config_class in CAUSAL_FAMILIES:
+        # Differential attention keeps head pairs on one rank: 4 key/value heads, a pair per rank.
+        pairs = {"num_key_value_heads": 4} if config_class.attention_variant == "differential" else {}
         for encoding in ENCODINGS:
-            yield f"{config_class.model_type}-{encoding}", tp_config(config_class, encoding)
+            yield f"{config_class.model_type}-{encoding}", tp_config(config_class, encoding, **pairs)
     llama = family_with(mlp_type="gated", attention_variant="standard")
     yield "posvar_llama-schedule-rope-nope", tp_config(llama, "rope", layer_position_encodings=["rope", "nope"])
     yield "posvar_llama-schedule-rope-alibi", tp_config(llama, "rope", layer_position_encodings=["rope", "alibi"])
+    differential = family_with(attention_variant="differential")
+    halves = {"num_key_value_heads": 4, "differential_head_layout": "halves"}
+    yield "posvar_diff-halves", tp_config(differential, "rope", **halves)
+    yield "posvar_diff-one-kv-pair", tp_config(differential, "rope")
 
 
 @pytest.mark.slow  # one torchrun launch of two fresh interpreters loading ~40 models: about a minute on 2 busy cores
@@ -114,7 +120,7 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
     for rank in range(TP_SIZE):
         refusals = json.loads((tmp_path / f"refusals.rank{rank}.json").read_text())
         assert sorted(refusals) == sorted(name for name, claimed in claims.items() if not claimed)
-        assert all("Tensor parallelism (tp_size=2) is not supported for" in message for message in refusals.values())
+        assert all(message.startswith("Tensor parallelism (tp_size=2)") for message in refusals.values())
         for name in (name for name, claimed in claims.items() if claimed):
             outputs = torch.load(tmp_path / f"{name}.rank{rank}.pt")
             assert outputs["tp_size"] == TP_SIZE
@@ -126,14 +132,18 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
 @pytest.mark.parametrize("config_class", list(FAMILIES), ids=lambda c: c.model_type)
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_tensor_parallel_claims_follow_per_head_state(config_class, encoding):
-    """Refused exactly where the model holds one entry per head outside the split projections: a bias encoding's
-    tables, DeBERTa's relative projections, differential attention's head pairs."""
+    """Refused exactly where the model holds one entry per head outside the split projections (a bias encoding's
+    tables, DeBERTa's relative projections) or pairs heads across ranks (differential attention's "halves")."""
     kind = POSITION_ENCODINGS[encoding].kind
     if config_class.attention_variant == "disentangled" and kind not in ("absolute", "none"):
         pytest.skip("posvar_deberta takes only input encodings")
-    config = tiny_config(config_class, encoding)
+    pairs = {"num_key_value_heads": 4} if config_class.attention_variant == "differential" else {}
+    config = tiny_config(config_class, encoding, **pairs)
     per_head = kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
-    assert splits(config) == (config.attention_variant == "standard" and not per_head)
+    assert splits(config) == (config.attention_variant != "disentangled" and not per_head)
+    if config.attention_variant == "differential":
+        config.differential_head_layout = "halves"
+        assert not splits(config)
 
 
 @pytest.mark.parametrize(
@@ -141,8 +151,10 @@ def test_tensor_parallel_claims_follow_per_head_state(config_class, encoding):
     [
         ({"position_encoding": "alibi"}, r"position_encoding='alibi': its bias"),
         ({"layer_position_encodings": ["rope", "t5_bias"]}, r"layer_position_encodings='t5_bias'"),
-        ({"attention_variant": "differential"}, r"attention_variant='differential'"),
-        ({"num_key_value_heads": 1}, r"num_key_value_heads=1 to be a multiple of tp_size"),
+        ({"attention_variant": "differential"}, r"num_key_value_heads=2 to be a multiple of 4 \(head pairs per rank\)"),
+        ({"attention_variant": "differential", "num_key_value_heads": 4, "differential_head_layout": "halves"},
+         r"differential_head_layout='halves'"),
+        ({"num_key_value_heads": 1}, r"needs num_key_value_heads=1 to be a multiple of 2; choose a tp_size"),
     ],
 )
 def test_tensor_parallel_refused_at_distribution_before_loading(overrides, message):
