@@ -1,6 +1,7 @@
-"""Tensor parallelism through transformers' own loader: `from_pretrained(..., tp_plan="auto")` under a real
-two-process torchrun over gloo gives the one-process logits and greedy tokens for every configuration whose
-heads split, and every other configuration is refused before a weight is loaded."""
+"""Tensor and pipeline parallelism through transformers' own loader: `from_pretrained(..., tp_plan="auto")` under a
+real two-process torchrun over gloo gives the one-process logits and greedy tokens for every configuration whose
+heads split, and every other configuration is refused before a weight is loaded; two pipeline stages
+(`DistributedConfig(pp_size=2)`) give the one-process logits."""
 
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ def tp_config(config_class, encoding: str, **overrides):
 
 
 # One rank of `torchrun --nproc_per_node 2`: loads every case with tp_plan="auto", records logits and greedy tokens
-# (or the refusal) per case.
+# (or the refusal) per case; then the pipeline cases as two stages.
 TP_WORKER = """
 import json, os, sys, warnings
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
 import hf_posvariants  # noqa: F401
 
 warnings.simplefilter("ignore", FutureWarning)  # tp_plan= is the documented spelling; DistributedConfig is the new one
@@ -63,6 +65,12 @@ for case in json.loads((folder / "cases.json").read_text()):
     tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     torch.save({"logits": logits, "tokens": tokens, "tp_size": model.tp_size}, folder / f"{case}.rank{rank}.pt")
 (folder / f"refusals.rank{rank}.json").write_text(json.dumps(refusals))
+for case in json.loads((folder / "pipeline_cases.json").read_text()):  # two pipeline stages, a layer each
+    model = AutoModelForCausalLM.from_pretrained(folder / case, distributed_config=DistributedConfig(pp_size=2))
+    inputs = torch.load(folder / "inputs.pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"logits": logits}, folder / f"{case}.pipeline.rank{rank}.pt")
 """
 
 
@@ -92,6 +100,14 @@ def cases():
     yield "posvar_diff-one-kv-pair", tp_config(differential, "rope")
 
 
+# Pipeline parallelism splits the layers, not the heads: every encoding may take it. These cover tied embeddings
+# scaled at the input, a bias, absolute and contextual positions, and differential attention. Forward passes only:
+# with a KV cache a later stage holds no layer 0, whose cache length the masks and bias offsets read (greedy tokens
+# of t5_bias differed).
+PIPELINE_CASES = ["posvar_transformer-alibi", "posvar_transformer-learned", "posvar_llama-t5_bias",
+                  "posvar_llama-cope", "posvar_diff-rope"]  # fmt: skip
+
+
 @pytest.mark.slow  # one torchrun launch of two fresh interpreters loading ~40 models: about a minute on 2 busy cores
 def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
     inputs = {
@@ -109,6 +125,7 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
         tokens = reference.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
         expected[name], claims[name] = (logits, tokens), splits(config)
     (tmp_path / "cases.json").write_text(json.dumps(list(expected)))
+    (tmp_path / "pipeline_cases.json").write_text(json.dumps(PIPELINE_CASES))
     driver = tmp_path / "tp_worker.py"
     driver.write_text(TP_WORKER)
     result = subprocess.run(
@@ -126,6 +143,9 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
             assert outputs["tp_size"] == TP_SIZE
             torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
             assert torch.equal(outputs["tokens"], expected[name][1]), name
+        for name in PIPELINE_CASES:
+            outputs = torch.load(tmp_path / f"{name}.pipeline.rank{rank}.pt")
+            torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
     assert sum(claims.values()) >= 18  # both plain families × every encoding without per-head tables, and a schedule
 
 
@@ -169,12 +189,12 @@ def test_tensor_parallel_refused_at_distribution_before_loading(overrides, messa
 
 
 def test_plans_name_existing_modules():
-    """Every rule of the declared plans names a module of each plain family (the gated MLP's gate where it exists)."""
+    """Every rule of the plans names a module of each family (the gate projection only where the MLP is gated)."""
     for config_class in CAUSAL_FAMILIES:
         model = build(AutoModelForCausalLM, tp_config(config_class, "rope"))
         names = {name.replace(".0.", ".*.").replace(".1.", ".*.") for name, _ in model.named_modules()}
         plan = model.tp_plan
         assert plan["lm_head"] == "colwise_gather_output"
-        missing = {rule for rule in plan if rule not in names}
-        assert missing <= ({"model.layers.*.mlp.gate_proj"} if config_class().mlp_type != "gated" else set())
+        assert {rule for rule in plan if rule not in names} == set()
+        assert ("model.layers.*.mlp.gate_proj" in plan) == (config_class().mlp_type == "gated")
         assert set(model.pp_plan) == {"model.embed_tokens", "model.layers", "model.norm", "lm_head"}
