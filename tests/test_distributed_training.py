@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.distributed import RECIPE_FIELDS, SHARDED_STATE, distributed_config_from
+from hf_posvariants.training.distributed import INITIAL_WEIGHTS, RECIPE_FIELDS, SHARDED_STATE, distributed_config_from
 from hf_posvariants.training.pipeline import parse
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
@@ -92,6 +92,7 @@ def test_two_process_fsdp2_checkpoints_resumes_and_matches_one_process(tmp_path)
     shards = sorted(path.name for path in (tmp_path / "fsdp" / "checkpoint-2" / SHARDED_STATE).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank: the sharded state
     assert not (tmp_path / "fsdp" / "checkpoint-4").exists()
+    assert not (tmp_path / "fsdp" / INITIAL_WEIGHTS).exists()  # loaded by every rank, then deleted
 
     resumed = torchrun(driver, argv, 0, tmp_path)  # the same command
     assert resumed.returncode == 0, resumed.stderr[-4000:]

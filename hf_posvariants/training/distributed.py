@@ -4,13 +4,14 @@ transformers shards a model while loading it (`from_pretrained(..., distributed_
 `fsdp_size` ranks, replicated `dp_replicate_size` times across nodes (HSDP), tensor parallel over `tp_size`,
 pipeline stages over `pp_size`), and its Trainer then trains the sharded model as it is, without wrapping it
 again. A run from scratch has no checkpoint to load, so rank 0 writes the freshly initialised weights once
-(`initial-weights/` in the output folder) and every rank loads them through that same path.
+(`initial-weights/` in the output folder, deleted once loaded) and every rank loads them through that same path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,16 +52,25 @@ def load_distributed(head, config, source: str | None, distributed_config: Distr
                      **load_kwargs):
     """`head` with its weights from `source` (a checkpoint), or freshly initialised from `config`, sharded by
     transformers as `distributed_config` says. Every rank calls this."""
-    if source is None:
+    fresh = source is None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if fresh:
         source = str(Path(output_dir) / INITIAL_WEIGHTS)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:
             head.from_config(config, attn_implementation=load_kwargs.get("attn_implementation")).save_pretrained(source)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        barrier()
     model = head.from_pretrained(source, config=config, distributed_config=distributed_config, **load_kwargs)
     keep_source_module(model)
+    if fresh:
+        barrier()  # every rank has its shard: the full copy goes (a resumed run loads its checkpoint instead)
+        if rank == 0:
+            shutil.rmtree(source)
     return model
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def keep_source_module(model) -> None:
