@@ -32,6 +32,12 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("standard", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
+# Tensor parallelism gives each rank a slice of the heads through the projections alone. Encodings of these kinds
+# hold per-head state in the base model (a bias table with one row per head, ALiBi's slopes; DeBERTa's relative
+# embeddings projected per head), which would not follow the rank's heads. Differential attention splits: its λ
+# and norm are shared by all heads, and "pairs" keeps each head pair on one rank.
+TENSOR_PARALLEL_UNSPLITTABLE_KINDS = ("bias", "relative")
+TENSOR_PARALLEL_VARIANTS = ("standard", "differential")
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -129,6 +135,22 @@ class PosVarConfig(PreTrainedConfig):
 
     model_type = "posvar"
     keys_to_ignore_at_inference = ["cache"]
+    # Tensor and pipeline parallel plans under transformers' Llama names (`from_pretrained(..., tp_plan="auto")`,
+    # `DistributedConfig`); `check_tensor_parallel` refuses the configurations the head split cannot carry.
+    base_model_tp_plan: ClassVar[dict[str, str]] = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
     # A fragment of a base-model weight name → the field that decides whether the weight exists (named when a
     # checkpoint's weights do not fit its config).
     weight_fields: ClassVar[dict[str, str]] = {"position_encoding.": "position_encoding", "self_attn.": "attention_variant"}
@@ -365,6 +387,45 @@ class PosVarConfig(PreTrainedConfig):
                 f"position_encoding={self.position_encoding!r} is not in layer_position_encodings={schedule!r}; with a "
                 f"schedule it must be an absolute encoding, 'nope', or one of {sorted(set(schedule))}."
             )
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Refuse, naming the field and value, a configuration whose heads cannot be split over `tp_size` ranks."""
+        if self.attention_variant not in TENSOR_PARALLEL_VARIANTS:
+            raise ValueError(
+                f"Tensor parallelism (tp_size={tp_size}) is not supported for attention_variant="
+                f"{self.attention_variant!r}: its relative-position projections are per head and would not follow "
+                f"each rank's heads; allowed values are {list(TENSOR_PARALLEL_VARIANTS)} (or tp_size=1)."
+            )
+        if self.attention_variant == "differential" and self.differential_head_layout != "pairs":
+            raise ValueError(
+                f"Tensor parallelism (tp_size={tp_size}) is not supported for differential_head_layout="
+                f"{self.differential_head_layout!r}: it pairs head i with head i + H/2, which land on different "
+                "ranks; allowed value is 'pairs' (heads 2i, 2i+1 stay together)."
+            )
+        scheduled = [("layer_position_encodings", name) for name in self.layer_position_encodings or []]
+        for field, name in [("position_encoding", self.position_encoding), *scheduled]:
+            kind = POSITION_ENCODINGS[name].kind
+            if kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS:
+                allowed = [
+                    other for other in selectable_position_encodings()
+                    if POSITION_ENCODINGS[other].kind not in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
+                ]
+                raise ValueError(
+                    f"Tensor parallelism (tp_size={tp_size}) is not supported for {field}={name!r}: its {kind} "
+                    f"holds one entry per head for the whole model, which would not follow each rank's heads; "
+                    f"allowed encodings are {sorted(allowed)} (or tp_size=1)."
+                )
+        # Differential attention keeps pairs of query and of key/value heads on one rank.
+        differential = self.attention_variant == "differential"
+        per_rank = {"num_attention_heads": 2, "num_key_value_heads": 2} if differential else {}
+        for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            multiple = tp_size * per_rank.get(field, 1)
+            if getattr(self, field) % multiple:
+                raise ValueError(
+                    f"Tensor parallelism (tp_size={tp_size}) needs {field}={getattr(self, field)} to be a multiple of "
+                    f"{multiple}{' (head pairs per rank)' if multiple != tp_size else ''}; choose a tp_size that "
+                    "divides it."
+                )
 
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(field, value, the backends it runs on) for every component that does not run on all of them, read from

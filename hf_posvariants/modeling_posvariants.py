@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -187,6 +188,21 @@ class PosVarPreTrainedModel(PreTrainedModel):
         warn_if_trained_as_masked_lm(model, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
 
+    def init_parallel_plans(self) -> None:
+        """transformers' plans from the config and the heads, less the gate projection's rule where the MLP has none
+        (transformers would warn that it matches nothing)."""
+        super().init_parallel_plans()
+        if self.config.mlp_type != "gated":
+            self._tp_plan = {rule: style for rule, style in self._tp_plan.items() if not rule.endswith("mlp.gate_proj")}
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """transformers' sharding at load time (`tp_plan="auto"`, `DistributedConfig`), after refusing a tensor-parallel
+        split that the configuration's per-head state could not follow (before any weight is loaded)."""
+        if distributed_config is not None and distributed_config.tp_size > 1:
+            model.config.check_tensor_parallel(distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
 
 def warn_if_trained_as_masked_lm(model: PosVarPreTrainedModel, source) -> None:
     """A masked LM's weights load into the causal-LM head without error (same names), but they never learned to
@@ -314,6 +330,10 @@ class PosVarModel(PosVarPreTrainedModel):
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings (scaled) plus the absolute encoding, if any, normed where the family norms them."""
+        if isinstance(self.layers[0], PipelineIdentityLayer):
+            # A later stage of transformers' pipeline parallelism: `inputs_embeds` are the previous stage's hidden
+            # states, embedded there already.
+            return inputs_embeds
         hidden_states = self.position_encoding.add_to_embeddings(inputs_embeds * self.embedding_scale, position_ids)
         return self.dropout(self.embed_norm(hidden_states))
 
@@ -447,6 +467,8 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
     """Causal language model: always causal, with a KV cache and `generate()`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     lm_loss = "plain"  # the training loss: "plain" (from the logits) or a name in LM_LOSSES (`use_lm_loss`)
 
     def __init__(self, config: PosVarConfig):
@@ -548,6 +570,8 @@ class PosVarForMaskedLM(PosVarEncoderHead):
     """Masked language model (Devlin et al., "BERT", 2019): always bidirectional."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     output_class = MaskedLMOutput
 
     def __init__(self, config: PosVarConfig):

@@ -46,6 +46,7 @@ from ..configuration_posvariants import PosVarConfig
 from ..lm_loss import LM_LOSSES
 from . import fused_loss  # noqa: F401  (registers lm_loss="liger" where liger-kernel is installed)
 from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_splits, pack_blocks, text_column_of
+from .distributed import distributed_config_from, load_distributed, trainer_class
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
@@ -94,6 +95,9 @@ class ModelArguments:
         default="plain",
         metadata={"help": "Causal-LM training loss: plain, chunked (no full fp32 logits), liger (fused; GPU, liger-kernel)."},
     )
+    distributed: str | None = field(default=None, metadata={
+        "help": "transformers' DistributedConfig fields as JSON (a `distributed:` mapping in the recipe): fsdp_size, "
+                "dp_replicate_size, tp_size, pp_size, fsdp_cpu_offload, fsdp_mixed_precision."})  # fmt: skip
 
 
 @dataclass
@@ -306,10 +310,16 @@ def task_inputs(model_args, data_args, training_args, splits, text_column, token
     return datasets_, collator, lm_metrics(metric), lm_eval_outputs(model_args.objective)
 
 
-def build_model(model_args: ModelArguments, config: PosVarConfig):
-    """The task head, fresh from `config` or with the checkpoint's weights."""
+def build_model(model_args: ModelArguments, config: PosVarConfig, output_dir: str | None = None):
+    """The task head, fresh from `config` or with the checkpoint's weights; sharded by transformers when the recipe
+    has a `distributed:` mapping."""
     head = _head(model_args)
-    if model_args.model_name_or_path is None:
+    distributed_config = distributed_config_from(model_args.distributed)
+    if distributed_config is not None:
+        model = load_distributed(head, config, model_args.model_name_or_path, distributed_config, output_dir,
+                                 trust_remote_code=model_args.trust_remote_code,
+                                 attn_implementation=model_args.attn_implementation)  # fmt: skip
+    elif model_args.model_name_or_path is None:
         model = head.from_config(config, attn_implementation=model_args.attn_implementation)
     else:
         model = head.from_pretrained(model_args.model_name_or_path, config=config,
@@ -435,11 +445,11 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     # Set once the data is tokenized (whole documents exceed it), it is saved with every checkpoint and tells
     # evaluation harnesses the trained length, not the longer max_position_embeddings a recipe may allow.
     tokenizer.model_max_length = data_args.block_size
-    model = build_model(model_args, config)
+    model = build_model(model_args, config, training_args.output_dir)
     record = run_record(model_args, data_args, training_args, model, plan, settings)
     if training_args.should_save:
         write_run_record(training_args.output_dir, record)  # from now on, this command resumes this run
-    trainer = Trainer(
+    trainer = trainer_class(model)(
         model=model,
         args=training_args,
         train_dataset=datasets_["train"],
