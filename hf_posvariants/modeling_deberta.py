@@ -133,7 +133,7 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel, PosVarEncoderHead):
         layer, states = self.model.layers[-1], self.emd(last_layer_input, position_ids)
         for _ in range(self.emd.num_layers):
             # The block itself (not its sublayers) runs, so offloading hooks and checkpointing see every call.
-            states = layer(states, mask, positions, None, last_layer_input)
+            states = layer.run(states, mask, positions, None, last_layer_input)
         return self.model.norm(states)
 
     head_loss = PosVarForMaskedLM.head_loss
