@@ -109,6 +109,7 @@ def test_pre_norm_transformer_has_a_final_norm_and_post_norm_has_none():
     assert any(name.startswith("norm.") for name, _ in pre.named_parameters())
 
 
+@pytest.mark.contract
 def test_checkpointing_function_is_transformers_own_attribute_and_receives_the_bias_table_positionally():
     """The block reaches reentrant checkpointing through transformers' `_gradient_checkpointing_func` as it is: a
     plain attribute that may be wrapped or deleted (transformers' own tests do both), called with the position
@@ -128,6 +129,7 @@ def test_checkpointing_function_is_transformers_own_attribute_and_receives_the_b
     model(input_ids=ids, labels=ids).loss.backward()
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForCausalLM])
 def test_the_old_cache_name_still_works_with_a_deprecation_warning(auto_class):
     model = build(auto_class, tiny_config(FAMILY_CONFIGS[0], "rope", is_decoder=True))
@@ -139,6 +141,7 @@ def test_the_old_cache_name_still_works_with_a_deprecation_warning(auto_class):
     assert old.cache.get_seq_length() == 6
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
 def test_generating_heads_list_generation_mixin_as_a_direct_base_and_declare_fullgraph(config_class):
     for auto_class, model_class in FAMILIES[config_class].items():

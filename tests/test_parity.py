@@ -128,6 +128,7 @@ def t5_bucket_mismatches(settings) -> list[tuple[int, int, bool, list[int]]]:
 
 
 # Where adding the exact buckets before truncating the logarithmic part rounded up to the next bucket (of 2,100).
+@pytest.mark.contract
 @pytest.mark.parametrize("buckets,max_distance", [(154, 2048), (158, 512), (166, 1000), (194, 2048)])
 def test_t5_buckets_where_rounding_once_differed(buckets, max_distance):
     assert t5_bucket_mismatches([(buckets, max_distance)]) == []
