@@ -94,6 +94,12 @@ def model_test_case(config_class: type, encoding: str, auto_classes=None, slow: 
     def setUp(self):  # noqa: N802
         self.model_tester = PosVarModelTester(self, config_class, encoding)
 
+    not_applicable = dict(NOT_APPLICABLE)
+    if POSITION_ENCODINGS[encoding].kind != "rotary":
+        not_applicable.update(dict.fromkeys(
+            [name for name in dir(common.ModelTesterMixin) if name.startswith("test_model_rope_scaling_from_config")],
+            f"position_encoding={encoding!r} is not rotary, so rope_parameters (in every family's config) do not act",
+        ))
     name = "".join(part.title() for part in f"{config_class.model_type}_{encoding}".split("_"))
     if auto_classes is not None:
         name += "".join(auto.__name__.removeprefix("AutoModel") or "Base" for auto in auto_classes)
@@ -107,7 +113,7 @@ def model_test_case(config_class: type, encoding: str, auto_classes=None, slow: 
             "tearDownClass": classmethod(tearDownClass),
             "setUp": setUp,
             "__module__": __name__,
-            **{name: skipped(reason) for name, reason in NOT_APPLICABLE.items()},
+            **{test: skipped(reason) for test, reason in not_applicable.items()},
         },
     )
 
