@@ -133,25 +133,31 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel, PosVarEncoderHead):
         layer, states = self.model.layers[-1], self.emd(last_layer_input, position_ids)
         for _ in range(self.emd.num_layers):
             # The block itself (not its sublayers) runs, so offloading hooks and checkpointing see every call.
-            states = layer(states, mask, positions, None, last_layer_input)
+            states = layer.run(states, mask, positions, None, last_layer_input)
         return self.model.norm(states)
 
     head_loss = PosVarForMaskedLM.head_loss
 
     def run_base_model(self, **inputs):
+        """The encoder's outputs, with `last_hidden_state` the decoder's states when there is a decoder: it reads the
+        states entering the last layer (the second-to-last hidden state), recorded for it whatever the caller asked."""
         if self.emd is None:
             return super().run_base_model(**inputs)
-        # The decoder reads the states entering the last layer: the second-to-last recorded hidden state.
         wanted = inputs.pop("output_hidden_states", None) or self.config.output_hidden_states
-        return self.model(use_cache=False, output_hidden_states=True if wanted else [-2], **inputs)
+        selection = None if isinstance(wanted, bool) else [wanted] if isinstance(wanted, int) else list(wanted)
+        recorded = True if wanted is True else [*(selection or []), -2]
+        outputs = self.model(use_cache=False, output_hidden_states=recorded, **inputs)
+        hidden_states = outputs.hidden_states
+        outputs.last_hidden_state = self.decode(hidden_states[-2], inputs.get("attention_mask"), inputs.get("position_ids"))
+        if not wanted:
+            outputs.hidden_states = None
+        elif selection is not None:  # the second-to-last state only where the caller selected it too
+            kept = {index % len(hidden_states) for index in selection}
+            outputs.hidden_states = tuple(state if i in kept else None for i, state in enumerate(hidden_states))
+        return outputs
 
     def logits(self, outputs, attention_mask, position_ids):
-        states = outputs.last_hidden_state
-        if self.emd is not None:
-            states = self.decode(outputs.hidden_states[-2], attention_mask, position_ids)
-            if any(hidden is None for hidden in outputs.hidden_states):  # recorded for the decoder alone
-                outputs.hidden_states = None
-        return self.lm_head(self.transform(states))
+        return self.lm_head(self.transform(outputs.last_hidden_state))
 
 
 class PosVarDebertaForSequenceClassification(PosVarDebertaPreTrainedModel, PosVarForSequenceClassification):

@@ -4,6 +4,8 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
+from transformers.generation import GenerationMixin
+
 from .configuration_differential import PosVarDiffConfig
 from .modeling_posvariants import (
     PosVarForCausalLM,
@@ -18,7 +20,7 @@ class PosVarDiffModel(PosVarModel):
     config_class = PosVarDiffConfig
 
 
-class PosVarDiffForCausalLM(PosVarForCausalLM):
+class PosVarDiffForCausalLM(PosVarForCausalLM, GenerationMixin):
     config_class = PosVarDiffConfig
 
 

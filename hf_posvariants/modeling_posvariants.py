@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -104,27 +104,12 @@ class PosVarBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    # Reentrant checkpointing sees only tensors passed positionally: a bias table that needs a gradient and
-    # arrives inside `Positions` would be backpropagated once per layer through the graph that built it.
-    # So the checkpoint function receives the positional arguments flattened into their tensors.
-    @property
-    def _gradient_checkpointing_func(self) -> Callable:
-        return self._checkpoint_flattened
-
-    @_gradient_checkpointing_func.setter
-    def _gradient_checkpointing_func(self, checkpoint: Callable) -> None:
-        self._checkpoint = checkpoint
-
-    def _checkpoint_flattened(self, function: Callable, *args):
-        leaves, spec = tree_flatten(args)
-        return self._checkpoint(lambda *flat: function(*tree_unflatten(list(flat), spec)), *leaves)
-
     def residual(self, hidden_states: torch.Tensor, sublayer, norm: nn.Module) -> torch.Tensor:
         if self.pre_norm:
             return hidden_states + self.dropout(sublayer(norm(hidden_states)))
         return norm(hidden_states + self.dropout(sublayer(hidden_states)))
 
-    def forward(
+    def run(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
@@ -133,10 +118,26 @@ class PosVarBlock(GradientCheckpointingLayer):
         key_value_states: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """`key_value_states`: attend from `hidden_states` to these states instead of to themselves (DeBERTa's
-        Enhanced Mask Decoder); they pass the attention sublayer's norm as its input does. Pass it positionally, so
-        checkpointing treats it as an input."""
-        if key_value_states is not None:
+        """Call the block with `positions` flattened into positional arguments: reentrant checkpointing sees only
+        tensors passed positionally, and a bias table that needs a gradient but arrived inside `Positions` would be
+        backpropagated once per layer through the graph that built it. `key_value_states`: attend from
+        `hidden_states` to these states instead of to themselves (DeBERTa's Enhanced Mask Decoder)."""
+        leaves, layout = tree_flatten(positions)
+        return self(hidden_states, attention_mask, key_value_states, *leaves, positions_layout=layout, cache=cache, **kwargs)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_value_states: torch.Tensor | None,
+        *position_leaves,
+        positions_layout: TreeSpec,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """The block on `Positions` flattened by `run` into `position_leaves` and `positions_layout`."""
+        positions = tree_unflatten(list(position_leaves), positions_layout)
+        if key_value_states is not None:  # they pass the attention sublayer's norm as its input does
             kwargs["key_value_states"] = self.input_layernorm(key_value_states) if self.pre_norm else key_value_states
 
         def attend(x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +158,7 @@ class PosVarPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = True  # refused per position encoding by `check_attention_backend`
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # no graph break in training or static-cache decoding (tests/test_compile.py)
     _can_record_outputs = {"hidden_states": PosVarBlock, "attentions": PosVarAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -176,10 +178,11 @@ class PosVarPreTrainedModel(PreTrainedModel):
         output_loading_info: bool = False,
         **kwargs,
     ):
-        """transformers' loader, but base-model weights that are missing or unused are an error: config.json no
-        longer describes the checkpoint (say a hand-edited `position_encoding`). Task-head weights may still
-        be missing or unused, as when a base checkpoint is loaded into a classifier.
-        `ignore_architecture_mismatch=True` loads anyway, initialising what is missing."""
+        """transformers' loader, but a checkpoint that fits this architecture except in weights a deciding config
+        field decides (`config.weight_fields`) is an error: config.json no longer describes it (say a hand-edited
+        `position_encoding`). Any other mismatch loads with the keys reported, as in transformers: task-head
+        weights missing or unused (a base checkpoint loaded into a classifier), or base-model weights that do
+        not fit at all. `ignore_architecture_mismatch=True` loads anyway, initialising what is missing."""
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
@@ -220,7 +223,8 @@ def warn_if_trained_as_masked_lm(model: PosVarPreTrainedModel, source) -> None:
 
 
 def check_weights_fit_config(model: PosVarPreTrainedModel, loading_info: dict, source) -> None:
-    """Refuse a load whose missing or unused weights belong to the base model, naming the fields that decide them.
+    """Refuse a load whose base-model weights are missing or unused only where a deciding field decides them
+    (the weights on file fit another value of that field), naming the fields.
 
     Missing keys carry the model's names, unused ones the checkpoint's, with or without the base-model prefix;
     a key is the base model's when it has that prefix or starts with one of the base model's attributes."""
@@ -228,18 +232,19 @@ def check_weights_fit_config(model: PosVarPreTrainedModel, loading_info: dict, s
     def in_base_model(key: str) -> bool:
         return key.startswith(f"{model.base_model_prefix}.") or hasattr(model.base_model, key.split(".")[0])
 
+    def deciding_fields(key: str) -> list[str]:
+        return [field for fragment, field in model.config.weight_fields.items() if fragment in key]
+
     missing = sorted(key for key in loading_info["missing_keys"] if in_base_model(key))
     unused = sorted(key for key in loading_info["unexpected_keys"] if in_base_model(key))
-    if not missing and not unused:
+    if not missing and not unused or not all(deciding_fields(key) for key in missing + unused):
         return
-    fields = [
-        f"{field}={getattr(model.config, field)!r}"
-        for fragment, field in model.config.weight_fields.items()
-        if any(fragment in key for key in missing + unused)
-    ]
+    fields = [f"{field}={getattr(model.config, field)!r}" for field in dict.fromkeys(
+        field for key in missing + unused for field in deciding_fields(key)
+    )]
     raise ValueError(
         f"The weights in {str(source)!r} do not fit its config.json: base-model weights missing {missing[:6]}, "
-        f"unused {unused[:6]}. They are decided by {', '.join(fields) or 'the architecture fields'} in config.json: "
+        f"unused {unused[:6]}. They are decided by {', '.join(fields)} in config.json: "
         "was it edited after saving? Set it back to the value the checkpoint was trained with, or pass "
         "ignore_architecture_mismatch=True to from_pretrained to load anyway (missing weights are then initialised)."
     )
@@ -413,6 +418,7 @@ class PosVarModel(PosVarPreTrainedModel):
         computed = {name: self.compute_positions(*inputs, layer_idx) for name, layer_idx in first_layer.items()}
         return [computed[name] for name in self.layer_encoding_names]
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -459,7 +465,7 @@ class PosVarModel(PosVarPreTrainedModel):
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         per_layer = self.positions_per_layer(hidden_states, position_ids, query_slots, key_slots, mask)
         for layer, (positions, layer_mask) in zip(self.layers, per_layer):
-            hidden_states = layer(hidden_states, layer_mask, positions, cache=cache, **kwargs)
+            hidden_states = layer.run(hidden_states, layer_mask, positions, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
@@ -644,12 +650,13 @@ class PosVarForTokenClassification(PosVarClassifierHead):
         return self.loss_function(logits, labels, self.config, **kwargs)
 
 
-# The families: the shared heads bound to each family's config, nothing else.
+# The families: the shared heads bound to each family's config, nothing else. A generating head lists
+# GenerationMixin itself, as transformers' own heads do.
 class PosVarTransformerModel(PosVarModel):
     config_class = PosVarTransformerConfig
 
 
-class PosVarTransformerForCausalLM(PosVarForCausalLM):
+class PosVarTransformerForCausalLM(PosVarForCausalLM, GenerationMixin):
     config_class = PosVarTransformerConfig
 
 
@@ -669,7 +676,7 @@ class PosVarLlamaModel(PosVarModel):
     config_class = PosVarLlamaConfig
 
 
-class PosVarLlamaForCausalLM(PosVarForCausalLM):
+class PosVarLlamaForCausalLM(PosVarForCausalLM, GenerationMixin):
     config_class = PosVarLlamaConfig
 
 

@@ -339,8 +339,20 @@ class NormalizedIndexPositionEncoding(AbsoluteEncoding):
     cacheable = False
 
     def add_to_embeddings(self, inputs_embeds, position_ids):
-        lengths = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1): padding positions are 0
-        return inputs_embeds + (position_ids / lengths)[..., None].to(inputs_embeds.dtype)
+        return inputs_embeds + (position_ids / sequence_lengths(position_ids))[..., None].to(inputs_embeds.dtype)
+
+
+def sequence_lengths(position_ids: torch.LongTensor) -> torch.LongTensor:
+    """Each token's sequence length, its sequence's largest position + 1, where a sequence starts at every position
+    that does not follow its predecessor by one: a padding-free batch packs several sequences into a row, and
+    padding positions (0) are sequences of their own, so padded and packed batches give the same lengths."""
+    rows, width = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    sequence = (starts.long().cumsum(-1) - 1 + torch.arange(rows, device=position_ids.device)[:, None] * width).flatten()
+    largest = torch.zeros(rows * width, dtype=position_ids.dtype, device=position_ids.device)
+    largest = largest.scatter_reduce(0, sequence, position_ids.flatten(), "amax", include_self=False)
+    return largest[sequence].view(rows, width) + 1
 
 
 @register_position_encoding("binary")
@@ -462,7 +474,8 @@ def t5_relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets:
         distance = (-relative).clamp(min=0)
     exact = num_buckets // 2
     log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    log_bucket = (exact + log_ratio * (num_buckets - exact)).long().clamp(max=num_buckets - 1)
+    # Truncated before `exact` is added, as in T5: adding first can round the float up to the next integer.
+    log_bucket = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
     return offset + torch.where(distance < exact, distance, log_bucket)
 
 

@@ -1,6 +1,7 @@
 """A checkpoint whose config.json no longer describes its weights is an error on from_pretrained, not a load
-report: base-model weights missing or unused name the config field that decides them. Task-head weights may
-still be missing (a base checkpoint fine-tuned as a classifier) or unused (an MLM checkpoint loaded bare)."""
+report: base-model weights missing or unused, all of them where a config field decides them, name that field.
+Task-head weights may still be missing (a base checkpoint fine-tuned as a classifier) or unused (an MLM checkpoint
+loaded bare), and weights that fit no value of the deciding fields load with the keys reported, as in transformers."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from conftest import FAMILY_CONFIGS, build, tiny_config
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from hf_posvariants import PosVarDebertaConfig, PosVarLlamaConfig
 
 IDS = [config_class.model_type for config_class in FAMILY_CONFIGS]
+pytestmark = pytest.mark.contract
 
 
 def save(model, folder, **edits):
@@ -71,3 +74,13 @@ def test_task_heads_still_load_from_other_checkpoints(config_class, tmp_path):
     torch.testing.assert_close(classifier.model.embed_tokens.weight, base.embed_tokens.weight)
     AutoModel.from_pretrained(tmp_path / "masked")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "masked")
+
+
+def test_a_checkpoint_with_no_fitting_weights_loads_with_the_missing_keys_reported(tmp_path):
+    """No value of a deciding field explains weights that are all missing: transformers' report, not the edit error."""
+    model = build(AutoModel, tiny_config(PosVarLlamaConfig, "t5_bias"))
+    model.save_pretrained(tmp_path)
+    save_file({"unrelated.weight": torch.zeros(3)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set(model.state_dict()) and info["unexpected_keys"] == {"unrelated.weight"}
+    assert isinstance(loaded, type(model))

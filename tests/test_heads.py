@@ -13,6 +13,8 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from transformers.generation import GenerationMixin
+
 from hf_posvariants import FAMILIES
 
 FAMILY_IDS = [c.model_type for c in FAMILY_CONFIGS]
@@ -105,3 +107,44 @@ def test_pre_norm_transformer_has_a_final_norm_and_post_norm_has_none():
     pre = build(AutoModel, tiny_config(family, "sinusoidal", norm_position="pre"))
     assert not any("model.norm" in name or name.startswith("norm.") for name, _ in post.named_parameters())
     assert any(name.startswith("norm.") for name, _ in pre.named_parameters())
+
+
+@pytest.mark.contract
+def test_checkpointing_function_is_transformers_own_attribute_and_receives_the_bias_table_positionally():
+    """The block reaches reentrant checkpointing through transformers' `_gradient_checkpointing_func` as it is: a
+    plain attribute that may be wrapped or deleted (transformers' own tests do both), called with the position
+    tensors as positional arguments: on CPU SDPA the learned per-distance bias row travels beside the mask."""
+    model = build(AutoModelForCausalLM, tiny_config(family_with(attention_variant="standard"), "t5_bias"), "sdpa")
+    model.train().gradient_checkpointing_enable({"use_reentrant": True})
+    layer, calls = model.model.layers[0], []
+    checkpoint = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda function, *args: calls.append(args) or checkpoint(function, *args)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    table = model.model.position_encoding.relative_attention_bias.weight
+    assert len(calls) == 1 and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in calls[0][3:])
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    del layer._gradient_checkpointing_func
+    model.gradient_checkpointing_disable()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForCausalLM])
+def test_the_old_cache_name_still_works_with_a_deprecation_warning(auto_class):
+    model = build(auto_class, tiny_config(FAMILY_CONFIGS[0], "rope", is_decoder=True))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :4], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values.*cache"):
+            old = model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True)
+    assert old.cache.get_seq_length() == 6
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_generating_heads_list_generation_mixin_as_a_direct_base_and_declare_fullgraph(config_class):
+    for auto_class, model_class in FAMILIES[config_class].items():
+        assert (GenerationMixin in model_class.__bases__) == (auto_class is AutoModelForCausalLM)
+        assert model_class.can_generate() == (auto_class is AutoModelForCausalLM)
+        assert model_class._can_compile_fullgraph

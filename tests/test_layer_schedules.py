@@ -89,12 +89,12 @@ def test_each_encoding_is_computed_once_and_every_layer_gets_its_own():
     calls, seen = [], []
     rotary = model.position_encoding.rotary_embeddings
     model.position_encoding.rotary_embeddings = lambda *args: calls.append(1) or rotary(*args)
-    for layer in model.layers:
-        layer.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    for layer in model.layers:  # the attention sublayer receives the block's Positions
+        layer.self_attn.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
     model(input_ids=torch.randint(3, VOCAB, (2, 6)))
     assert len(calls) == 1
     assert [positions.rotary is not None for positions in seen] == [True, True, True, False] * 2
-    assert seen[0] is seen[1]  # one value shared by the layers of one encoding
+    assert seen[0].rotary[0] is seen[1].rotary[0]  # one value shared by the layers of one encoding
 
 
 def test_lower_layer_bias_rides_only_in_its_layers_mask():

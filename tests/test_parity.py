@@ -18,6 +18,7 @@ from hf_posvariants.position_encodings import (
     SinusoidalPositionEncoding,
     T5RelativeBias,
     alibi_slopes,
+    t5_relative_bucket,
     apply_rotary,
 )
 
@@ -101,6 +102,42 @@ def test_t5_bias_matches_transformers_t5(is_decoder, buckets, max_distance):
         expected = theirs.compute_bias(query_length, key_length, past_seen_tokens=past)
         actual = ours.attention_bias(torch.arange(past, past + query_length), torch.arange(key_length))
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+# (num_buckets, max_distance): every even bucket count from 4 to 256 under every max distance above it.
+T5_BUCKET_GRID = [
+    (buckets, max_distance)
+    for buckets in range(4, 257, 2)
+    for max_distance in (16, 20, 32, 50, 64, 100, 128, 200, 256, 300, 512, 1000, 1024, 2048)
+    if max_distance > buckets
+]
+
+
+def t5_bucket_mismatches(settings) -> list[tuple[int, int, bool, list[int]]]:
+    """(num_buckets, max_distance, bidirectional, distances) wherever ours and transformers' T5 disagree, over every
+    signed distance up to two past max_distance."""
+    mismatches = []
+    for buckets, max_distance in settings:
+        relative = torch.arange(-max_distance - 2, max_distance + 3)
+        for bidirectional in (False, True):
+            ours = t5_relative_bucket(relative, bidirectional, buckets, max_distance)
+            theirs = T5Attention._relative_position_bucket(relative, bidirectional, buckets, max_distance)
+            if not torch.equal(ours, theirs):
+                mismatches.append((buckets, max_distance, bidirectional, relative[ours != theirs].tolist()))
+    return mismatches
+
+
+# Where adding the exact buckets before truncating the logarithmic part rounded up to the next bucket (of 2,100).
+@pytest.mark.contract
+@pytest.mark.parametrize("buckets,max_distance", [(154, 2048), (158, 512), (166, 1000), (194, 2048)])
+def test_t5_buckets_where_rounding_once_differed(buckets, max_distance):
+    assert t5_bucket_mismatches([(buckets, max_distance)]) == []
+
+
+@pytest.mark.slow
+def test_t5_buckets_match_transformers_over_the_whole_grid():
+    assert len(T5_BUCKET_GRID) * 2 == 2100
+    assert t5_bucket_mismatches(T5_BUCKET_GRID) == []
 
 
 def paper_slopes(num_heads: int) -> list[float]:
