@@ -31,7 +31,6 @@ from .modeling_posvariants import (
     build_norm,
     positions_from_mask,
 )
-from .position_encodings import Positions
 
 
 class PosVarDebertaPreTrainedModel(PosVarPreTrainedModel):

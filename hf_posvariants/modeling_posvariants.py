@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
