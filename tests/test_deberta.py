@@ -260,7 +260,7 @@ def test_enhanced_mask_decoder_uses_the_last_layers_scheduled_encoding():
         positions = Positions(relative=encoder.relative_positions.relative_positions(slots, slots))
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         query = model.emd(kv, position_ids)
-        states = encoder.layers[-1](query, padding + alibi, positions, None, kv)
+        states = encoder.layers[-1].run(query, padding + alibi, positions, None, kv)
         expected = model.lm_head(model.transform(encoder.norm(states)))
         torch.testing.assert_close(model(input_ids, attention_mask=attention_mask).logits, expected)
 
