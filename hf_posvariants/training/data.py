@@ -9,12 +9,16 @@ validation split when none was given.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset, DatasetDict, load_dataset
+from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
 BUILTIN = "builtin"
 IGNORE_INDEX = -100  # label of positions that take no part in the loss (PyTorch's and transformers' convention)
@@ -232,3 +236,28 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
                 "use a smaller block_size or more data."
             )
     return packed
+
+
+@dataclass
+class SeededMasking(DataCollatorForLanguageModeling, TrainerCallback):
+    """Masked-LM batches whose masks are drawn from (seed, epoch, the batch's tokens) alone.
+
+    transformers' collator draws masks from the global RNG, which the Trainer restores on resume only
+    after it has collated the first resumed batch, so a resumed run masks differently from an
+    uninterrupted one. Here the masking RNG never touches the global one, and the same batch in the
+    same epoch gets the same masks, in a resumed run, a fresh one or a DataLoader worker. As a
+    callback it learns the epoch, so masks still change from epoch to epoch (dynamic masking).
+    """
+
+    mask_seed: int = 0
+    epoch: int = 0
+
+    def torch_mask_tokens(self, inputs: torch.Tensor, special_tokens_mask=None, offset_mapping=None):
+        key = f"{self.mask_seed}:{self.epoch}".encode()
+        digest = hashlib.blake2b(inputs.contiguous().numpy().tobytes(), digest_size=8, key=key).digest()
+        self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask, offset_mapping=offset_mapping)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is the completed fraction, also when resumed mid-epoch from a checkpoint.
+        self.epoch = math.floor(state.epoch or 0)

@@ -42,7 +42,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..configuration_posvariants import PosVarConfig
 from ..lm_loss import LM_LOSSES
 from . import fused_loss  # noqa: F401  (registers lm_loss="liger" where liger-kernel is installed)
-from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_splits, pack_blocks, text_column_of
+from .data import (
+    IGNORE_INDEX,
+    TEXT_UNITS,
+    SeededMasking,
+    drop_blank_texts,
+    hold_out,
+    load_splits,
+    pack_blocks,
+    text_column_of,
+)
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
@@ -285,9 +294,10 @@ def task_inputs(model_args, data_args, training_args, splits, text_column, token
         packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
     datasets_ = hold_out(packed, data_args.validation_fraction, training_args.seed,
                          f"blocks of block_size={data_args.block_size} tokens", shuffle=False)  # fmt: skip
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm=model_args.objective == "mlm", mlm_probability=data_args.mlm_probability
-    )
+    if model_args.objective == "mlm":
+        collator = SeededMasking(tokenizer, mlm_probability=data_args.mlm_probability, mask_seed=training_args.seed)
+    else:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     return datasets_, collator, lm_metrics(metric), lm_eval_outputs(model_args.objective)
 
 
@@ -422,7 +432,8 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or [])],
+        callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or []),
+                   *([collator] if isinstance(collator, TrainerCallback) else [])],  # SeededMasking learns the epoch
     )
     train_result = trainer.train(resume_from_checkpoint=plan.resume_from)
     metrics = {**train_result.metrics, "train_samples": len(datasets_["train"])}
