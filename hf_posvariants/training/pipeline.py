@@ -46,7 +46,8 @@ from .data import (
     IGNORE_INDEX,
     TEXT_UNITS,
     SeededMasking,
-    drop_blank_texts,
+    TextColumn,
+    drop_unusable_texts,
     hold_out,
     load_splits,
     pack_blocks,
@@ -105,7 +106,11 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hub dataset."})
     train_file: str | None = field(default=None, metadata={"help": "Text/JSON lines/CSV file or folder."})
     validation_file: str | None = field(default=None, metadata={"help": "Like train_file; else held out."})
-    text_column: str | None = field(default=None, metadata={"help": "Text column; default 'text' or the first."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (JSON, CSV, datasets); "
+                             "chosen by name only, refused when missing."})  # fmt: skip
+    max_dropped_fraction: float = field(default=0.05, metadata={
+        "help": "Largest share of rows whose text is missing, null or blank that may be dropped before training is "
+                "refused (blank lines of .txt files do not count)."})  # fmt: skip
     label_column: str = field(default="label", metadata={"help": "Label column for sequence classification."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Held out when there is no validation split."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training block (max length for tasks)."})
@@ -113,7 +118,9 @@ class DataArguments:
     builtin_examples: int = field(default=2000, metadata={"help": "Number of built-in task lines."})
     text_unit: str = field(default="document", metadata={"help": f"One training text per {TEXT_UNITS} of a .txt "
                            "file; each keeps its newlines and ends with the end token."})  # fmt: skip
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes for datasets.map (sequence classification); language-model blocks are packed in one "
+                "process, whose tokenizer uses every core."})  # fmt: skip
 
 
 @dataclass
@@ -291,7 +298,7 @@ def task_inputs(model_args, data_args, training_args, splits, text_column, token
     if model_args.objective == "mlm" and tokenizer.mask_token is None:
         raise ValueError(f"objective='mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} has none.")
     with training_args.main_process_first(desc="packing"):
-        packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
+        packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size)
     datasets_ = hold_out(packed, data_args.validation_fraction, training_args.seed,
                          f"blocks of block_size={data_args.block_size} tokens", shuffle=False)  # fmt: skip
     if model_args.objective == "mlm":
@@ -410,9 +417,12 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
                          data_args.builtin_examples, data_args.text_unit)  # fmt: skip
     text_column = text_column_of(splits["train"], data_args.text_column)
     if model_args.task == "lm":
-        splits = drop_blank_texts(splits, text_column, data_args.train_file or data_args.dataset_name)
+        splits, notes = drop_unusable_texts(splits, text_column, data_args.train_file or data_args.dataset_name,
+                                            data_args.max_dropped_fraction)  # fmt: skip
+        if training_args.should_save:
+            print("\n".join(notes), end="\n" if notes else "")
     with training_args.main_process_first(desc="tokenizer"):
-        tokenizer = load_or_train_tokenizer(model_args, splits["train"][text_column], plan.resume_from)
+        tokenizer = load_or_train_tokenizer(model_args, TextColumn(splits["train"], text_column), plan.resume_from)
     config = build_config(model_args, model_fields, tokenizer)
     check_block_size(config, data_args.block_size)
 
