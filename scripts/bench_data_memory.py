@@ -7,8 +7,10 @@ tokenizing, packing) and a few training steps, for files of growing size.
 Each size runs in a fresh process: `scripts/train.py configs/tiny_clm.yaml` on one file (the default
 text_unit, document: the whole file is one text) with a small validation file, so evaluation stays
 short. The corpus is the text files given (by default those in /work/shared/data, else this repository's
-README), repeated to the size asked, in --work-dir, never in the repository. Prints a Markdown table:
-peak resident memory (ru_maxrss of the run's process) and wall time per size.
+README), repeated to the size asked, in --work-dir, never in the repository. Prints a Markdown table
+per size: peak resident memory of the run's process (ru_maxrss), of which memory-mapped files (the
+`datasets` Arrow cache, page cache the kernel can drop) are a part, and its peak anonymous memory
+(RssAnon sampled every 50 ms: what cannot be dropped), and the wall time.
 """
 
 from __future__ import annotations
@@ -27,13 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = sorted(Path("/work/shared/data").glob("*/*.txt")) + sorted(Path("/work/shared/data").glob("*/*.raw"))
 MB = 1 << 20
 
-# What the child runs: the pipeline, then its own peak RSS (KiB on Linux) and the number of blocks.
+# What the child runs: the pipeline, then its own peak RSS and anonymous RSS (KiB) and the number of blocks.
 CHILD = """
-import json, resource, sys
+import json, resource, sys, threading, time
+peak_anon = [0]
+
+def sample():
+    while True:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("RssAnon:"))
+        peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+        time.sleep(0.05)
+
+threading.Thread(target=sample, daemon=True).start()
 from hf_posvariants.training.pipeline import train_recipe
 result = train_recipe(sys.argv[1], json.loads(sys.argv[2]))
 print("BENCH", json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                           "train_samples": result.metrics["train_samples"]}))
+                           "peak_anon_kib": peak_anon[0], "train_samples": result.metrics["train_samples"]}))
 """
 
 
@@ -70,8 +82,8 @@ def run_size(size_mb: int, work_dir: Path, sources: list[Path], validation: Path
         raise SystemExit(f"{size_mb} MB failed:\n{child.stderr[-3000:]}")
     line = next(line for line in child.stdout.splitlines() if line.startswith("BENCH "))
     result = json.loads(line.removeprefix("BENCH "))
-    return {"size_mb": size_mb, "peak_mb": result["peak_kib"] / 1024, "seconds": seconds,
-            "blocks": result["train_samples"]}  # fmt: skip
+    return {"size_mb": size_mb, "peak_mb": result["peak_kib"] / 1024, "peak_anon_mb": result["peak_anon_kib"] / 1024,
+            "seconds": seconds, "blocks": result["train_samples"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,11 +99,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sources = args.sources or DEFAULT_SOURCES or [ROOT / "README.md"]
     validation = build_corpus(args.work_dir / "validation.txt", MB // 4, sources)
     rows = []
-    print("| corpus | peak RSS | wall time | training blocks |\n|---:|---:|---:|---:|", flush=True)
+    print("| corpus | peak RSS | peak anonymous RSS | wall time | training blocks |\n|---:|---:|---:|---:|---:|",
+          flush=True)  # fmt: skip
     for size_mb in args.sizes_mb:
         row = run_size(size_mb, args.work_dir, sources, validation, args.steps)
         rows.append(row)
-        print(f"| {size_mb} MiB | {row['peak_mb']:.0f} MiB | {row['seconds']:.0f} s | {row['blocks']:,} |", flush=True)
+        print(f"| {size_mb} MiB | {row['peak_mb']:.0f} MiB | {row['peak_anon_mb']:.0f} MiB | {row['seconds']:.0f} s "
+              f"| {row['blocks']:,} |", flush=True)  # fmt: skip
     print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
     return rows
 

@@ -380,7 +380,7 @@ def _token_runs(texts: Dataset, tokenizer, text_column: str, separator: int, max
     `max_chars` characters are tokenized at once."""
     text_has_tokens = False
     for batch in _batches(_joined_pieces(texts, tokenizer, text_column), max_chars, max_texts):
-        encoded = tokenizer([piece for piece, _ in batch], add_special_tokens=False)["input_ids"]
+        encoded = token_ids(tokenizer, [piece for piece, _ in batch])
         for ids, (_, ends) in zip(encoded, batch):
             text_has_tokens = text_has_tokens or bool(ids)
             yield ids + [separator] if ends and text_has_tokens else ids
@@ -420,8 +420,17 @@ def cuts_cleanly(tokenizer, left: str, right: str, window: int = 64) -> bool:
     """Whether tokenizing `left` and `right` apart gives the tokens of `left + right` (judged on `window`
     characters either side of the cut: tokenizers split words at a newline, so that is where they differ)."""
     head, tail = left[-window:], right[:window]
-    apart = tokenizer([head, tail], add_special_tokens=False)["input_ids"]
-    return apart[0] + apart[1] == tokenizer(head + tail, add_special_tokens=False)["input_ids"]
+    apart, joint = token_ids(tokenizer, [head, tail]), token_ids(tokenizer, [head + tail])[0]
+    return apart[0] + apart[1] == joint
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each text without special tokens; through the Rust tokenizer's `encode_batch_fast`
+    (no offsets, several times faster) where there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 @dataclass

@@ -47,6 +47,7 @@ from .data import (
     TEXT_UNITS,
     SeededMasking,
     TextColumn,
+    content_hash,
     drop_unusable_texts,
     hold_out,
     load_splits,
@@ -387,7 +388,7 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
         pusher = HubPusher(hub_client or HfApi(token=token), repo_id, training_args.hub_strategy,
                            training_args.hub_private_repo)  # fmt: skip
-        pusher.check_access()
+        pusher.check_access(training_args.output_dir)
     settings = run_settings({"model": model_fields, "model_args": asdict(model_args), "data_args": asdict(data_args),
                              "training_args": training_args.to_dict()})  # fmt: skip
     with RunLock(training_args.output_dir) if training_args.should_save else nullcontext():
@@ -500,7 +501,9 @@ def run_record(model_args: ModelArguments, data_args: DataArguments, training_ar
         "run_id": run_id,
         "objective": model_args.objective if model_args.task == "lm" else model_args.task,
         "init": model_args.model_name_or_path,
-        "dataset": data_args.train_file or data_args.dataset_name,
+        # The data's name and content hash, not its path: the record goes into pushed cards and files.
+        **({"dataset": Path(data_args.train_file).resolve().name, "dataset_sha256": content_hash(data_args.train_file)}
+           if data_args.train_file else {"dataset": data_args.dataset_name}),
         "block_size": data_args.block_size,
         "num_parameters": model.num_parameters(),
         **{key: getattr(training_args, key) for key in (
