@@ -99,9 +99,11 @@ def test_a_cut_is_kept_only_where_the_tokens_stay_the_same(tmp_path):
 
 @pytest.mark.slow
 def test_a_200_mb_text_file_trains_in_the_memory_of_a_20_mb_one(tmp_path):
-    """scripts/bench_data_memory.py at 20 and 200 MiB: peak memory may not grow with the file (it was
-    4.7 GB at 20 MB and passed 8 GB at 200 MB when a document was read and tokenized whole)."""
+    """scripts/bench_data_memory.py at 20 and 200 MiB: the memory a run holds may not grow with the file
+    (it was 4.7 GB at 20 MB and passed 8 GB at 200 MB when a document was read and tokenized whole).
+    Anonymous memory is what is held; the Arrow files `datasets` maps in add page cache the kernel
+    can drop, which grows with what was read."""
     bench = runpy.run_path(str(ROOT / "scripts" / "bench_data_memory.py"))
     small, large = bench["main"](["--sizes-mb", "20", "200", "--work-dir", str(tmp_path), "--steps", "2"])
     assert large["blocks"] > 9 * small["blocks"]
-    assert large["peak_mb"] < 1.25 * small["peak_mb"] and large["peak_mb"] < 1500, (small, large)
+    assert large["peak_anon_mb"] < small["peak_anon_mb"] + 150, (small, large)

@@ -157,7 +157,9 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-PIECE_CHARS = 1 << 18
+PIECE_CHARS = 1 << 16
+# Rows read at once: 4 MiB of text-file pieces. A batch of 1000 (datasets' default) held 256 MiB.
+ROWS_AT_ONCE = 64
 TEXT_ENDS = "text_ends"  # column of text-file rows: False where the next row continues the same text
 TEXT_FEATURES = Features({"text": Value("string"), TEXT_ENDS: Value("bool")})
 
@@ -205,7 +207,7 @@ def _text_rows(files: list[str], text_unit: str) -> Iterator[dict]:
 def read_text_files(files: list[str], text_unit: str) -> Dataset:
     """The files' texts as a dataset on disk, written a few pieces at a time."""
     digests = [check_utf8(file, "data") for file in files]
-    fingerprint = Hasher.hash(["text_pieces", 1, text_unit, PIECE_CHARS, digests])
+    fingerprint = Hasher.hash(["text_pieces", 2, text_unit, PIECE_CHARS, digests])
     return Dataset.from_generator(_text_rows, features=TEXT_FEATURES, gen_kwargs={"files": files, "text_unit": text_unit},
                                   fingerprint=fingerprint, writer_batch_size=16)  # fmt: skip
 
@@ -213,7 +215,7 @@ def read_text_files(files: list[str], text_unit: str) -> Dataset:
 class TextColumn:
     """The texts of one column, read from the dataset in batches; iterable any number of times."""
 
-    def __init__(self, dataset: Dataset, column: str, batch_size: int = 64):
+    def __init__(self, dataset: Dataset, column: str, batch_size: int = ROWS_AT_ONCE):
         self.dataset, self.column, self.batch_size = dataset, column, batch_size
 
     def __iter__(self) -> Iterator[str]:
@@ -274,7 +276,7 @@ def drop_unusable_texts(splits: DatasetDict, text_column: str, source: str,
     for split, dataset in splits.items():
         missing, blank = _unusable_counts(dataset, text_column)
         kept[split] = dataset.filter(lambda texts: [bool(text and text.strip()) for text in texts], batched=True,
-                                     input_columns=[text_column])  # fmt: skip
+                                     batch_size=ROWS_AT_ONCE, input_columns=[text_column])  # fmt: skip
         total = len(dataset)
         if len(kept[split]) == 0:
             raise ValueError(f"the {split} data ({source}) has no text: its {total} "
@@ -296,7 +298,7 @@ def drop_unusable_texts(splits: DatasetDict, text_column: str, source: str,
 def _unusable_counts(dataset: Dataset, text_column: str) -> tuple[int, int]:
     """(rows whose text is missing or null, rows whose text is whitespace only)."""
     missing = blank = 0
-    for batch in dataset.select_columns([text_column]).iter(batch_size=1000):
+    for batch in dataset.select_columns([text_column]).iter(batch_size=ROWS_AT_ONCE):
         for text in batch[text_column]:
             missing += text is None
             blank += text is not None and not text.strip()
@@ -403,7 +405,7 @@ def _joined_pieces(texts: Dataset, tokenizer, text_column: str) -> Iterator[tupl
     """(text or piece, ends its text), the pieces of a text joined again wherever the cut changes its tokens."""
     columns = [text_column, TEXT_ENDS] if TEXT_ENDS in texts.column_names else [text_column]
     pending = None
-    for batch in texts.select_columns(columns).iter(batch_size=64):
+    for batch in texts.select_columns(columns).iter(batch_size=ROWS_AT_ONCE):
         for text, ends in zip(batch[text_column], batch.get(TEXT_ENDS) or [True] * len(batch[text_column])):
             if pending is not None and cuts_cleanly(tokenizer, pending, text):
                 yield pending, False

@@ -420,8 +420,8 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     if model_args.task == "lm":
         splits, notes = drop_unusable_texts(splits, text_column, data_args.train_file or data_args.dataset_name,
                                             data_args.max_dropped_fraction)  # fmt: skip
-        if training_args.should_save:
-            print("\n".join(notes), end="\n" if notes else "")
+        for note in notes if training_args.should_save else []:
+            print(note)
     with training_args.main_process_first(desc="tokenizer"):
         tokenizer = load_or_train_tokenizer(model_args, TextColumn(splits["train"], text_column), plan.resume_from)
     config = build_config(model_args, model_fields, tokenizer)

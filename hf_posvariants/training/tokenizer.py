@@ -26,8 +26,9 @@ MASKED_SPECIALS = {
 }
 
 
-def _batches(texts: Iterable[str], size: int = 1000, max_chars: int = 1 << 22) -> Iterator[list[str]]:
-    """Lists of at most `size` texts and about `max_chars` characters: what the Rust trainer holds at once."""
+def _batches(texts: Iterable[str], size: int = 1000, max_chars: int = 1 << 16) -> Iterator[list[str]]:
+    """Lists of at most `size` texts and about `max_chars` characters. `train_from_iterator` reads 256 of
+    them ahead, so their size bounds the memory of tokenizer training (it was 1 GiB with 4 MiB batches)."""
     batch, chars = [], 0
     for text in texts:
         batch.append(text)
