@@ -355,14 +355,18 @@ def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: in
         arguments = {"texts": texts, "tokenizer": tokenizer, "text_column": text_column, "block_size": block_size,
                      "separator": separator}  # fmt: skip
         fingerprint = Hasher.hash(["blocks", 1, texts._fingerprint, Hasher.hash(tokenizer), text_column, block_size])
-        packed[split] = Dataset.from_generator(_blocks, features=features, gen_kwargs=arguments,
-                                               fingerprint=fingerprint)  # fmt: skip
-        if len(packed[split]) == 0:
+        try:
+            packed[split] = Dataset.from_generator(_blocks, features=features, gen_kwargs=arguments,
+                                                   fingerprint=fingerprint)  # fmt: skip
+        except Exception:
+            # `datasets` refuses a generator that yields nothing with its own words: count, and say why.
             tokens = sum(len(ids) for ids in _token_runs(texts, tokenizer, text_column, separator))
+            if tokens >= block_size:
+                raise
             raise ValueError(
                 f"the {split} split yields no block of block_size={block_size} tokens ({tokens} tokens in all); "
                 "use a smaller block_size or more data."
-            )
+            ) from None
     return packed
 
 
