@@ -6,13 +6,16 @@
 The folder is first made loadable without this package (full `auto_map`, flat model code), then
 README.md is rendered from the package's model_cards/posvariants.md, and the model files (weights, config, code,
 tokenizer, card, run record and results; no checkpoints, optimizer states or pickles) go up in one
-commit through `HfApi.upload_folder`. `--dry_run` lists those files, prints the rendered card and changes
-nothing. `--as-llama` pushes the folder's export as transformers' own `LlamaForCausalLM` instead (no model code,
-no remote code; refused unless the model is exactly a Llama). The token comes
-from `--token`, HF_TOKEN or `hf auth login`, and is never written anywhere.
+commit. Only files on that allow list are sent: any other file is left out and named, a file that looks
+like a secret (.env, *.pem, id_rsa*, *credentials*, *secret*, *token*, …) stops the push, and the card and
+run record name the data (file name and SHA-256), never a local path. `--dry_run` lists what would be
+sent, prints the rendered card and changes nothing. `--as-llama` pushes the folder's export as transformers'
+own `LlamaForCausalLM` instead (no model code, no remote code; refused unless the model is exactly a Llama).
+The token comes from `--token`, HF_TOKEN or `hf auth login`, and is never written anywhere.
 """
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,15 +25,7 @@ from transformers import AutoConfig
 import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
 from hf_posvariants.conversion import export_llama
 from hf_posvariants.training.export import make_remote_loadable
-from hf_posvariants.training.hub import (
-    CARD_FILE,
-    MODEL_FILE_PATTERNS,
-    ROOT_ONLY,
-    TEMPLATE,
-    HubPusher,
-    files_to_push,
-    render_model_card,
-)
+from hf_posvariants.training.hub import CARD_FILE, TEMPLATE, HubPusher, render_model_card, select_files
 
 
 def main(argv=None) -> list[str]:
@@ -49,8 +44,11 @@ def main(argv=None) -> list[str]:
         return push_as_llama(args)
 
     config = AutoConfig.from_pretrained(args.folder)
+    selection = select_files(args.folder)  # refuses a folder holding secret-looking files
+    if selection.left_out:
+        print(f"Left out (not model files): {', '.join(selection.left_out)}")
     if args.dry_run:
-        files = sorted(set(files_to_push(args.folder, MODEL_FILE_PATTERNS, ROOT_ONLY)) | {CARD_FILE})
+        files = sorted({*selection.files, CARD_FILE})
         print(f"Would push {len(files)} files from {args.folder} to https://huggingface.co/{args.repo_id} "
               f"({CARD_FILE} rendered from {args.template}):")
         print("\n".join(f"  {path}" for path in files))
@@ -61,7 +59,7 @@ def main(argv=None) -> list[str]:
     make_remote_loadable(args.folder, type(config))
     render_model_card(args.folder, args.repo_id, args.template).save(f"{args.folder}/{CARD_FILE}")
     pusher.push_final(args.folder, "Upload posvariants model")
-    files = files_to_push(args.folder, MODEL_FILE_PATTERNS, ROOT_ONLY)
+    files = select_files(args.folder).files
     print(f"Pushed {len(files)} files to https://huggingface.co/{args.repo_id}")
     return files
 
@@ -82,7 +80,7 @@ def push_as_llama(args) -> list[str]:
         folder = export_llama(args.folder, Path(export_dir) / "llama")
         card = render_model_card(args.folder, args.repo_id, args.template, as_llama=True)
         card.save(folder / CARD_FILE)
-        files = files_to_push(folder, MODEL_FILE_PATTERNS, ROOT_ONLY)
+        files = select_files(folder).files
         if pusher is None:
             print(f"Would push {len(files)} files of {args.folder} exported as LlamaForCausalLM to "
                   f"https://huggingface.co/{args.repo_id}:")
@@ -95,4 +93,7 @@ def push_as_llama(args) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a refusal (secret-looking files, no token, …): the reason, not a traceback
+        sys.exit(f"push_to_hub.py: {error}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import runpy
 from pathlib import Path
 
@@ -9,10 +11,10 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import LocalTokenNotFoundError
-from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import get_token
 
 from hf_posvariants.training import pipeline
+from hf_posvariants.training.hub import public_record
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 TOKEN = "hf_DoNotLeakThisToken0123456789"
@@ -22,9 +24,8 @@ TRAINER_STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer
 
 
 class RecordingHub(HfApi):
-    """huggingface_hub's own `HfApi` with the network cut out: `upload_folder` runs huggingface_hub's
-    file selection (`_prepare_upload_folder_additions` with the default ignore patterns, as upload_folder
-    does) and records each commit's files and their bytes instead of sending them."""
+    """huggingface_hub's own `HfApi` with the network cut out: `create_commit` records each commit's
+    files and their bytes instead of sending them (in the background too, through `run_as_future`)."""
 
     instances: list[RecordingHub] = []
 
@@ -47,16 +48,13 @@ class RecordingHub(HfApi):
     def _validate_yaml(self, content, **kwargs):
         yaml.safe_load(content.split("---")[1])
 
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, commit_message=None, allow_patterns=None,
-                      ignore_patterns=None, run_as_future=False, **kwargs):  # fmt: skip
+    def create_commit(self, repo_id, operations, *, commit_message, run_as_future=False, **kwargs):
         if run_as_future:
-            return self.run_as_future(self.upload_folder, repo_id=repo_id, folder_path=folder_path,
-                                      path_in_repo=path_in_repo, commit_message=commit_message,
-                                      allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)  # fmt: skip
-        operations = self._prepare_upload_folder_additions(
-            folder_path, path_in_repo or "", allow_patterns, list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
-        )
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+            return self.run_as_future(self.create_commit, repo_id, operations, commit_message=commit_message)
+        files = {}
+        for op in operations:
+            content = op.path_or_fileobj
+            files[op.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
         self.commits.append({"repo": repo_id, "message": commit_message, "files": files})
 
 
@@ -180,3 +178,78 @@ def test_a_finished_run_is_pushed_by_the_same_command_with_push_added(tmp_path, 
     (api,) = hub.instances
     assert [c["message"] for c in api.commits] == ["Trained model"]
     assert MODEL_FILES | {"all_results.json"} <= set(api.commits[0]["files"])
+
+
+def pushed_bytes(api: RecordingHub) -> dict[str, bytes]:
+    return {f"{commit['message']}: {path}": data for commit in api.commits for path, data in commit["files"].items()}
+
+
+def test_pushed_files_name_the_data_and_never_a_local_path(tmp_path, hub, monkeypatch):
+    private = tmp_path / "home" / "alice_private"
+    corpus = private / "notes.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text("\n".join(f"line {i} of alice's notes, {i * i} words long" for i in range(800)) + "\n")
+    output = private / "run"
+    pipeline.main(push_argv(output, "checkpoint", "--hub_token", TOKEN, "--train_file", str(corpus),
+                            "--save_total_limit", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+                            "--metric_for_best_model", "loss"))  # the Trainer records best_model_checkpoint
+    (api,) = hub.instances
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    script["main"]([str(output), "someone/again", "--token", TOKEN])
+    sent = pushed_bytes(api) | pushed_bytes(hub.instances[-1])
+    assert "Training checkpoint at step 4: last-checkpoint/run_args.json" in sent
+    state = json.loads(sent["Training checkpoint at step 4: last-checkpoint/trainer_state.json"])
+    assert state["best_model_checkpoint"] in ("checkpoint-2", "checkpoint-4")
+    leaks = [name for name, data in sent.items() if b"alice_private" in data or str(tmp_path).encode() in data]
+    assert not leaks
+    digest = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    for name in ("run_args.json", "last-checkpoint/run_args.json"):
+        record = json.loads(api.commits[-2 if "/" in name else -1]["files"][name])
+        assert (record["dataset"], record["dataset_sha256"]) == ("notes.txt", digest)
+        assert record["data_args"]["train_file"] == "notes.txt" and record["settings"]["data_args.train_file"] == "notes.txt"
+    card = ModelCard(api.commits[-1]["files"]["README.md"].decode())
+    assert f"`notes.txt` (a local file or folder, SHA-256 `{digest}`)" in card.content and not card.data.datasets
+    # The run's own folder keeps the paths it needs to resume.
+    assert json.loads((output / "run_args.json").read_text())["data_args"]["train_file"] == str(corpus)
+
+
+SECRETS = [".env", "id_rsa", "server.pem", "aws_credentials.json", "hf_token.txt", "client_secret.json"]
+
+
+def test_push_sends_the_allow_list_only_and_refuses_secret_looking_files(tmp_path, hub, capsys, monkeypatch):
+    pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--max_steps", "2", "--eval_strategy", "no"))
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    for name in SECRETS:
+        (tmp_path / name).write_text("s3cr3t")
+    for stray in ("notes.py", "data.csv"):
+        (tmp_path / stray).write_text("mine")
+    with pytest.raises(ValueError, match="refusing to push") as refusal:
+        script["main"]([str(tmp_path), "someone/tiny", "--token", TOKEN])
+    assert all(name in str(refusal.value) for name in SECRETS) and not hub.instances
+    for name in SECRETS:
+        (tmp_path / name).unlink()
+    capsys.readouterr()
+    sent = script["main"]([str(tmp_path), "someone/tiny", "--token", TOKEN])
+    assert "Left out (not model files): data.csv, notes.py" in capsys.readouterr().out
+    assert set(sent) == set(hub.instances[-1].commits[0]["files"])
+    assert {"tokenizer.json", "tokenizer_config.json", "modeling_posvariants.py"} <= set(sent)
+    assert not {"notes.py", "data.csv", "training_args.bin"} & set(sent)
+
+    # The Trainer's pushes refuse too, before any training.
+    run = tmp_path / "next"
+    run.mkdir()
+    (run / ".env").write_text("HF_TOKEN=" + TOKEN)
+    with pytest.raises(ValueError, match=r"refusing to push .*\['\.env'\]"):
+        pipeline.main(push_argv(run, "end", "--hub_token", TOKEN))
+    assert sorted(p.name for p in run.iterdir()) == [".env"]
+
+
+def test_public_record_keeps_hub_ids_and_names_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    record = {"init": "runs/base", "tokenizer": "someone/tokenizer", "files": ["/home/alice/data.txt", "~/x.json"],
+              "text_column": "text", "steps": 4, "note": None}  # fmt: skip
+    assert public_record(record) == {"init": "base", "tokenizer": "someone/tokenizer", "files": ["data.txt", "x.json"],
+                                     "text_column": "text", "steps": 4, "note": None}  # fmt: skip

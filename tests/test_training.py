@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.data import builtin_texts
+from hf_posvariants.training.data import builtin_texts, content_hash
 from tests.conftest import FAMILY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,8 @@ def test_finetune_from_checkpoint_on_a_folder_of_text_files(tmp_path):
     assert metrics["train_samples"] > 0 and "eval_perplexity" in metrics
     assert (tmp_path / "tuned" / "tokenizer.json").read_text() == (tmp_path / "base" / "tokenizer.json").read_text()
     record = json.loads((tmp_path / "tuned" / "run_args.json").read_text())
-    assert record["init"] == str(tmp_path / "base") and record["dataset"] == str(corpus)
+    assert record["init"] == str(tmp_path / "base") and record["dataset"] == "corpus"
+    assert record["dataset_sha256"] == content_hash(corpus) and record["data_args"]["train_file"] == str(corpus)
 
     lines = tmp_path / "lines.jsonl"
     lines.write_text("".join(json.dumps({"id": i, "body": text}) + "\n" for i, text in enumerate(texts)))

@@ -3,6 +3,7 @@ what a user reads: the usage at the top of --help and the summary at the end."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -118,3 +119,58 @@ def test_eval_length_reads_the_training_length_from_the_run_record(tmp_path, cap
     out = capsys.readouterr().out
     assert "| length | as trained |" in out and "\n| 32 | " in out and "\n| 64 | " in out
     assert "(32, " not in out  # no tuples
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """The rows as JSON lines, one JSON list, or CSV (by the file's extension)."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_the_text_column_is_chosen_by_name_only(tmp_path, suffix):
+    texts = poem(400).splitlines()
+    data = write_rows(tmp_path / f"data{suffix}", [{"id": f"row-{i}", "body": text} for i, text in enumerate(texts)])
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"text_column='text' is not a column of the data; its columns are \['id', 'body'\]"):
+        pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(data)))
+    assert nothing_trained(output)
+    numbers = write_rows(tmp_path / f"numbers{suffix}", [{"text": i} for i in range(400)])
+    with pytest.raises(ValueError, match="text_column='text' holds int64 values, not text"):
+        pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(numbers)))
+    assert nothing_trained(output)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_rows_without_text_are_counted_and_refused_above_the_threshold(tmp_path, capsys, suffix):
+    texts = poem(600).splitlines()
+    # A third of the rows have no text: they lack the field (JSON) or leave the cell empty (CSV).
+    rows = [{"id": i, **({"text": text} if i % 3 else {})} for i, text in enumerate(texts)]
+    rows[1]["text"] = "   "
+    data = write_rows(tmp_path / f"data{suffix}", rows)
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"lost 201 of 600 rows \(33\.5%: 200 with no 'text' value \(missing or "
+                                         r"null\), 1 blank .*max_dropped_fraction=0\.05"):
+        pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(data)))
+    assert nothing_trained(output)
+    capsys.readouterr()
+    pipeline.main(tiny_argv(output, "clm", "posvar_llama", "--train_file", str(data), "--max_steps", "2",
+                            "--max_dropped_fraction", "0.4", "--eval_strategy", "no"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"The train data ({data}): dropped 201 of 600 rows (200 with no 'text' value" in out
+    assert out.index("dropped 201") < out.index("Training finished")
+
+
+def test_blank_lines_of_a_text_file_are_reported_but_not_refused(tmp_path, capsys):
+    data = tmp_path / "verse.txt"
+    data.write_text("\n".join(poem(4, seed) for seed in range(150)))  # a blank line after each stanza
+    pipeline.main(tiny_argv(tmp_path / "run", "clm", "posvar_llama", "--train_file", str(data), "--text_unit", "line",
+                            "--max_steps", "2", "--eval_strategy", "no"))  # fmt: skip
+    assert "dropped 149 of 749 rows (0 with no 'text' value (missing or null), 149 blank" in capsys.readouterr().out

@@ -1,22 +1,29 @@
 """Model cards and uploads: render the package's `model_cards/posvariants.md` and push a run to the Hub.
 
-Uploads go through `HfApi.upload_folder` with allow/ignore patterns, so huggingface_hub itself picks
-the files; a token reaches `HfApi` only, never a file (see `pipeline.run`).
+Uploads are one `HfApi.create_commit` each, of the files an explicit allow list names (model, code,
+tokenizer, card, run record, results; the Trainer's state for resumable checkpoints), never of a folder
+as a whole: other files are left out and named, and a file that looks like a secret (`.env`, `*.pem`,
+`id_rsa*`, `*credentials*`, `*secret*`, `*token*`, …) stops the push. What is sent names data, never
+local paths: the card and `run_args.json` carry a file's name and SHA-256 (`public_record`). A token
+reaches `HfApi` only, never a file (see `pipeline.run`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import os
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData, constants
+from huggingface_hub import CommitOperationAdd, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
-from huggingface_hub.utils import filter_repo_objects
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .. import FAMILIES
+from .run_folder import LOCK_FILE, RUN_RECORD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +62,14 @@ def render_model_card(
     all_results.json; `as_llama`: for the folder's export as a plain `LlamaForCausalLM` (no remote code)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    run = run if run is not None else _read_json(folder / "run_args.json")
+    record = run if run is not None else _read_json(folder / RUN_RECORD_FILE)
+    dataset = record.get("dataset")
+    # A Hub dataset id goes in the card's metadata; a local file (a SHA-256 recorded, or an old record's path) not.
+    hub_dataset = (dataset not in (None, "builtin") and "dataset_sha256" not in record and not _is_local_path(dataset)
+                   and not Path(dataset).exists())  # fmt: skip
+    run = public_record(record)
     results = _read_json(folder / "all_results.json")
     auto_class = _auto_class_of(config)
-    dataset = run.get("dataset")
     code_tags = ["llama"] if as_llama else ["custom_code"]
     card_data = ModelCardData(
         library_name="transformers",
@@ -71,7 +82,7 @@ def render_model_card(
             f"attention-{config['attention_variant']}",
             *code_tags,
         ],
-        datasets=[dataset] if dataset and dataset != "builtin" and not Path(dataset).exists() else None,
+        datasets=[dataset] if hub_dataset else None,
         metrics=sorted({key.split("_", 1)[1] for key in results if key.startswith("eval_")} & {"accuracy", "f1", "perplexity", "loss"})
         or None,
     )
@@ -101,6 +112,8 @@ def _training_summary(run: dict) -> str:
         return "No training record was saved with this checkpoint."
     source = "the built-in position tasks (copy, reverse, key-value recall, counting)" if run.get(
         "dataset") == "builtin" else f"`{run.get('dataset')}`"
+    if run.get("dataset_sha256"):
+        source += f" (a local file or folder, SHA-256 `{run['dataset_sha256']}`)"
     start = f"fine-tuned from `{run['init']}`" if run.get("init") else "trained from scratch"
     return f"{start.capitalize()} with the Hugging Face Trainer (`scripts/train.py`) on {source}."
 
@@ -109,36 +122,105 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _is_local_path(value: str) -> bool:
+    """A string that names a place on this machine: absolute, from the home folder, or an existing path
+    with a folder in it (a Hub id such as `someone/model` is none of these)."""
+    if value.startswith(("/", "~", "./", "../")) or (os.sep != "/" and os.path.isabs(value)):
+        return True
+    return "/" in value and Path(value).exists()
+
+
+def public_record(value):
+    """A run record fit to publish: every local path replaced by its last part (the file or folder name);
+    a data file is known by that name and the SHA-256 the record keeps next to it."""
+    if isinstance(value, dict):
+        return {key: public_record(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_record(item) for item in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return Path(value).expanduser().name
+    return value
+
+
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
-# A model folder on the Hub: weights, config, the flat model code, tokenizer, card and the run's records.
-MODEL_FILE_PATTERNS = [
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "*.py",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.*",
-    "merges.txt", "*.model", "chat_template.*", CARD_FILE, "run_args.json", "*results.json",
+# The only files sent, and only from a folder's top: weights, config, tokenizer, card, run record, results;
+# the model code is the auto_map modules and the files they import (`code_files`).
+MODEL_FILES = [
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "chat_template.jinja", "chat_template.json", CARD_FILE, RUN_RECORD_FILE, "all_results.json",
+    "train_results.json", "eval_results.json",
 ]  # fmt: skip
-# Files at the folder's top only: checkpoints and logs live in subfolders.
-ROOT_ONLY = ["*/*"]
-# A resumable checkpoint is everything the Trainer wrote but the pickled TrainingArguments.
-CHECKPOINT_IGNORE = ["training_args.bin", "*/*"]
+# A resumable checkpoint adds the Trainer's state (never the pickled TrainingArguments, training_args.bin).
+TRAINER_STATE_FILES = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth",
+                       "trainer_state.json"]  # fmt: skip
+# What a run writes for itself and never sends: not worth naming as left out.
+RUN_ONLY_FILES = ["training_args.bin", "trainer_state.json", LOCK_FILE, f".{RUN_RECORD_FILE}.*"]
+SECRET_PATTERNS = [".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc",
+                   "*credentials*", "*secret*", "*token*", "*password*"]  # fmt: skip
 
 
-def files_to_push(folder: str | Path, allow_patterns: list[str] | None, ignore_patterns: list[str]) -> list[str]:
-    """The files `HfApi.upload_folder` sends with these patterns (its own filter, for dry runs)."""
+def code_files(folder: Path) -> list[str]:
+    """The model code the folder's config.json names in `auto_map`, and the files those import."""
+    config = _read_json(folder / "config.json")
+    modules = {reference.split(".")[0] for reference in config.get("auto_map", {}).values()}
+    files = set()
+    for module in modules:
+        path = folder / f"{module}.py"
+        if path.is_file():
+            files |= {path.name, *(Path(p).name for p in get_relative_import_files(str(path)))}
+    return sorted(files)
+
+
+@dataclass
+class PushSelection:
+    """What a push sends from a folder, and the other top-level files it leaves out (but the run's own)."""
+
+    files: list[str]
+    left_out: list[str]
+
+
+def select_files(folder: str | Path, with_trainer_state: bool = False) -> PushSelection:
+    """The folder's files on the allow list; refuses, naming them, files that look like secrets."""
     folder = Path(folder)
-    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    ignore = ignore_patterns + DEFAULT_IGNORE_PATTERNS
-    return list(filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore))
+    allowed = MODEL_FILES + code_files(folder) + (TRAINER_STATE_FILES if with_trainer_state else [])
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    files = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in allowed)]
+    secrets = [name for name in names if name not in files
+               and any(fnmatch.fnmatch(name.lower(), pattern) for pattern in SECRET_PATTERNS)]  # fmt: skip
+    if secrets:
+        raise ValueError(f"refusing to push {folder}: {secrets} look like secrets (names matching "
+                         f"{SECRET_PATTERNS}). Move them out of the folder; only model files are ever sent.")  # fmt: skip
+    return PushSelection(files, [name for name in names if name not in files
+                                 and not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ONLY_FILES)])  # fmt: skip
+
+
+# Records that hold local paths (the run's data and settings; the Trainer's best_model_checkpoint).
+PUBLIC_RECORDS = (RUN_RECORD_FILE, "trainer_state.json")
+
+
+def push_operations(folder: str | Path, files: list[str], path_in_repo: str = "") -> list[CommitOperationAdd]:
+    """One addition per file; the records go as `public_record` of them, with no local path."""
+    folder, prefix = Path(folder), f"{path_in_repo}/" if path_in_repo else ""
+    operations = []
+    for name in files:
+        content = str(folder / name)
+        if name in PUBLIC_RECORDS:
+            content = (json.dumps(public_record(_read_json(folder / name)), indent=2) + "\n").encode()
+        operations.append(CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content))
+    return operations
 
 
 class HubPusher:
-    """Pushes a run to one Hub repository as `hub_strategy` says, through `HfApi.upload_folder`.
+    """Pushes a run to one Hub repository as `hub_strategy` says, one `HfApi.create_commit` per push.
 
     - end: the final model folder, once;
     - every_save: also each checkpoint's model files, at the repo's top;
     - checkpoint: also the whole newest checkpoint (optimizer, scheduler, RNG states) in `last-checkpoint/`;
     - all_checkpoints: also every checkpoint in its own `checkpoint-N/`.
-    Pushes during training run in the background (`run_as_future`); `wait` (before a checkpoint is
-    deleted) and `push_final` wait for them.
+    Each push sends what `select_files` allows. Pushes during training run in the background
+    (`run_as_future`); `wait` (before a checkpoint is deleted) and `push_final` wait for them.
     """
 
     def __init__(self, api, repo_id: str, strategy: str = "end", private: bool | None = None):
@@ -147,8 +229,11 @@ class HubPusher:
         self.api, self.repo_id, self.strategy, self.private = api, repo_id, strategy, private
         self.pending: dict[Path, list[Future]] = {}
 
-    def check_access(self) -> None:
-        """Fail before any training when the push could not happen: offline, no token, or no write access."""
+    def check_access(self, folder: str | Path | None = None) -> None:
+        """Fail before any training when the push could not happen: offline, no token, no write access,
+        or a file in `folder` (the output folder) that looks like a secret."""
+        if folder is not None and Path(folder).is_dir():
+            select_files(folder)
         if constants.is_offline_mode():
             raise ValueError(
                 "push_to_hub=True needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub."
@@ -166,20 +251,22 @@ class HubPusher:
         logger.info("Pushing to https://huggingface.co/%s as %s (hub_strategy=%s)", self.repo_id, user.get("name"),
                     self.strategy)  # fmt: skip
 
-    def _upload(self, folder: Path, message: str, path_in_repo: str, allow, ignore, background: bool):
-        return self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
-                                      commit_message=message, allow_patterns=allow, ignore_patterns=list(ignore),
-                                      run_as_future=background)  # fmt: skip
+    def _upload(self, folder: Path, message: str, path_in_repo: str, with_trainer_state: bool, background: bool):
+        selection = select_files(folder, with_trainer_state)
+        if selection.left_out:
+            logger.info("Not pushing %s from %s: not model files", selection.left_out, folder)
+        return self.api.create_commit(repo_id=self.repo_id, operations=push_operations(folder, selection.files, path_in_repo),
+                                      commit_message=message, run_as_future=background)  # fmt: skip
 
     def push_checkpoint(self, checkpoint: Path, step: int) -> None:
         """Start the pushes of one saved checkpoint (none with hub_strategy='end')."""
         if self.strategy == "end":
             return
         message = f"Training checkpoint at step {step}"
-        futures = [self._upload(checkpoint, message, "", MODEL_FILE_PATTERNS, ROOT_ONLY, background=True)]
+        futures = [self._upload(checkpoint, message, "", with_trainer_state=False, background=True)]
         if self.strategy in ("checkpoint", "all_checkpoints"):
             target = "last-checkpoint" if self.strategy == "checkpoint" else checkpoint.name
-            futures.append(self._upload(checkpoint, message, target, None, CHECKPOINT_IGNORE, background=True))
+            futures.append(self._upload(checkpoint, message, target, with_trainer_state=True, background=True))
         self.pending[checkpoint] = futures
 
     def wait(self, checkpoint: Path) -> None:
@@ -193,4 +280,4 @@ class HubPusher:
         """Wait for the checkpoint pushes, then push the final model folder and wait for it."""
         for checkpoint in list(self.pending):
             self.wait(checkpoint)
-        self._upload(folder, message, "", MODEL_FILE_PATTERNS, ROOT_ONLY, background=False)
+        self._upload(folder, message, "", with_trainer_state=False, background=False)

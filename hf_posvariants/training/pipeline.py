@@ -45,7 +45,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..configuration_posvariants import PosVarConfig
 from ..lm_loss import LM_LOSSES
 from . import fused_loss  # noqa: F401  (registers lm_loss="liger" where liger-kernel is installed)
-from .data import IGNORE_INDEX, TEXT_UNITS, drop_blank_texts, hold_out, load_splits, pack_blocks, text_column_of
+from .data import (
+    IGNORE_INDEX,
+    TEXT_UNITS,
+    SeededMasking,
+    TextColumn,
+    content_hash,
+    drop_unusable_texts,
+    hold_out,
+    load_splits,
+    pack_blocks,
+    text_column_of,
+)
 from .distributed import distributed_config_from, load_distributed, trainer_class
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
@@ -108,7 +119,11 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of the Hub dataset."})
     train_file: str | None = field(default=None, metadata={"help": "Text/JSON lines/CSV file or folder."})
     validation_file: str | None = field(default=None, metadata={"help": "Like train_file; else held out."})
-    text_column: str | None = field(default=None, metadata={"help": "Text column; default 'text' or the first."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (JSON, CSV, datasets); "
+                             "chosen by name only, refused when missing."})  # fmt: skip
+    max_dropped_fraction: float = field(default=0.05, metadata={
+        "help": "Largest share of rows whose text is missing, null or blank that may be dropped before training is "
+                "refused (blank lines of .txt files do not count)."})  # fmt: skip
     label_column: str = field(default="label", metadata={"help": "Label column for sequence classification."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Held out when there is no validation split."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training block (max length for tasks)."})
@@ -116,7 +131,9 @@ class DataArguments:
     builtin_examples: int = field(default=2000, metadata={"help": "Number of built-in task lines."})
     text_unit: str = field(default="document", metadata={"help": f"One training text per {TEXT_UNITS} of a .txt "
                            "file; each keeps its newlines and ends with the end token."})  # fmt: skip
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes for datasets.map (sequence classification); language-model blocks are packed in one "
+                "process, whose tokenizer uses every core."})  # fmt: skip
 
 
 @dataclass
@@ -301,12 +318,13 @@ def task_inputs(model_args, data_args, training_args, splits, text_column, token
     if model_args.objective == "mlm" and tokenizer.mask_token is None:
         raise ValueError(f"objective='mlm' needs a tokenizer with a mask token; {type(tokenizer).__name__} has none.")
     with training_args.main_process_first(desc="packing"):
-        packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size, data_args.preprocessing_num_workers)
+        packed = pack_blocks(splits, tokenizer, text_column, data_args.block_size)
     datasets_ = hold_out(packed, data_args.validation_fraction, training_args.seed,
                          f"blocks of block_size={data_args.block_size} tokens", shuffle=False)  # fmt: skip
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm=model_args.objective == "mlm", mlm_probability=data_args.mlm_probability
-    )
+    if model_args.objective == "mlm":
+        collator = SeededMasking(tokenizer, mlm_probability=data_args.mlm_probability, mask_seed=training_args.seed)
+    else:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     return datasets_, collator, lm_metrics(metric), lm_eval_outputs(model_args.objective)
 
 
@@ -402,7 +420,7 @@ def run(argv: list[str], callbacks: list | None = None, hub_client=None) -> RunR
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
         pusher = HubPusher(hub_client or HfApi(token=token), repo_id, training_args.hub_strategy,
                            training_args.hub_private_repo)  # fmt: skip
-        pusher.check_access()
+        pusher.check_access(training_args.output_dir)
     settings = run_settings({"model": model_fields, "model_args": asdict(model_args), "data_args": asdict(data_args),
                              "training_args": training_args.to_dict()})  # fmt: skip
     with RunLock(training_args.output_dir) if training_args.should_save else nullcontext():
@@ -433,9 +451,12 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
                          data_args.builtin_examples, data_args.text_unit)  # fmt: skip
     text_column = text_column_of(splits["train"], data_args.text_column)
     if model_args.task == "lm":
-        splits = drop_blank_texts(splits, text_column, data_args.train_file or data_args.dataset_name)
+        splits, notes = drop_unusable_texts(splits, text_column, data_args.train_file or data_args.dataset_name,
+                                            data_args.max_dropped_fraction)  # fmt: skip
+        for note in notes if training_args.should_save else []:
+            print(note)
     with training_args.main_process_first(desc="tokenizer"):
-        tokenizer = load_or_train_tokenizer(model_args, splits["train"][text_column], plan.resume_from)
+        tokenizer = load_or_train_tokenizer(model_args, TextColumn(splits["train"], text_column), plan.resume_from)
     config = build_config(model_args, model_fields, tokenizer)
     check_block_size(config, data_args.block_size)
 
@@ -458,7 +479,8 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or [])],
+        callbacks=[CheckpointCallback(type(config), record, keep, pusher), *(callbacks or []),
+                   *([collator] if isinstance(collator, TrainerCallback) else [])],  # SeededMasking learns the epoch
     )
     metrics = {**fit(trainer, plan), "train_samples": len(datasets_["train"])}
     metrics.update(trainer.evaluate())
@@ -543,7 +565,9 @@ def run_record(model_args: ModelArguments, data_args: DataArguments, training_ar
         "adopted": plan.adopted,
         "objective": model_args.objective if model_args.task == "lm" else model_args.task,
         "init": model_args.model_name_or_path,
-        "dataset": data_args.train_file or data_args.dataset_name,
+        # The data's name and content hash, not its path: the record goes into pushed cards and files.
+        **({"dataset": Path(data_args.train_file).resolve().name, "dataset_sha256": content_hash(data_args.train_file)}
+           if data_args.train_file else {"dataset": data_args.dataset_name}),
         "block_size": data_args.block_size,
         "num_parameters": model.num_parameters(),
         **{key: getattr(training_args, key) for key in (
