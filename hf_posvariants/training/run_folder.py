@@ -53,7 +53,7 @@ NEUTRAL_SETTINGS = {
     "run_name", "project", "push_to_hub", "save_total_limit", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "log_level", "log_level_replica",
     "log_on_each_node", "skip_memory_metrics", "torch_num_threads", "preprocessing_num_workers",
-    "enable_jit_checkpoint", "allow_model_only_resume",
+    "enable_jit_checkpoint", "allow_model_only_resume", "max_dropped_fraction",
 }  # fmt: skip
 NEUTRAL_PREFIXES = ("logging_", "hub_", "trackio_")
 
