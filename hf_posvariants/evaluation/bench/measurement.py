@@ -687,7 +687,12 @@ def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds:
             sender.close()
             running[index] = (process, receiver, now, min(now + points[index].timeout_s, deadline))
             log(f"started {points[index].label}")
-        multiprocessing.connection.wait([entry[1] for entry in running.values()], timeout=0.5)
+        if not running:
+            continue
+        # Wake at the nearest deadline at the latest: a point must not finish unnoticed past its own.
+        nearest_end = min(entry[3] for entry in running.values())
+        wait_s = min(0.5, max(0.0, nearest_end - time.monotonic()))
+        multiprocessing.connection.wait([entry[1] for entry in running.values()], timeout=wait_s)
         for index, (process, receiver, started, end_by) in list(running.items()):
             if receiver.poll():
                 _record(timings[index], receiver)
