@@ -360,8 +360,11 @@ datasets.Dataset.from_dict({"x": list(range(4))}).map(slow, batched=True, batch_
 def test_datasets_map_workers_of_a_killed_run_do_not_keep_its_lock(tmp_path):
     folder, signals = tmp_path / "run", tmp_path / "signals"
     signals.mkdir()
+    # A session of its own, so that the cleanup can end every process the run forked (the pool keeps more than the
+    # two workers that report themselves).
     child = subprocess.Popen([sys.executable, "-c", LOCK_THEN_MAP, str(folder), str(signals)], env=CHILD_ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
@@ -375,11 +378,10 @@ def test_datasets_map_workers_of_a_killed_run_do_not_keep_its_lock(tmp_path):
             os.kill(pid, 0)  # the workers are still alive...
         RunLock(folder).acquire().release()  # ...and the folder is free for the requeued run
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int) -> list[int]:
