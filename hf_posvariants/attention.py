@@ -236,7 +236,9 @@ def flash_attention_with_bias_gradient(
 ) -> tuple[torch.Tensor, None]:
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    mask = attention_mask[:, :, :, : key.shape[-2]].to(query.dtype)
+    # Clamped before the cast: float32's minimum is -inf in bf16, and a row of -inf (left padding) would make the
+    # flash forward return zeros where the backward's softmax gives NaN; eager and the math kernel see 1/K weights.
+    mask = attention_mask[:, :, :, : key.shape[-2]].clamp_min(torch.finfo(query.dtype).min).to(query.dtype)
     table = row if row is not None else query.new_empty(0)
     output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, table, module.scaling)
     return output.transpose(1, 2).contiguous(), None

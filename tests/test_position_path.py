@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, tiny_config
+from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, family_with, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, modeling_posvariants
@@ -243,6 +243,24 @@ def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch, config
     for candidate in gradients[:2]:
         for name, gradient in gradients[2].items():
             torch.testing.assert_close(candidate[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("encoding", ["t5_bias", "kerple", "fire", "dynamic_bias"])
+def test_learned_bias_trains_in_bf16_with_fully_masked_rows(encoding):
+    """Under bf16 autocast the float32 mask's minimum becomes -inf in bf16; left padding's fully masked rows must not
+    turn the flash kernel's backward into NaN (it did, for every learned distance bias): gradients finite and equal to
+    eager's within bf16 rounding."""
+    config = tiny_config(family_with(attention_variant="standard", norm_position="pre"), encoding)
+    ids, mask = padded(AutoModelForCausalLM)
+    gradients = []
+    for backend in ("eager", "sdpa"):
+        model = build(AutoModelForCausalLM, config, backend).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for name, gradient in gradients[1].items():
+        assert torch.isfinite(gradient).all(), name
+        torch.testing.assert_close(gradient, gradients[0][name], atol=0.01, rtol=0.05, msg=name)
 
 
 @pytest.mark.flex
