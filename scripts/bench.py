@@ -38,7 +38,7 @@ from hf_posvariants.evaluation.bench import (
     suite_markdown_report,
 )
 from hf_posvariants.evaluation.bench.measurement import DEFAULT_LENGTHS, START_METHODS
-from hf_posvariants.evaluation.bench.gpu import GPU_SIZES, TINY_SIZES, run_gpu_suite
+from hf_posvariants.evaluation.bench.gpu import GPU_SIZES, ROW_GROUPS, TINY_SIZES, run_gpu_suite
 from hf_posvariants.evaluation.bench.report import suite_ratio_table
 
 KERNELS = "kernels"
@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, help="gpu: cases run at a time (default 1; 2 with --dry-run)")
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="gpu: seconds for the whole suite; cases not started by then are reported as not run")
+    parser.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=list(ROW_GROUPS),
+                        help="gpu: the groups of rows to measure (default: all, in this order)")
     parser.add_argument("--start-method", choices=START_METHODS, default="forkserver",
                         help="gpu: how each case's process starts (spawn: from scratch, seconds of imports each)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
@@ -93,12 +95,13 @@ def gpu_run(args: argparse.Namespace) -> dict:
     """The GPU rows on `--device` (bf16), or with --dry-run tiny on the CPU: fp32, one round, nothing compiled."""
     if args.dry_run:
         return run_gpu_suite("cpu", TINY_SIZES, amp=False, warmup=0, rounds=1, compile=False, jobs=args.jobs or 2,
-                             budget_s=args.time_budget, peak_tflops=args.peak_tflops, start_method=args.start_method)
+                             budget_s=args.time_budget, peak_tflops=args.peak_tflops, start_method=args.start_method,
+                             groups=tuple(args.rows))
     if not args.device.startswith("cuda"):
         raise SystemExit(f"--case-set gpu needs --device cuda (got {args.device!r}); --dry-run runs it on the CPU.")
     return run_gpu_suite(args.device, GPU_SIZES, amp=True, warmup=args.warmup, rounds=args.rounds,
                          jobs=args.jobs or 1, budget_s=args.time_budget, peak_tflops=args.peak_tflops,
-                         start_method=args.start_method)
+                         start_method=args.start_method, groups=tuple(args.rows))
 
 
 def main(argv: list[str] | None = None) -> dict:

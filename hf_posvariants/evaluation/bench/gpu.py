@@ -197,13 +197,21 @@ class _Suite:
                          self.kernel(case, encoder, length), plain)
 
 
-def gpu_suite(sizes: SuiteSizes = GPU_SIZES) -> tuple[list[Point], list[PointRatio]]:
-    """The points, the most asked-for and cheapest first (a spent time budget cuts the last: the kernel rows),
-    and their ratios. The encodings named are the baseline's rows."""
+# The suite's groups of rows, the most asked-for and cheapest first (a spent time budget cuts the last).
+ROW_GROUPS = ("decoder", "differential", "deberta", "long_forward", "generate", "flex_training", "compiled", "kernel")
+
+
+def gpu_suite(sizes: SuiteSizes = GPU_SIZES, groups: tuple[str, ...] = ROW_GROUPS
+              ) -> tuple[list[Point], list[PointRatio]]:
+    """The points of the chosen row groups, in `ROW_GROUPS` order, and their ratios (a ratio's denominator is
+    measured in the same run even when it belongs to another group). The encodings named are the baseline's rows."""
+    unknown = sorted(set(groups) - set(ROW_GROUPS))
+    if unknown:
+        raise ValueError(f"row groups {unknown} do not exist; allowed values are {list(ROW_GROUPS)}.")
     suite = _Suite(sizes)
-    for rows in (suite.decoder_rows, suite.differential_rows, suite.deberta_rows, suite.long_forward_rows,
-                 suite.generate_rows, suite.flex_training_rows, suite.compiled_rows, suite.kernel_rows):
-        rows()
+    for group in ROW_GROUPS:
+        if group in groups:
+            getattr(suite, f"{group}_rows")()
     return suite.points, suite.ratios
 
 
@@ -228,9 +236,10 @@ def suite_ratios(ratios: list[PointRatio], timings: list[PointTiming]) -> list[d
 
 def run_gpu_suite(device: str = "cuda", sizes: SuiteSizes = GPU_SIZES, amp: bool = True, warmup: int = 2,
                   rounds: int = 5, compile: bool = True, jobs: int = 1, budget_s: float | None = 480,
-                  peak_tflops: float | None = None, start_method: str = "forkserver", log=print) -> dict:
-    """Every point of `gpu_suite(sizes)` in its own process, and the ratios (see `run_points`)."""
-    points, ratios = gpu_suite(sizes)
+                  peak_tflops: float | None = None, start_method: str = "forkserver", log=print,
+                  groups: tuple[str, ...] = ROW_GROUPS) -> dict:
+    """Every point of `gpu_suite(sizes, groups)` in its own process, and the ratios (see `run_points`)."""
+    points, ratios = gpu_suite(sizes, groups)
     begin = time.monotonic()
     timings = run_points(points, device, amp, warmup, rounds, compile, jobs, budget_s, start_method, log)
     seconds = time.monotonic() - begin
@@ -239,7 +248,7 @@ def run_gpu_suite(device: str = "cuda", sizes: SuiteSizes = GPU_SIZES, amp: bool
         "case_set": "gpu", "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "precision": "bf16 autocast" if amp else "fp32", "compile": compile, "warmup": warmup, "rounds": rounds,
-        "sizes": asdict(sizes), "peak_tflops": peak, "seconds": seconds,
+        "sizes": asdict(sizes), "row_groups": list(groups), "peak_tflops": peak, "seconds": seconds,
         "memory_method": "cuda.max_memory_allocated minus the built model" if device.startswith("cuda")
         else "VmHWM minus the resident set with the model built",
         "timings": [timing.as_dict(peak) for timing in timings],
