@@ -500,6 +500,40 @@ def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_p
     assert "| ratio | time | peak memory |" in report and cpu_limit in report
 
 
+def test_gpu_suite_rows_pick_groups_and_keep_their_denominators():
+    """`--rows` measures chosen groups; a ratio's denominator from another group is measured with it."""
+    from hf_posvariants.evaluation.bench.gpu import ROW_GROUPS, TINY_SIZES, gpu_suite
+
+    every, _ = gpu_suite(TINY_SIZES)
+    points, ratios = gpu_suite(TINY_SIZES, ("flex_training",))
+    assert {p.case.backend for p in points} == {"flex_attention", "sdpa"} and len(ratios) == 3
+    assert set(points) < set(every) and all({r.numerator, r.denominator} <= set(points) for r in ratios)
+    assert sum(len(gpu_suite(TINY_SIZES, (group,))[1]) for group in ROW_GROUPS) == len(gpu_suite(TINY_SIZES)[1])
+    with pytest.raises(ValueError, match="allowed values are"):
+        gpu_suite(TINY_SIZES, ("decoders",))
+
+
+def test_device_check_passes_on_the_cpu_and_names_a_failing_check(monkeypatch):
+    """scripts/device_check.py: every check of a case runs and passes on the CPU; a wrong kernel becomes a failure
+    naming the case and the check, and the run goes on to the next case."""
+    from hf_posvariants.evaluation import device_check
+
+    cases = [case for case in device_check.check_cases(["t5_bias"], flex_encodings=("t5_bias",))
+             if case.config_class.model_type == "posvar_llama"]
+    assert [case.label for case in cases] == ["posvar_llama/t5_bias/clm", "posvar_llama/t5_bias/mlm"]
+    assert cases[0].flex and not cases[1].flex
+    cases[0].flex = False  # flex compiles for seconds on the CPU; its comparison is tested in test_contract
+    result = device_check.run_case(cases[0], "cpu")
+    assert not result.failures and [check.split()[0] for check in result.checks] == ["sdpa", "generate", "bf16"]
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: original(*args, **kwargs) * 1.5)
+    broken = device_check.run_case(cases[1], "cpu")
+    assert broken.failures and broken.failures[0].startswith("sdpa: max |Δ logits|")
+    with pytest.raises(ValueError, match="allowed values are"):
+        device_check.check_cases(["t5"])
+
+
 def test_a_failing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
     shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
     unknown = bench.Point(bench.Case("ours", "posvar_nothing", "causal", "sdpa"), shape, 16, "train")
