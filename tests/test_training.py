@@ -193,3 +193,30 @@ def test_train_recipe_takes_a_dict_and_overrides_and_returns_folder_and_metrics(
     assert result.metrics == json.loads((tmp_path / "all_results.json").read_text())
     config = AutoConfig.from_pretrained(tmp_path)
     assert (config.position_encoding, config.hidden_size, config.num_hidden_layers) == ("alibi", 32, 2)
+
+
+@pytest.mark.parametrize("encoding,layer_encodings,on_cuda", [
+    ("t5_bias", None, "flex_attention"), ("kerple", None, "flex_attention"), ("alibi", None, "sdpa"),
+    ("rope", None, "sdpa"), ("rope", ["rope", "t5_bias"], "flex_attention"),
+])
+def test_auto_backend_trains_a_learned_bias_on_flex_on_cuda_only(encoding, layer_encodings, on_cuda):
+    """`attn_implementation: auto` follows the GPU measurements: flex for a learned score bias on CUDA (its table
+    trains without a (B, H, Q, K) gradient), SDPA on the CPU and for fixed or no biases."""
+    config_class = FAMILY_CONFIGS[1]
+    config = config_class(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          position_encoding=encoding, layer_position_encodings=layer_encodings)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert pipeline.training_backend(model, "cpu") == "sdpa"
+    assert pipeline.training_backend(model, "cuda") == on_cuda
+    cope = AutoModelForCausalLM.from_config(config_class(**{**config.to_dict(), "position_encoding": "cope",
+                                                            "layer_position_encodings": None}))
+    assert pipeline.training_backend(cope, "cuda") == "sdpa"  # a learned bias flex cannot carry stays on SDPA
+
+
+def test_auto_backend_through_train_py_on_the_cpu(tmp_path):
+    recipe, *overrides = tiny_argv(tmp_path / "run", "clm", "posvar_llama", "--attn_implementation", "auto",
+                                   "--model.position_encoding", "t5_bias", "--max_steps", "4")
+    result = pipeline.train_recipe(recipe, overrides)
+    assert AutoConfig.from_pretrained(result.output_dir).position_encoding == "t5_bias"
+    assert result.metrics["train_loss"] > 0
