@@ -630,3 +630,27 @@ def test_a_run_recorded_before_text_columns_default_is_refused_where_it_trained_
                    | {"data_args.text_column": "body", "model_args.distributed": None}, "last", False)  # fmt: skip
     assert "data_args.text_column: None → body" in plan.notes[0] and not plan.text_column_from_data
 
+
+@pytest.mark.slow  # three runs: ~15 s
+def test_a_sealed_checkpoint_saved_again_is_unsealed_first_so_a_kill_midway_leaves_it_incomplete(tmp_path, capsys):
+    """Resumed from an earlier checkpoint (of this version or an older one), a run saves again at a step it
+    saved before: the Trainer rewrites that folder in place, and the seal must go first, or a kill halfway
+    leaves new weights and optimizer beside the old RNG and Trainer state under a seal whose sizes still match."""
+    argv = run_argv(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(argv, callbacks=[CrashAt(10)])
+    assert is_complete(tmp_path / "checkpoint-8")
+    # Continue from checkpoint-4 with another learning rate: checkpoint-8 gets other weights.
+    changed = [*argv, "--learning_rate", "0.001"]
+    child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "_save_rng_state", "before", "8",
+                            json.dumps([*changed, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4")])],
+                           env=CHILD_ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert not is_complete(tmp_path / "checkpoint-8")
+
+    capsys.readouterr()
+    pipeline.main(changed)  # the command of the continued run
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint-8: not a complete checkpoint of this run" in out
+    assert f"Resuming from {tmp_path / 'checkpoint-4'} " in out
+    assert is_complete(tmp_path / "checkpoint-8") and damage(tmp_path / "checkpoint-8") is None
