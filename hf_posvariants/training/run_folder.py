@@ -12,9 +12,10 @@
   of the checkpoint is on disk, sits in it; the copy lists each file's size. Resume and rotation consider
   complete checkpoints of this run only, so a checkpoint cut short by a crash is never loaded and a folder
   the run did not write is never deleted. A checkpoint saved again (a run continued from an earlier one
-  reaches its step) loses its record before the Trainer rewrites its files in place. Resume verifies the checkpoint it picks (sizes, safetensors
-  headers) and falls back to the newest intact one, naming the damaged one; a checkpoint saved without
-  its optimizer state (`save_only_model`) is resumed only when the user allows it.
+  reaches its step) loses its record before the Trainer rewrites its files in place. Resume verifies the
+  checkpoint it picks (sizes, safetensors headers) and falls back to the newest intact one, naming the
+  damaged one; a checkpoint saved without its optimizer state (`save_only_model`) is resumed only when
+  the user allows it.
 """
 
 from __future__ import annotations
