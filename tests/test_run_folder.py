@@ -579,3 +579,78 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
     resumed = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 12
+
+
+def make_older(folder: Path) -> None:
+    """Rewrite every run record in `folder` as versions before text_column's default ('text') wrote them for
+    the same command: text_column unset, no `distributed` setting, no data hash, adopted or file sizes."""
+    for path in [folder / "run_args.json", *folder.glob("checkpoint-*/run_args.json")]:
+        record = json.loads(path.read_text())
+        for key in ("adopted", "dataset_sha256", "files"):
+            record.pop(key, None)
+        record["data_args"]["text_column"] = record["settings"]["data_args.text_column"] = None
+        record["model_args"].pop("distributed")
+        record["settings"].pop("model_args.distributed")
+        path.write_text(json.dumps(record, indent=2))
+
+
+def test_a_run_recorded_before_text_columns_default_resumes_on_data_with_a_text_column(tmp_path, uninterrupted,
+                                                                                        capsys):
+    argv = run_argv(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(argv, callbacks=[CrashAt(6)])
+    make_older(tmp_path)
+
+    capsys.readouterr()
+    pipeline.main(argv)  # the same command: an unset text_column chose 'text', which the data has
+    assert f"Resuming from {tmp_path / 'checkpoint-4'} " in capsys.readouterr().out
+    assert_same_weights(tmp_path, uninterrupted)
+    assert json.loads((tmp_path / "run_args.json").read_text())["settings"]["data_args.text_column"] == "text"
+
+
+def test_a_run_recorded_before_text_columns_default_is_refused_where_it_trained_on_another_column(tmp_path):
+    # Older versions trained on the first text column where there was no 'text': here the ids.
+    rows = "".join(json.dumps({"id": f"row-{i}", "body": f"line {i} of the poem, and then some"}) + "\n"
+                   for i in range(300))  # fmt: skip
+    (tmp_path / "data.jsonl").write_text(rows)
+    argv = tiny_argv(tmp_path / "run", "clm", "posvar_llama", "--train_file", str(tmp_path / "data.jsonl"),
+                     "--text_column", "body", "--max_steps", "3", "--save_steps", "1",
+                     "--eval_strategy", "no")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(argv, callbacks=[CrashAt(2)])
+    make_older(tmp_path / "run")
+    before = folder_digest(tmp_path / "run")
+    with pytest.raises(OutputDirError, match=r"started with text_column unset, which chose the column from the data: "
+                                             r"on this data it trained on its column 'id', not text_column='body'\. "
+                                             r"Add --text_column id to resume it"):  # fmt: skip
+        pipeline.main(argv)
+    assert folder_digest(tmp_path / "run") == before
+    # Continuing it with the settings given is asked for, and says what changed.
+    plan = prepare(tmp_path / "run", json.loads((tmp_path / "run" / "run_args.json").read_text())["settings"]
+                   | {"data_args.text_column": "body", "model_args.distributed": None}, "last", False)  # fmt: skip
+    assert "data_args.text_column: None → body" in plan.notes[0] and not plan.text_column_from_data
+
+
+@pytest.mark.slow  # three runs: ~15 s
+def test_a_sealed_checkpoint_saved_again_is_unsealed_first_so_a_kill_midway_leaves_it_incomplete(tmp_path, capsys):
+    """Resumed from an earlier checkpoint (of this version or an older one), a run saves again at a step it
+    saved before: the Trainer rewrites that folder in place, and the seal must go first, or a kill halfway
+    leaves new weights and optimizer beside the old RNG and Trainer state under a seal whose sizes still match."""
+    argv = run_argv(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(argv, callbacks=[CrashAt(10)])
+    assert is_complete(tmp_path / "checkpoint-8")
+    # Continue from checkpoint-4 with another learning rate: checkpoint-8 gets other weights.
+    changed = [*argv, "--learning_rate", "0.001"]
+    child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "_save_rng_state", "before", "8",
+                            json.dumps([*changed, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4")])],
+                           env=CHILD_ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert not is_complete(tmp_path / "checkpoint-8")
+
+    capsys.readouterr()
+    pipeline.main(changed)  # the command of the continued run
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint-8: not a complete checkpoint of this run" in out
+    assert f"Resuming from {tmp_path / 'checkpoint-4'} " in out
+    assert is_complete(tmp_path / "checkpoint-8") and damage(tmp_path / "checkpoint-8") is None

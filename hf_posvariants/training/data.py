@@ -339,6 +339,16 @@ def text_column_of(dataset: Dataset, text_column: str) -> str:
     return text_column
 
 
+def column_chosen_by_older_versions(dataset: Dataset) -> str | None:
+    """The column versions before text_column's default trained on when it was unset: `text` where the data
+    had one, else its first text column (None: none, they refused the data)."""
+    if "text" in dataset.column_names:
+        return "text"
+    texts = [column for column in dataset.column_names
+             if getattr(dataset.features[column], "dtype", None) in ("string", "large_string")]  # fmt: skip
+    return texts[0] if texts else None
+
+
 def pack_blocks(splits: DatasetDict, tokenizer, text_column: str, block_size: int) -> DatasetDict:
     """Tokenize every text, join them with the tokenizer's separator, and cut the stream into blocks.
 

@@ -27,6 +27,8 @@ from transformers import PreTrainedModel, Trainer
 from transformers.distributed import DistributedConfig
 from transformers.trainer import SCHEDULER_NAME
 
+from .trainer import PosVarTrainer
+
 INITIAL_WEIGHTS = "initial-weights"
 # The fields a recipe may set: the sizes and switches of the mesh; the plans come from the model classes.
 RECIPE_FIELDS = ("fsdp_size", "dp_replicate_size", "tp_size", "pp_size", "fsdp_cpu_offload", "fsdp_mixed_precision")
@@ -89,8 +91,8 @@ def keep_source_module(model) -> None:
 SHARDED_STATE = "sharded_state"
 
 
-class ShardedCheckpointTrainer(Trainer):
-    """transformers' Trainer for a model sharded at load time, with checkpoints it can resume from.
+class ShardedCheckpointTrainer(PosVarTrainer):
+    """The pipeline's Trainer (`PosVarTrainer`) for a model sharded at load time, with checkpoints it can resume from.
 
     transformers refuses to checkpoint such a run's optimizer (its state is sharded like the weights). Here every
     checkpoint also holds `sharded_state/`: the model and optimizer state as each rank holds it, written with
@@ -131,4 +133,5 @@ class ShardedCheckpointTrainer(Trainer):
 
 def trainer_class(model) -> type[Trainer]:
     """The Trainer for `model`: the sharded-checkpoint one when transformers sharded it at load time."""
-    return ShardedCheckpointTrainer if getattr(model, "is_distributed_loading_by_transformers", False) else Trainer
+    sharded = getattr(model, "is_distributed_loading_by_transformers", False)
+    return ShardedCheckpointTrainer if sharded else PosVarTrainer

@@ -52,6 +52,7 @@ from .data import (
     TEXT_UNITS,
     SeededMasking,
     TextColumn,
+    column_chosen_by_older_versions,
     content_hash,
     drop_unusable_texts,
     hold_out,
@@ -68,6 +69,7 @@ from .recipes import check_config_fields, parse_recipe, recipe_argv
 from .run_folder import (
     RUN_RECORD_FILE,
     TRAINER_STATE_NAME,
+    OutputDirError,
     RunLock,
     RunPlan,
     checkpoints,
@@ -485,6 +487,8 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     splits = load_splits(data_args.dataset_name, data_args.dataset_config_name, data_args.train_file,
                          data_args.validation_file, data_args.validation_fraction, training_args.seed,
                          data_args.builtin_examples, data_args.text_unit)  # fmt: skip
+    if plan.text_column_from_data:
+        check_text_column_of_older_run(splits["train"], data_args.text_column, training_args.output_dir)
     text_column = text_column_of(splits["train"], data_args.text_column)
     if model_args.task == "lm":
         splits, notes = drop_unusable_texts(splits, text_column, data_args.train_file or data_args.dataset_name,
@@ -533,6 +537,19 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         if pusher is not None:
             publish_final(output_dir, pusher, final)
     return metrics
+
+
+def check_text_column_of_older_run(dataset, text_column: str, output_dir: str) -> None:
+    """A run recorded with text_column unset chose its column from the data: it resumes with the text_column
+    given only if that is the column it chose (`text` wherever the data has one), else it would go on
+    training on another column."""
+    chosen = column_chosen_by_older_versions(dataset)
+    if chosen != text_column:
+        chose = f"trained on its column {chosen!r}" if chosen else "found no text column"
+        resume = f"Add --text_column {chosen} to resume it, or" if chosen else "Add"
+        raise OutputDirError(f"output_dir {output_dir!r} holds a run started with text_column unset, which chose the "
+                             f"column from the data: on this data it {chose}, not text_column={text_column!r}. "
+                             f"{resume} --overwrite_output_dir true to start a new run.")  # fmt: skip
 
 
 def fit(trainer: Trainer, plan: RunPlan) -> dict:

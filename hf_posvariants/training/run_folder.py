@@ -11,9 +11,11 @@
 - A checkpoint is complete once a copy of the run record, written atomically after every other file
   of the checkpoint is on disk, sits in it; the copy lists each file's size. Resume and rotation consider
   complete checkpoints of this run only, so a checkpoint cut short by a crash is never loaded and a folder
-  the run did not write is never deleted. Resume verifies the checkpoint it picks (sizes, safetensors
-  headers) and falls back to the newest intact one, naming the damaged one; a checkpoint saved without
-  its optimizer state (`save_only_model`) is resumed only when the user allows it.
+  the run did not write is never deleted. A checkpoint saved again (a run continued from an earlier one
+  reaches its step) loses its record before the Trainer rewrites its files in place. Resume verifies the
+  checkpoint it picks (sizes, safetensors headers) and falls back to the newest intact one, naming the
+  damaged one; a checkpoint saved without its optimizer state (`save_only_model`) is resumed only when
+  the user allows it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ NEUTRAL_SETTINGS = {
     "enable_jit_checkpoint", "allow_model_only_resume", "max_dropped_fraction",
 }  # fmt: skip
 NEUTRAL_PREFIXES = ("logging_", "hub_", "trackio_")
+# Settings that older versions did not record, with the value that does what those versions did.
+ADDED_SETTINGS = {"model_args.distributed": None}
+# Older versions recorded text_column None (unset): they chose the column from the data, `text` where there
+# was one, else the first text column. Whether that is the text_column given now is known once the data is read.
+TEXT_COLUMN_SETTING = "data_args.text_column"
 
 
 class OutputDirError(ValueError):
@@ -104,6 +111,18 @@ def run_settings(sections: dict[str, dict]) -> dict:
     flat = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
             if not _is_neutral(key)}  # fmt: skip
     return json.loads(json.dumps(flat, default=str))
+
+
+def older_settings_upgraded(recorded: dict, current: dict) -> tuple[dict, bool]:
+    """A record's settings in today's terms: settings added since it was written take the value that does
+    what its version did, and an unset text_column stands for the one given now. The flag says whether it
+    did: then the text column was chosen from the data, and the run may resume only if the data still
+    gives the same one (see `pipeline.check_text_column_of_older_run`)."""
+    upgraded = {**{key: value for key, value in ADDED_SETTINGS.items() if key in current}, **recorded}
+    chosen_from_data = recorded.get(TEXT_COLUMN_SETTING, "") is None and current.get(TEXT_COLUMN_SETTING) is not None
+    if chosen_from_data:
+        upgraded[TEXT_COLUMN_SETTING] = current[TEXT_COLUMN_SETTING]
+    return upgraded, chosen_from_data
 
 
 def setting_changes(recorded: dict, current: dict) -> list[str]:
@@ -269,13 +288,16 @@ def _safetensors_damage(path: Path) -> str | None:
 @dataclass
 class RunPlan:
     """What `prepare` decided: the run's id, the checkpoint to resume from, and whether it is done already.
-    `adopted` names the plain transformers Trainer checkpoint in the folder that the run started from."""
+    `adopted` names the plain transformers Trainer checkpoint in the folder that the run started from.
+    `text_column_from_data`: the run was started by a version that chose its text column from the data; the
+    same command resumes it only if the data still gives the text_column it names."""
 
     run_id: str
     resume_from: str | None = None
     finished: bool = False
     adopted: str | None = None
     notes: list[str] = field(default_factory=list)
+    text_column_from_data: bool = False
 
 
 def _is_control_file(name: str) -> bool:
@@ -310,12 +332,15 @@ def prepare(folder: str | Path, settings: dict, resume: str | None, overwrite: b
     elif record is None or "run_id" not in record:
         plan = _adopt(folder, contents, resume)
     else:
-        changes = setting_changes(record.get("settings", {}), settings)
+        recorded, from_data = older_settings_upgraded(record.get("settings", {}), settings)
+        if resume is not None and from_data:  # continuing with the settings given: an unset text_column is a change
+            recorded[TEXT_COLUMN_SETTING], from_data = None, False
+        changes = setting_changes(recorded, settings)
         if changes and resume is None:
             resumable = any(is_complete(path, record["run_id"]) for path in checkpoints(folder))
             raise _refusal(folder, "holds a different run; its settings differ in " + "; ".join(changes), resumable)
         plan = RunPlan(run_id=record["run_id"], finished=bool(record.get("finished")) and not changes,
-                       adopted=record.get("adopted"))  # fmt: skip
+                       adopted=record.get("adopted"), text_column_from_data=from_data)  # fmt: skip
         if changes:
             plan.notes.append("Continuing the run in output_dir with changed settings: " + "; ".join(changes))
     if plan.finished and resume is None:
