@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 
 from hf_posvariants import FAMILIES
 from hf_posvariants.configuration_posvariants import tensor_parallel_encodings
@@ -49,6 +50,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 import hf_posvariants  # noqa: F401
 from tests.test_tensor_parallel import gradients
 
@@ -85,7 +87,8 @@ def gradients(model, inputs: dict) -> list[tuple[str, torch.Tensor]]:
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     model.zero_grad()
     for row in range(labels.shape[0]):
-        model(**{key: value[row : row + 1] for key, value in inputs.items()}, labels=labels[row : row + 1]).loss.backward()
+        micro_batch = {key: value[row : row + 1] for key, value in inputs.items()}
+        model(**micro_batch, labels=labels[row : row + 1]).loss.backward()
     return [(name, parameter.grad) for name, parameter in model.named_parameters() if parameter.grad is not None]
 
 
@@ -123,7 +126,9 @@ PIPELINE_CASES = ["posvar_transformer-alibi", "posvar_transformer-learned", "pos
                   "posvar_llama-cope", "posvar_diff-rope"]  # fmt: skip
 
 
-@pytest.mark.slow  # one torchrun launch of two fresh interpreters loading ~46 models, a forward and two backwards each: 255 s on 2 busy cores
+# One torchrun launch of two fresh interpreters loading 46 models, a forward, a generation and two backwards each:
+# 255 s on 2 busy cores.
+@pytest.mark.slow
 def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
     inputs = {
         "input_ids": torch.tensor([[5, 9, 14, 3, 22, 7, 30], [0, 0, 11, 4, 19, 8, 6]]),
@@ -160,12 +165,14 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
             assert torch.equal(outputs["tokens"], expected[name][1]), name
             assert outputs["gradients"].keys() == expected[name][2].keys(), name
             for key, gradient in expected[name][2].items():
-                torch.testing.assert_close(outputs["gradients"][key], gradient, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+                got = outputs["gradients"][key]
+                torch.testing.assert_close(got, gradient, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
         for name in PIPELINE_CASES:
             outputs = torch.load(tmp_path / f"{name}.pipeline.rank{rank}.pt")
             torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
     # Every causal family × encoding splits, bias encodings included; only differential pairs across ranks do not.
-    assert [name for name, claimed in claims.items() if not claimed] == ["posvar_diff-halves", "posvar_diff-one-kv-pair"]
+    refused = [name for name, claimed in claims.items() if not claimed]
+    assert refused == ["posvar_diff-halves", "posvar_diff-one-kv-pair"]
 
 
 @pytest.mark.parametrize("config_class", list(FAMILIES), ids=lambda c: c.model_type)
@@ -253,3 +260,17 @@ def test_plans_name_existing_modules():
         assert {rule for rule in plan if rule not in names} == set()
         assert ("model.layers.*.mlp.gate_proj" in plan) == (config_class().mlp_type == "gated")
         assert set(model.pp_plan) == {"model.embed_tokens", "model.layers", "model.norm", "lm_head"}
+
+
+def test_a_pipeline_stage_skips_the_layers_it_does_not_hold():
+    """transformers' pipeline split puts `PipelineIdentityLayer` where a layer belongs to another stage: the stage runs
+    its own layers (with a bias chosen for them alone) and passes the others through, as a model of those layers does."""
+    config = tp_config(CAUSAL_FAMILIES[1], "t5_bias")
+    stage = perturbed(build(AutoModelForCausalLM, config, attn_implementation="sdpa")).model
+    stage.layers[1] = PipelineIdentityLayer()
+    alone = build(AutoModelForCausalLM, tp_config(CAUSAL_FAMILIES[1], "t5_bias", num_hidden_layers=1), "sdpa").model
+    alone.load_state_dict(stage.state_dict())
+    input_ids = torch.tensor([[5, 9, 14, 3, 22, 7, 30]])
+    with torch.no_grad():
+        expected = alone(input_ids).last_hidden_state
+        torch.testing.assert_close(stage(input_ids).last_hidden_state, expected, rtol=0, atol=0)

@@ -57,9 +57,10 @@ def check_trainable_on(distributed_config: DistributedConfig | None, device_type
     and the sharded model are ready. Loading for inference (`from_pretrained(..., tp_plan="auto")`) works on CPU."""
     if distributed_config is not None and distributed_config.tp_size > 1 and device_type == "cpu":
         raise ValueError(
-            f"distributed.tp_size={distributed_config.tp_size} cannot train on CPU: accelerate accepts a tensor-parallel "
-            "model from the Trainer only on GPUs (or other accelerators), with FSDP2 or DeepSpeed, not in CPU "
-            "processes (DistributedType.MULTI_CPU). Allowed on CPU is tp_size=1; shard with fsdp_size instead."
+            f"distributed.tp_size={distributed_config.tp_size} cannot train on CPU: accelerate accepts a "
+            "tensor-parallel model from the Trainer only on GPUs (or other accelerators), with FSDP2 or DeepSpeed, "
+            "not in CPU processes (DistributedType.MULTI_CPU). Allowed on CPU is tp_size=1; shard with fsdp_size "
+            "instead."
         )
 
 
