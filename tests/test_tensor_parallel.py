@@ -50,7 +50,6 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
-from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 import hf_posvariants  # noqa: F401
 from tests.test_tensor_parallel import gradients
 
