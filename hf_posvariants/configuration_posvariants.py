@@ -32,12 +32,20 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_TYPES = ("standard", "gated")
 CLASSIFIER_POOLINGS = ("first", "last", "mean")
-# Tensor parallelism gives each rank a slice of the heads through the projections alone. Encodings of these kinds
-# hold per-head state in the base model (a bias table with one row per head, ALiBi's slopes; DeBERTa's relative
-# embeddings projected per head), which would not follow the rank's heads. Differential attention splits: its λ
-# and norm are shared by all heads, and "pairs" keeps each head pair on one rank.
-TENSOR_PARALLEL_UNSPLITTABLE_KINDS = ("bias", "relative")
+# Tensor parallelism gives each rank a slice of the heads through the projections; a shared position bias follows
+# them where its encoding declares which of its tables are per head (`per_head_tables`), and the base model reads those
+# at the rank's heads. DeBERTa's relative embeddings are projected per head by its own attention: refused.
+# Differential attention splits: its λ and norm are shared by all heads, and "pairs" keeps each pair on one rank.
 TENSOR_PARALLEL_VARIANTS = ("standard", "differential")
+
+
+def tensor_parallel_encodings() -> list[str]:
+    """The selectable encodings whose per-head state follows a tensor-parallel rank's heads: every kind but a bias that
+    does not declare its per-head tables."""
+    return [
+        name for name in selectable_position_encodings()
+        if POSITION_ENCODINGS[name].kind != "bias" or POSITION_ENCODINGS[name].per_head_tables is not None
+    ]  # fmt: skip
 
 
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -404,16 +412,12 @@ class PosVarConfig(PreTrainedConfig):
             )
         scheduled = [("layer_position_encodings", name) for name in self.layer_position_encodings or []]
         for field, name in [("position_encoding", self.position_encoding), *scheduled]:
-            kind = POSITION_ENCODINGS[name].kind
-            if kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS:
-                allowed = [
-                    other for other in selectable_position_encodings()
-                    if POSITION_ENCODINGS[other].kind not in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
-                ]
+            encoding = POSITION_ENCODINGS[name]
+            if encoding.kind == "bias" and encoding.per_head_tables is None:
                 raise ValueError(
-                    f"Tensor parallelism (tp_size={tp_size}) is not supported for {field}={name!r}: its {kind} "
-                    f"holds one entry per head for the whole model, which would not follow each rank's heads; "
-                    f"allowed encodings are {sorted(allowed)} (or tp_size=1)."
+                    f"Tensor parallelism (tp_size={tp_size}) is not supported for {field}={name!r}: its bias does not "
+                    "declare which of its tables hold one entry per head (`per_head_tables`), so they could not follow "
+                    f"each rank's heads; allowed encodings are {sorted(tensor_parallel_encodings())} (or tp_size=1)."
                 )
         # Differential attention keeps pairs of query and of key/value heads on one rank.
         differential = self.attention_variant == "differential"

@@ -208,7 +208,7 @@ class DifferentialAttention(PosVarAttention):
         query, key = self.maps_first(query), self.maps_first(key)  # (B, H, Q, d), (B, H_kv, K, d)
         if positions.route.folded:  # the shared bias in the mask has the model's head order
             attention_mask = self.maps_first(attention_mask)
-        bias = self.in_kernel_order(kernel_bias(positions), query.device)
+        bias = self.in_kernel_order(kernel_bias(positions), query.shape[1], query.device)
         bias.tensor = self.contextual_bias(query, key, attention_mask)  # once, for every kernel call of the layer
         lam = self.differential_lambda().to(query.dtype)
         difference, weights = self.attend_pairs(query, key, value, attention_mask, lam, bias, **kwargs)
@@ -305,14 +305,14 @@ class DifferentialAttention(PosVarAttention):
         difference = torch.matmul(first - lam * second, repeat_kv(wide_value, self.num_key_value_groups))
         return difference.transpose(1, 2), weights
 
-    def in_kernel_order(self, bias: KernelBias, device: torch.device) -> KernelBias:
+    def in_kernel_order(self, bias: KernelBias, heads: int, device: torch.device) -> KernelBias:
         """The shared bias (a score function, or the row of a bias folded into the reordered mask) seen from the
-        kernel's [first maps, second maps] head order."""
+        kernel's [first maps, second maps] order of the layer's `heads` query heads (a tensor-parallel rank's)."""
         row = None if bias.row is None else self.maps_first(bias.row[None])[0]
         if bias.score_mod is None:
             return dataclasses.replace(bias, row=row)
         in_config_order = bias.score_mod
-        config_head = self.maps_first(torch.arange(self.num_heads, device=device)[None])[0]
+        config_head = self.maps_first(torch.arange(heads, device=device)[None])[0]
 
         def reordered(score, batch, head, query, key):
             return in_config_order(score, batch, config_head[head], query, key)

@@ -10,7 +10,9 @@ This file imports only torch and transformers: it travels with remote-code check
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -192,18 +194,112 @@ class PosVarPreTrainedModel(PreTrainedModel):
 
     def init_parallel_plans(self) -> None:
         """transformers' plans from the config and the heads, less the gate projection's rule where the MLP has none
-        (transformers would warn that it matches nothing)."""
+        (transformers would warn that it matches nothing), plus a rule for every attention module that holds
+        parameters outside the split projections (`SHARED_BY_HEADS`)."""
         super().init_parallel_plans()
         if self.config.mlp_type != "gated":
             self._tp_plan = {rule: style for rule, style in self._tp_plan.items() if not rule.endswith("mlp.gate_proj")}
+        if self.base_model is self:
+            self._tp_plan.update(dict.fromkeys(self.shared_attention_modules(), SHARED_BY_HEADS))
+
+    def shared_attention_modules(self) -> list[str]:
+        """Plan rules (`layers.*.…`) of the attention modules whose own parameters every head reads: differential
+        attention's λ and norm, CoPE's position embeddings. The heads split through the projections alone, so these
+        stay whole on every rank."""
+        rules = []
+        for name, module in self.named_modules():
+            rule = re.sub(r"\.\d+(\.|$)", r".*\1", name)
+            owns_parameters = next(module.parameters(recurse=False), None) is not None
+            if ".self_attn" in rule and owns_parameters and rule not in self._tp_plan and rule not in rules:
+                rules.append(rule)
+        return rules
 
     @classmethod
     def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
         """transformers' sharding at load time (`tp_plan="auto"`, `DistributedConfig`), after refusing a tensor-parallel
-        split that the configuration's per-head state could not follow (before any weight is loaded)."""
-        if distributed_config is not None and distributed_config.tp_size > 1:
+        split that the configuration's per-head state could not follow (before any weight is loaded); the base model
+        then reads a shared position bias at the heads of this rank's slice of the projections."""
+        tensor_parallel = distributed_config is not None and distributed_config.tp_size > 1
+        if tensor_parallel:
             model.config.check_tensor_parallel(distributed_config.tp_size)
-        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+            register_shared_by_heads_style()
+        model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        if tensor_parallel and mesh_manager is not None:
+            mesh = mesh_manager.get_mesh("tp")
+            heads = model.config.num_attention_heads // mesh.size()
+            start = mesh.get_local_rank() * heads  # colwise q_proj: rank r holds output rows r·H/N·D onwards
+            model.base_model.head_shard = HeadShard(slice(start, start + heads), mesh.get_group())
+        return model
+
+
+class SumGradientOverRanks(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over a process group (Megatron-LM's "f"). A table every
+    tensor-parallel rank computes in full but reads at its own heads only gets each rank's heads' gradient there:
+    summed, every rank's replicated parameters get the whole gradient, as in one process."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+# The tensor-parallel style of a module whose parameters every head reads (`shared_attention_modules`).
+SHARED_BY_HEADS = "posvar_shared_by_heads"
+
+
+@contextlib.contextmanager
+def gradients_summed_over(module: nn.Module, group):
+    """During a forward: `module`'s own parameters read through `SumGradientOverRanks`, so each backward adds the
+    gradient of all ranks' heads to them. transformers' `replicated_with_grad_allreduce` sums `.grad` once it is
+    accumulated instead, which would add the earlier micro-batches again under gradient accumulation."""
+    originals = dict(module._parameters)
+    if torch.is_grad_enabled():
+        for name, parameter in originals.items():
+            if parameter is not None and parameter.requires_grad:
+                module._parameters[name] = SumGradientOverRanks.apply(parameter, group)
+    try:
+        yield
+    finally:
+        module._parameters.update(originals)
+
+
+def register_shared_by_heads_style() -> None:
+    """Register `SHARED_BY_HEADS` in transformers' parallel styles (when a model is first distributed: the styles
+    exist only where torch.distributed does)."""
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+    from transformers.distributed.tensor_parallel import TensorParallelLayer
+
+    class SharedByHeadsParallel(TensorParallelLayer):
+        """Parameters kept whole on every rank, their gradient summed over the ranks on every backward."""
+
+        def context_around_forward(self, module, mesh):
+            return gradients_summed_over(module, mesh.get_group())
+
+    if SHARED_BY_HEADS not in ALL_PARALLEL_STYLES:
+        ALL_PARALLEL_STYLES.register(SHARED_BY_HEADS, SharedByHeadsParallel())
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one tensor-parallel rank holds, `heads` of the model's (in config order), and the process
+    `group` of the ranks holding the others (None: a single process, as in tests)."""
+
+    heads: slice
+    group: object | None = None
+
+    def select(self, bias: ScoreBias) -> ScoreBias:
+        """The shared bias at these heads; its tables that need a gradient sum it over the group (parameters stay
+        replicated, so checkpoints and optimizers see them whole)."""
+        if self.group is not None:
+            tables = [SumGradientOverRanks.apply(t, self.group) if t.requires_grad else t for t in bias.tables]
+            bias = ScoreBias(bias.encoding, type(bias.tables)(*tables), bias.query_length, bias.key_length)
+        return bias.for_heads(self.heads)
 
 
 def warn_if_trained_as_masked_lm(model: PosVarPreTrainedModel, source) -> None:
@@ -280,8 +376,11 @@ def positions_from_mask(
 class PosVarModel(PosVarPreTrainedModel):
     """The bare stack: embeddings, position encoding, blocks, final norm (pre-norm only).
 
-    Causal or bidirectional according to `config.is_decoder`, unless a head decides (`is_causal`).
+    Causal or bidirectional according to `config.is_decoder`, unless a head decides (`is_causal`). Under tensor
+    parallelism `head_shard` names the heads this rank's projections hold.
     """
+
+    head_shard: HeadShard | None = None
 
     def __init__(self, config: PosVarConfig, is_causal: bool | None = None):
         super().__init__(config)
@@ -364,7 +463,10 @@ class PosVarModel(PosVarPreTrainedModel):
         name, device_type = self.layer_encoding_names[layer_idx], hidden_states.device.type
         batch_size, query_length = hidden_states.shape[:2]
         score_elements = batch_size * self.config.num_attention_heads * query_length * key_length
-        layers = [layer.self_attn for layer, used in zip(self.layers, self.layer_encoding_names) if used == name]
+        layers = [
+            layer.self_attn for layer, used in zip(self.layers, self.layer_encoding_names)
+            if used == name and not isinstance(layer, PipelineIdentityLayer)  # a layer of another pipeline stage
+        ]  # fmt: skip
         return choose_bias_route(
             self.config._attn_implementation,
             device_type,
@@ -390,6 +492,8 @@ class PosVarModel(PosVarPreTrainedModel):
         (`positions_per_layer`)."""
         encoding = self.encoding_named(self.layer_encoding_names[layer_idx])
         bias = encoding.score_bias(query_slots, key_slots, position_ids)
+        if bias is not None and self.head_shard is not None:
+            bias = self.head_shard.select(bias)
         route = self.bias_route(bias, layer_idx, hidden_states, key_slots.shape[0])
         if route.folded:
             # Sent to the row by the kernel, the gradient need not flow through the folded mask.
@@ -464,6 +568,8 @@ class PosVarModel(PosVarPreTrainedModel):
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         per_layer = self.positions_per_layer(hidden_states, position_ids, query_slots, key_slots, mask)
         for layer, (positions, layer_mask) in zip(self.layers, per_layer):
+            if isinstance(layer, PipelineIdentityLayer):  # a layer of another pipeline stage
+                continue
             hidden_states = layer.run(hidden_states, layer_mask, positions, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 

@@ -95,6 +95,12 @@ class ScoreBias:
         """The same bias over another per-distance row (the heads reordered)."""
         return ScoreBias(self.encoding, DistanceRow(row), self.query_length, self.key_length)
 
+    def for_heads(self, heads: slice) -> ScoreBias:
+        """The bias of the model's heads `heads` alone (a tensor-parallel rank's): the tables the encoding declares per
+        head (`per_head_tables`) sliced, the others shared."""
+        sliced = {name: getattr(self.tables, name)[heads] for name in self.encoding.per_head_tables}
+        return ScoreBias(self.encoding, self.tables._replace(**sliced), self.query_length, self.key_length)
+
     def score_mod(self) -> ScoreMod:
         return self.encoding.score_function(self.tables, self.query_length, self.key_length)
 
@@ -224,6 +230,9 @@ class ScoreBiasEncoding(PositionEncoding):
 
     kind = "bias"
     backends = SCORE_BIAS_BACKENDS
+    # The fields of the encoding's tables that hold one entry per head along their first dimension, sliced to a
+    # tensor-parallel rank's heads (`ScoreBias.for_heads`); None: undeclared, and tensor parallelism is refused.
+    per_head_tables: ClassVar[tuple[str, ...] | None] = None
 
     def score_bias(self, query_slots, key_slots, position_ids=None) -> ScoreBias:
         """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
@@ -489,6 +498,8 @@ class DistanceBias(ScoreBiasEncoding):
     being accumulated into a handful.
     """
 
+    per_head_tables = ("values",)
+
     def distance_table(self, relative: torch.LongTensor) -> torch.Tensor:
         """(heads, N) bias for the N signed distances ``relative`` (key slot - query slot)."""
         raise NotImplementedError
@@ -571,6 +582,8 @@ class ALiBiBias(DistanceBias):
     kernel, reading no table at all.
     """
 
+    per_head_tables = ("slopes",)
+
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
         self.num_heads = config.num_attention_heads
@@ -580,7 +593,12 @@ class ALiBiBias(DistanceBias):
         return {"slopes": alibi_slopes(self.num_heads)}
 
     def distance_table(self, relative):
-        return -self.slopes[:, None] * relative.abs().float()  # (H, N)
+        return self.linear_bias(self.slopes, relative)
+
+    @staticmethod
+    def linear_bias(slopes: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
+        """(H, N) bias −m_h·|r| of the (H,) `slopes` at the N distances `relative`."""
+        return -slopes[:, None] * relative.abs().float()
 
     def score_bias(self, query_slots, key_slots, position_ids=None):
         # The key-to-query offset is a tensor, so flex does not recompile for every decoding step.
@@ -597,7 +615,7 @@ class ALiBiBias(DistanceBias):
 
     def materialise_bias(self, tables, query_length, key_length):
         relative = torch.arange(query_length + key_length - 1, device=tables.slopes.device) - (query_length - 1)
-        row = DistanceRow(self.distance_table(relative + tables.offset))
+        row = DistanceRow(self.linear_bias(tables.slopes, relative + tables.offset))  # the tables' heads only
         return super().materialise_bias(row, query_length, key_length)
 
 
@@ -818,6 +836,7 @@ class FIREBias(ScoreBiasEncoding):
 
     eps: ClassVar[float] = 1e-6
     config_fields = ("fire_mlp_width", "fire_threshold")
+    per_head_tables = ("w2", "b2")  # the MLP's output layer; its first layer and ψ are shared by all heads
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -858,8 +877,10 @@ class FIREBias(ScoreBiasEncoding):
     def materialise_bias(self, tables, query_length, key_length):
         grid = distance_grid(query_length, key_length, tables.positions.device) - (query_length - 1) + tables.offset  # j − i
         inputs = self.interpolated_distance(grid[None], tables.positions[:, :, None], tables.c, tables.threshold)  # (B, Q, K)
-        # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype.
-        return self.mlp(inputs[..., None].to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2)  # (B, H, Q, K)
+        # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype, from the tables
+        # (whose output layer may hold only some heads, `ScoreBias.for_heads`).
+        hidden = torch.relu(nn.functional.linear(inputs[..., None].to(tables.w1.dtype), tables.w1[:, None], tables.b1))
+        return nn.functional.linear(hidden, tables.w2, tables.b2).permute(0, 3, 1, 2)  # (B, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
         width = tables.w1.shape[0]

@@ -110,3 +110,38 @@ def test_two_process_fsdp2_checkpoints_resumes_and_matches_one_process(tmp_path)
     # The checkpoint carries the family's source files (remote code), not the FSDP wrapper's module.
     assert (tmp_path / "fsdp" / "modeling_posvariants.py").is_file()
     assert not list((tmp_path / "fsdp").glob("_fsdp*.py"))
+
+
+def test_tensor_parallel_training_refused_on_cpu_before_any_data(tmp_path):
+    """The Trainer cannot start a tensor-parallel run in CPU processes (see the canary below): refused at parsing,
+    naming the field, rather than after the data and the sharded model are ready."""
+    argv = tiny_argv(tmp_path, "clm", "posvar_llama", "--distributed", json.dumps({"tp_size": 2}))
+    with pytest.raises(ValueError, match=r"distributed.tp_size=2 cannot train on CPU: .*Allowed on CPU is tp_size=1"):
+        parse(argv)
+    parse(tiny_argv(tmp_path, "clm", "posvar_llama", "--distributed", json.dumps({"tp_size": 1})))  # no refusal
+
+
+# Two CPU ranks building the Accelerator that transformers' Trainer builds for a model loaded with tp_size=2.
+ACCELERATE_TP = """
+from accelerate import Accelerator, ParallelismConfig
+try:
+    Accelerator(cpu=True, parallelism_config=ParallelismConfig(tp_size=2))
+except ValueError as error:
+    print("refused:", error)
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters importing accelerate under torchrun: about 20 s on 2 busy cores
+def test_accelerate_still_refuses_tensor_parallelism_in_cpu_processes(tmp_path):
+    """The reason for the refusal above, pinned: when accelerate starts accepting it, this fails, and tp_size can be
+    let through to the Trainer on CPU (and tested against one process)."""
+    driver = tmp_path / "accelerate_tp.py"
+    driver.write_text(ACCELERATE_TP)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver)],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    refusal = "refused: ParallelismConfig is only compatible DistributedType.FSDP (version 2) or DistributedType.Multi"
+    assert result.stdout.count(refusal) == 2, result.stdout
+    assert "but got DistributedType.MULTI_CPU" in result.stdout

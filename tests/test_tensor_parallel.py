@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism through transformers' own loader: `from_pretrained(..., tp_plan="auto")` under a
-real two-process torchrun over gloo gives the one-process logits and greedy tokens for every configuration whose
-heads split, and every other configuration is refused before a weight is loaded; two pipeline stages
-(`DistributedConfig(pp_size=2)`) give the one-process logits."""
+real two-process torchrun over gloo gives the one-process logits, greedy tokens and gradients for every configuration
+whose heads split (a shared position bias read at each rank's heads), and every other configuration is refused before
+a weight is loaded; two pipeline stages (`DistributedConfig(pp_size=2)`) give the one-process logits."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 
 from hf_posvariants import FAMILIES
-from hf_posvariants.configuration_posvariants import TENSOR_PARALLEL_UNSPLITTABLE_KINDS
-from hf_posvariants.position_encodings import POSITION_ENCODINGS
+from hf_posvariants.configuration_posvariants import tensor_parallel_encodings
+from hf_posvariants.modeling_posvariants import HeadShard
+from hf_posvariants.position_encodings import POSITION_ENCODINGS, T5RelativeBias
 from tests.conftest import ENCODINGS, build, family_with, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +41,17 @@ def tp_config(config_class, encoding: str, **overrides):
     return tiny_config(config_class, encoding, vocab_size=64, **overrides)
 
 
-# One rank of `torchrun --nproc_per_node 2`: loads every case with tp_plan="auto", records logits and greedy tokens
-# (or the refusal) per case; then the pipeline cases as two stages.
+# One rank of `torchrun --nproc_per_node 2`: loads every case with tp_plan="auto", records logits, greedy tokens and
+# the whole gradient of every parameter (or the refusal) per case; then the pipeline cases as two stages.
 TP_WORKER = """
 import json, os, sys, warnings
 from pathlib import Path
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 import hf_posvariants  # noqa: F401
+from tests.test_tensor_parallel import gradients
 
 warnings.simplefilter("ignore", FutureWarning)  # tp_plan= is the documented spelling; DistributedConfig is the new one
 torch.set_num_threads(1)
@@ -63,7 +67,9 @@ for case in json.loads((folder / "cases.json").read_text()):
     with torch.no_grad():
         logits = model(**inputs).logits
     tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.save({"logits": logits, "tokens": tokens, "tp_size": model.tp_size}, folder / f"{case}.rank{rank}.pt")
+    grads = {name: grad.full_tensor() if isinstance(grad, DTensor) else grad for name, grad in gradients(model, inputs)}
+    outputs = {"logits": logits, "tokens": tokens, "tp_size": model.tp_size, "gradients": grads}
+    torch.save(outputs, folder / f"{case}.rank{rank}.pt")
 (folder / f"refusals.rank{rank}.json").write_text(json.dumps(refusals))
 for case in json.loads((folder / "pipeline_cases.json").read_text()):  # two pipeline stages, a layer each
     model = AutoModelForCausalLM.from_pretrained(folder / case, distributed_config=DistributedConfig(pp_size=2))
@@ -72,6 +78,17 @@ for case in json.loads((folder / "pipeline_cases.json").read_text()):  # two pip
         logits = model(**inputs).logits
     torch.save({"logits": logits}, folder / f"{case}.pipeline.rank{rank}.pt")
 """
+
+
+def gradients(model, inputs: dict) -> list[tuple[str, torch.Tensor]]:
+    """(name, gradient) of every parameter, accumulated over one backward of the causal-LM loss per row of `inputs`
+    (padding ignored), as gradient accumulation does over micro-batches."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model.zero_grad()
+    for row in range(labels.shape[0]):
+        micro_batch = {key: value[row : row + 1] for key, value in inputs.items()}
+        model(**micro_batch, labels=labels[row : row + 1]).loss.backward()
+    return [(name, parameter.grad) for name, parameter in model.named_parameters() if parameter.grad is not None]
 
 
 def perturbed(model):
@@ -108,7 +125,9 @@ PIPELINE_CASES = ["posvar_transformer-alibi", "posvar_transformer-learned", "pos
                   "posvar_llama-cope", "posvar_diff-rope"]  # fmt: skip
 
 
-@pytest.mark.slow  # one torchrun launch of two fresh interpreters loading ~40 models: about a minute on 2 busy cores
+# One torchrun launch of two fresh interpreters loading 46 models, a forward, a generation and two backwards each:
+# 255 s on 2 busy cores.
+@pytest.mark.slow
 def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
     inputs = {
         "input_ids": torch.tensor([[5, 9, 14, 3, 22, 7, 30], [0, 0, 11, 4, 19, 8, 6]]),
@@ -123,7 +142,7 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
         with torch.no_grad():
             logits = reference(**inputs).logits
         tokens = reference.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        expected[name], claims[name] = (logits, tokens), splits(config)
+        expected[name], claims[name] = (logits, tokens, dict(gradients(reference, inputs))), splits(config)
     (tmp_path / "cases.json").write_text(json.dumps(list(expected)))
     (tmp_path / "pipeline_cases.json").write_text(json.dumps(PIPELINE_CASES))
     driver = tmp_path / "tp_worker.py"
@@ -143,42 +162,56 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
             assert outputs["tp_size"] == TP_SIZE
             torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
             assert torch.equal(outputs["tokens"], expected[name][1]), name
+            assert outputs["gradients"].keys() == expected[name][2].keys(), name
+            for key, gradient in expected[name][2].items():
+                got = outputs["gradients"][key]
+                torch.testing.assert_close(got, gradient, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
         for name in PIPELINE_CASES:
             outputs = torch.load(tmp_path / f"{name}.pipeline.rank{rank}.pt")
             torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
-    assert sum(claims.values()) >= 18  # both plain families × every encoding without per-head tables, and a schedule
+    # Every causal family × encoding splits, bias encodings included; only differential pairs across ranks do not.
+    refused = [name for name, claimed in claims.items() if not claimed]
+    assert refused == ["posvar_diff-halves", "posvar_diff-one-kv-pair"]
 
 
 @pytest.mark.parametrize("config_class", list(FAMILIES), ids=lambda c: c.model_type)
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_tensor_parallel_claims_follow_per_head_state(config_class, encoding):
-    """Refused exactly where the model holds one entry per head outside the split projections (a bias encoding's
-    tables, DeBERTa's relative projections) or pairs heads across ranks (differential attention's "halves")."""
+    """Every encoding splits, a bias by its declared per-head tables; refused only where the attention projects
+    relative embeddings per head (DeBERTa) or pairs heads across ranks (differential attention's "halves")."""
     kind = POSITION_ENCODINGS[encoding].kind
     if config_class.attention_variant == "disentangled" and kind not in ("absolute", "none"):
         pytest.skip("posvar_deberta takes only input encodings")
     pairs = {"num_key_value_heads": 4} if config_class.attention_variant == "differential" else {}
     config = tiny_config(config_class, encoding, **pairs)
-    per_head = kind in TENSOR_PARALLEL_UNSPLITTABLE_KINDS
-    assert splits(config) == (config.attention_variant != "disentangled" and not per_head)
+    assert splits(config) == (config.attention_variant != "disentangled")
     if config.attention_variant == "differential":
         config.differential_head_layout = "halves"
         assert not splits(config)
 
 
+class UndeclaredBias(T5RelativeBias):
+    """A bias registered from outside the package that does not say which of its tables are per head."""
+
+    name = "undeclared_bias"
+    per_head_tables = None
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"position_encoding": "alibi"}, r"position_encoding='alibi': its bias"),
-        ({"layer_position_encodings": ["rope", "t5_bias"]}, r"layer_position_encodings='t5_bias'"),
+        ({"position_encoding": "undeclared_bias"}, r"position_encoding='undeclared_bias': its bias does not declare"),
+        ({"layer_position_encodings": ["rope", "undeclared_bias"]}, r"layer_position_encodings='undeclared_bias'"),
         ({"attention_variant": "differential"}, r"num_key_value_heads=2 to be a multiple of 4 \(head pairs per rank\)"),
         ({"attention_variant": "differential", "num_key_value_heads": 4, "differential_head_layout": "halves"},
          r"differential_head_layout='halves'"),
         ({"num_key_value_heads": 1}, r"needs num_key_value_heads=1 to be a multiple of 2; choose a tp_size"),
     ],
 )
-def test_tensor_parallel_refused_at_distribution_before_loading(overrides, message):
+def test_tensor_parallel_refused_at_distribution_before_loading(overrides, message, monkeypatch):
     """The hook transformers calls when it distributes a freshly built model refuses before any sharding."""
+    monkeypatch.setitem(POSITION_ENCODINGS, UndeclaredBias.name, UndeclaredBias)
+    assert UndeclaredBias.name not in tensor_parallel_encodings() and "t5_bias" in tensor_parallel_encodings()
     overrides = {"position_encoding": "rope", **overrides}
     config = tp_config(CAUSAL_FAMILIES[0], overrides.pop("position_encoding"), **overrides)
     model = build(AutoModelForCausalLM, config)
@@ -186,6 +219,34 @@ def test_tensor_parallel_refused_at_distribution_before_loading(overrides, messa
         type(model).maybe_distribute_model(model, DistributedConfig(tp_size=TP_SIZE), mesh_manager=None)
     # Without tensor parallelism the same model passes through (FSDP alone has no per-head split).
     assert type(model).maybe_distribute_model(model, DistributedConfig(fsdp_size=TP_SIZE), mesh_manager=None) is model
+
+
+BIAS_ENCODINGS = [name for name in ENCODINGS if POSITION_ENCODINGS[name].kind == "bias"]
+
+
+@pytest.mark.parametrize("encoding", BIAS_ENCODINGS)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "flex_attention"])
+def test_rank_heads_read_the_full_models_bias_at_those_heads(encoding, attn_implementation):
+    """A base model told that it holds heads [2, 4) (as rank 1 of 2 does) gets the full model's bias of heads 2 and 3:
+    folded into the mask (SDPA) or as flex's score function, where head h reads the model's head 2 + h. (FIRE's output
+    layer over two heads sums in another order than over four: equal to float rounding.)"""
+    model = perturbed(build(AutoModelForCausalLM, tp_config(CAUSAL_FAMILIES[0], encoding), attn_implementation))
+    length = 7
+    slots = torch.arange(length)
+    inputs = (torch.zeros(2, length, 32), torch.stack([slots, slots + 3]), slots, slots, None)  # two rows of positions
+    with torch.no_grad():
+        full, full_mask = model.model.compute_positions(*inputs)
+        model.model.head_shard = HeadShard(slice(2, 4))
+        rank, rank_mask = model.model.compute_positions(*inputs)
+    if attn_implementation == "sdpa":
+        assert rank.route.folded and rank_mask.shape[1] == 2
+        torch.testing.assert_close(rank_mask, full_mask[:, 2:4], rtol=1e-6, atol=1e-6)
+        return
+    grid = (torch.zeros(()), torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None],
+            slots[None, None, :, None], slots[None, None, None, :])  # fmt: skip
+    expected = full.bias.score_mod()(grid[0], grid[1], grid[2] + 2, *grid[3:])
+    torch.testing.assert_close(rank.bias.score_mod()(*grid), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rank.bias.materialise(), full.bias.materialise()[:, 2:4], rtol=1e-6, atol=1e-6)
 
 
 def test_plans_name_existing_modules():
@@ -198,3 +259,17 @@ def test_plans_name_existing_modules():
         assert {rule for rule in plan if rule not in names} == set()
         assert ("model.layers.*.mlp.gate_proj" in plan) == (config_class().mlp_type == "gated")
         assert set(model.pp_plan) == {"model.embed_tokens", "model.layers", "model.norm", "lm_head"}
+
+
+def test_a_pipeline_stage_skips_the_layers_it_does_not_hold():
+    """transformers' pipeline split puts `PipelineIdentityLayer` where a layer belongs to another stage: the stage runs
+    its own layers (with a bias chosen for them alone) and passes the others through, as a model of those layers does."""
+    config = tp_config(CAUSAL_FAMILIES[1], "t5_bias")
+    stage = perturbed(build(AutoModelForCausalLM, config, attn_implementation="sdpa")).model
+    stage.layers[1] = PipelineIdentityLayer()
+    alone = build(AutoModelForCausalLM, tp_config(CAUSAL_FAMILIES[1], "t5_bias", num_hidden_layers=1), "sdpa").model
+    alone.load_state_dict(stage.state_dict())
+    input_ids = torch.tensor([[5, 9, 14, 3, 22, 7, 30]])
+    with torch.no_grad():
+        expected = alone(input_ids).last_hidden_state
+        torch.testing.assert_close(stage(input_ids).last_hidden_state, expected, rtol=0, atol=0)

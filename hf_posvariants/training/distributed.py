@@ -50,6 +50,22 @@ def distributed_config_from(value: str | dict | None) -> DistributedConfig | Non
     return DistributedConfig(**fields)
 
 
+def check_trainable_on(distributed_config: DistributedConfig | None, device_type: str) -> None:
+    """Refuse, before any data is prepared, a tensor-parallel run the Trainer cannot start on `device_type`.
+
+    transformers' Trainer hands a model sharded with `tp_size` > 1 to accelerate with a `ParallelismConfig`, and
+    accelerate (1.16, `ParallelismConfig._validate_accelerator`) accepts one only for FSDP2, DeepSpeed or several
+    GPUs (or other accelerators), not for CPU processes (`DistributedType.MULTI_CPU`): it would fail once the data
+    and the sharded model are ready. Loading for inference (`from_pretrained(..., tp_plan="auto")`) works on CPU."""
+    if distributed_config is not None and distributed_config.tp_size > 1 and device_type == "cpu":
+        raise ValueError(
+            f"distributed.tp_size={distributed_config.tp_size} cannot train on CPU: accelerate accepts a "
+            "tensor-parallel model from the Trainer only on GPUs (or other accelerators), with FSDP2 or DeepSpeed, "
+            "not in CPU processes (DistributedType.MULTI_CPU). Allowed on CPU is tp_size=1; shard with fsdp_size "
+            "instead."
+        )
+
+
 def load_distributed(head, config, source: str | None, distributed_config: DistributedConfig, output_dir: str,
                      **load_kwargs):
     """`head` with its weights from `source` (a checkpoint), or freshly initialised from `config`, sharded by

@@ -60,7 +60,7 @@ from .data import (
     pack_blocks,
     text_column_of,
 )
-from .distributed import distributed_config_from, load_distributed, trainer_class
+from .distributed import check_trainable_on, distributed_config_from, load_distributed, trainer_class
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
 from .metrics import POSVAR_ACCURACY
@@ -292,6 +292,9 @@ def parse(argv: list[str]):
         raise ValueError("task='sequence_classification' fine-tunes a checkpoint: set model_name_or_path.")
     for name in ("model_name_or_path", "tokenizer_name"):
         check_local_source(getattr(model_args, name), name)
+    distributed_config = distributed_config_from(model_args.distributed)
+    if distributed_config is not None:  # reading the device sets up the process group: only for a distributed run
+        check_trainable_on(distributed_config, training_args.device.type)
     return model_args, data_args, training_args, model_fields
 
 
