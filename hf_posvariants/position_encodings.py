@@ -979,7 +979,8 @@ class FIREBias(ScoreBiasEncoding):
         normaliser = self.normaliser(tables.positions, tables.c, tables.threshold)  # (B|1, Q)
         pieces = fire_pieces(tables.w1, tables.b1, tables.w2, tables.b2)
         # The distances are computed in fp32 (positions and logs); the bias comes out in the weights' dtype.
-        return PiecewiseFireBias.apply(distance_row, normaliser, *pieces, query_length, tables.w2.dtype)  # (B|1, H, Q, K)
+        bias = PiecewiseFireBias.apply(distance_row, normaliser, *pieces, query_length, tables.w2.dtype)
+        return bias  # (B|1, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
         width = tables.w1.shape[0]

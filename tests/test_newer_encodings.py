@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from hf_posvariants import POSITION_ENCODINGS, PosVarLlamaConfig
 from hf_posvariants.position_encodings import (
     ContextualPositions,
-    FireTables,
     FIREBias,
     KerpleBias,
     PositionEncoding,
@@ -198,7 +197,8 @@ def pairwise_fire_bias(encoding, tables, query_length: int, key_length: int) -> 
 
 
 def fire_gradients(encoding, bias: torch.Tensor, probe: torch.Tensor) -> list[torch.Tensor]:
-    return torch.autograd.grad((bias * probe).sum(), [encoding.distance_scale, encoding.threshold_scale, *encoding.mlp.parameters()])
+    parameters = [encoding.distance_scale, encoding.threshold_scale, *encoding.mlp.parameters()]
+    return torch.autograd.grad((bias * probe).sum(), parameters)
 
 
 @pytest.mark.parametrize("threshold", [4.0, 64.0], ids=["queries-beyond-L", "queries-below-L"])
@@ -217,7 +217,8 @@ def test_fire_factorised_bias_equals_the_pairwise_mlp(threshold, offset):
     tables = encoding.score_bias(query_slots, key_slots, position_ids).tables
     reference = pairwise_fire_bias(encoding, tables, 10, offset + 10)
     torch.testing.assert_close(factorised, reference, rtol=1e-5, atol=1e-5)
-    for candidate, expected in zip(fire_gradients(encoding, factorised, probe), fire_gradients(encoding, reference, probe)):
+    expected_gradients = fire_gradients(encoding, reference, probe)
+    for candidate, expected in zip(fire_gradients(encoding, factorised, probe), expected_gradients):
         torch.testing.assert_close(candidate, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -240,7 +241,8 @@ def test_fire_builds_one_bias_for_a_batch_whose_rows_share_positions(rows):
                     "padded": torch.stack([slots, slots, (slots - 2).clamp(min=0)])}[rows]
     bias = encoding.score_bias(slots, slots, position_ids).materialise()
     assert bias.shape == (1 if rows != "padded" else 3, 4, 8, 8)
-    reference = pairwise_fire_bias(encoding, FireTables(position_ids.float(), *encoding.score_bias(slots, slots).tables[1:]), 8, 8)
+    per_row = encoding.score_bias(slots, slots).tables._replace(positions=position_ids.float())
+    reference = pairwise_fire_bias(encoding, per_row, 8, 8)
     torch.testing.assert_close(bias.expand(3, -1, -1, -1), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -256,7 +258,7 @@ def test_fire_training_step_on_sdpa_equals_the_pairwise_mlp(monkeypatch, thresho
     gradients = []
     for factorised in (True, False):
         if not factorised:
-            monkeypatch.setattr(FIREBias, "materialise_bias", lambda self, tables, q, k: pairwise_fire_bias(self, tables, q, k))
+            monkeypatch.setattr(FIREBias, "materialise_bias", pairwise_fire_bias)
         model = build(AutoModelForCausalLM, config, "sdpa").train()
         with torch.no_grad():
             for parameter in model.model.position_encoding.mlp.parameters():
