@@ -812,7 +812,7 @@ class DynamicPositionBias(DistanceBias):
 class FireTables(NamedTuple):
     """FIRE's bias as flex reads it: the MLP's weights and the interpolation's inputs, no (Q, K) tensor."""
 
-    positions: torch.Tensor  # (B, Q): the queries' positions
+    positions: torch.Tensor  # (B, Q) or (1, Q) when every row has the same positions: the queries' positions
     offset: torch.Tensor  # key slot − query slot = key index − query index + this
     c: torch.Tensor  # ψ's learned scale, positive
     threshold: torch.Tensor  # L, positive
@@ -820,6 +820,113 @@ class FireTables(NamedTuple):
     b1: torch.Tensor  # (W,)
     w2: torch.Tensor  # (H, W): second layer
     b2: torch.Tensor  # (H,)
+
+
+def shared_positions(position_ids: torch.LongTensor) -> torch.LongTensor:
+    """`position_ids` (B, Q) as one row (1, Q) where every row holds the same positions (the model's own positions
+    when no mask is given, or a batch without padding), so a bias that reads them is built once for the batch. The
+    comparison of rows is skipped under compilation, where it would break the graph."""
+    if position_ids.shape[0] == 1 or position_ids.stride(0) == 0:
+        return position_ids[:1]
+    if not torch.compiler.is_compiling() and bool((position_ids == position_ids[:1]).all()):
+        return position_ids[:1]
+    return position_ids
+
+
+class FirePieces(NamedTuple):
+    """FIRE's MLP f(x) = b2 + w2·relu(w1·x + b1) as the piecewise-linear function of one input that it is: on piece k,
+    between the k-th and (k+1)-th of the sorted points −b1/w1 where a hidden unit switches, f_h(x) = intercepts[h, k]
+    + slopes[h, k]·x. Intercepts and slopes are differentiable in the weights, exactly as the MLP is, away from the
+    switching points themselves (where ReLU's own gradient is a convention)."""
+
+    breakpoints: torch.Tensor  # (W,) sorted; +inf for a unit whose input weight is 0 (it never switches)
+    intercepts: torch.Tensor  # (H, W + 1)
+    slopes: torch.Tensor  # (H, W + 1)
+
+
+def fire_pieces(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> FirePieces:
+    """The pieces of FIRE's MLP from its weights (see `FirePieces`)."""
+    weight, bias = w1.detach(), b1.detach()
+    switch = torch.where(weight != 0, -bias / weight, torch.inf)
+    breakpoints, order = switch.sort()
+    rank = order.argsort()  # (W,): each unit's place among the sorted points
+    pieces = torch.arange(weight.shape[0] + 1, device=weight.device)
+    passed = rank[:, None] < pieces[None, :]  # (W, pieces): x lies beyond the unit's point on this piece
+    # A unit is on where w1·x + b1 > 0: beyond its point for w1 > 0, before it for w1 < 0, always or never for w1 = 0.
+    on = torch.where(weight[:, None] > 0, passed, torch.where(weight[:, None] < 0, ~passed, bias[:, None] > 0))
+    on = on.to(w2.dtype)
+    return FirePieces(breakpoints, b2[:, None] + w2 @ (on * b1[:, None]), w2 @ (on * w1[:, None]))
+
+
+# Elements of one (B, H, query rows, keys) block that `PiecewiseFireBias` builds or reduces at a time: 4 MiB in fp32.
+FIRE_BIAS_BLOCK = 1 << 20
+
+
+class PiecewiseFireBias(torch.autograd.Function):
+    """FIRE's (B|1, H, Q, K) bias b = f(ψ(|j − i|) / ψ(max(L, i))) from its factors, one block of query rows at a time.
+
+    The input x = ψ(|j − i|) / N_i is the per-distance row ψ over the (B|1, Q) normalisers N, and f is piecewise
+    linear (`FirePieces`), so the bias is intercepts + slopes·x read at x's piece. The backward reduces the bias
+    gradient G blockwise to the gradients of those small factors: per piece Σ G and Σ G·x, per distance Σ ∂x/N, per
+    query −Σ ∂x·x/N with ∂x = Σ_h G·slopes. Autograd carries them on to the MLP's weights, c and L, so no (Q, K)
+    tensor per hidden unit is ever formed, and nothing of size Q × K is kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, distance_row, normaliser, breakpoints, intercepts, slopes, query_length: int, dtype: torch.dtype):
+        key_length = distance_row.shape[0] - query_length + 1
+        batch, heads = normaliser.shape[0], intercepts.shape[0]
+        bias = torch.empty(batch, heads, query_length, key_length, dtype=dtype, device=distance_row.device)
+        intercepts32, slopes32 = intercepts.detach().float(), slopes.detach().float()
+        for rows, x, piece in PiecewiseFireBias.blocks(distance_row, normaliser, breakpoints, query_length, heads):
+            for head in range(heads):
+                bias[:, head, rows] = intercepts32[head][piece] + slopes32[head][piece] * x
+        ctx.save_for_backward(distance_row, normaliser, breakpoints, intercepts, slopes)
+        ctx.query_length = query_length
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad_bias):
+        distance_row, normaliser, breakpoints, intercepts, slopes = ctx.saved_tensors
+        query_length, heads = ctx.query_length, intercepts.shape[0]
+        slopes32 = slopes.detach().float()
+        grad_intercepts = torch.zeros(intercepts.shape, dtype=torch.float32, device=intercepts.device)
+        grad_slopes = torch.zeros_like(grad_intercepts)
+        grad_row = torch.zeros(distance_row.shape, dtype=torch.float32, device=distance_row.device)
+        grad_normaliser = torch.zeros(normaliser.shape, dtype=torch.float32, device=normaliser.device)
+        blocks = PiecewiseFireBias.blocks(distance_row, normaliser, breakpoints, query_length, heads)
+        for rows, x, piece in blocks:
+            grad_x = torch.zeros_like(x)
+            pieces = piece.flatten()
+            for head in range(heads):
+                grad = grad_bias[:, head, rows].float()  # (B, rows, K)
+                grad_intercepts[head].index_add_(0, pieces, grad.flatten())
+                grad_slopes[head].index_add_(0, pieces, (grad * x).flatten())
+                grad_x += grad * slopes32[head][piece]
+            scaled = grad_x / normaliser[:, rows, None]
+            columns = PiecewiseFireBias.columns(rows, query_length, x.shape[-1], x.device).expand_as(scaled)
+            grad_row.index_add_(0, columns.flatten(), scaled.flatten())
+            grad_normaliser[:, rows] = -(scaled * x).sum(-1)
+        return (grad_row.to(distance_row.dtype), grad_normaliser.to(normaliser.dtype), None,
+                grad_intercepts.to(intercepts.dtype), grad_slopes.to(slopes.dtype), None, None)
+
+    @staticmethod
+    def blocks(distance_row, normaliser, breakpoints, query_length: int, heads: int):
+        """(rows, x, piece) per block of query rows: the slice, the interpolated distances (B, rows, K) in fp32, and
+        the piece of f each falls on."""
+        key_length = distance_row.shape[0] - query_length + 1
+        step = max(1, FIRE_BIAS_BLOCK // (normaliser.shape[0] * heads * key_length))
+        row, norm = distance_row.detach().float(), normaliser.detach().float()
+        for start in range(0, query_length, step):
+            rows = slice(start, min(start + step, query_length))
+            x = row[PiecewiseFireBias.columns(rows, query_length, key_length, row.device)] / norm[:, rows, None]
+            yield rows, x, torch.bucketize(x, breakpoints.float())
+
+    @staticmethod
+    def columns(rows: slice, query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
+        """Rows `rows` of `distance_grid`: (rows, K), column j of query row i reads entry j − i + Q − 1."""
+        queries = torch.arange(rows.start, rows.stop, device=device)[:, None]
+        return torch.arange(key_length, device=device)[None, :] - queries + (query_length - 1)
 
 
 @register_position_encoding("fire")
@@ -830,8 +937,9 @@ class FIREBias(ScoreBiasEncoding):
     Dividing by ψ of the query position i maps every distance into [0, 1] (progressive interpolation), so long
     inputs reuse the range seen in training; L = |ℓ|·``fire_threshold`` keeps short prefixes from being stretched.
     c (from 0.1), ℓ (from 1) and θ are learned, as in the paper's pseudo-code. The bias depends on the query's
-    position as well as the distance: eager/SDPA get the (B, H, Q, K) tensor, flex a score function that evaluates
-    the MLP unit by unit from (B, Q) positions and the weights (no (Q, K) tensor).
+    position as well as the distance: eager/SDPA get the (B|1, H, Q, K) tensor, built and differentiated through its
+    small factors (`PiecewiseFireBias`: no tensor per pair and hidden unit), flex a score function that evaluates the
+    MLP unit by unit from (B|1, Q) positions and the weights (no (Q, K) tensor).
     """
 
     eps: ClassVar[float] = 1e-6
@@ -858,7 +966,7 @@ class FIREBias(ScoreBiasEncoding):
             position_ids = query_slots[None]
         first, second = self.mlp[0], self.mlp[2]
         tables = FireTables(
-            positions=position_ids.float(),
+            positions=shared_positions(position_ids).float(),
             offset=(key_slots[0] - query_slots[0]).float(),
             c=self.distance_scale.abs(),
             threshold=(self.threshold_scale * self.initial_threshold).abs(),
@@ -867,20 +975,31 @@ class FIREBias(ScoreBiasEncoding):
         return ScoreBias(self, tables, query_slots.shape[0], key_slots.shape[0])
 
     @classmethod
+    def distance_feature(cls, distance: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """ψ(|i − j|) = log(c·|i − j| + 1)."""
+        return torch.log(c * distance.abs() + 1)
+
+    @classmethod
+    def normaliser(cls, query_position: torch.Tensor, c: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """ψ(max(L, i)), kept away from 0."""
+        return torch.log(c * torch.maximum(query_position, threshold) + 1) + cls.eps
+
+    @classmethod
     def interpolated_distance(
         cls, distance: torch.Tensor, query_position: torch.Tensor, c: torch.Tensor, threshold: torch.Tensor
     ) -> torch.Tensor:
         """ψ(|i − j|) / ψ(max(L, i)) with ψ(x) = log(c·x + 1)."""
-        normaliser = torch.log(c * torch.maximum(query_position, threshold) + 1) + cls.eps
-        return torch.log(c * distance.abs() + 1) / normaliser
+        return cls.distance_feature(distance, c) / cls.normaliser(query_position, c, threshold)
 
     def materialise_bias(self, tables, query_length, key_length):
-        grid = distance_grid(query_length, key_length, tables.positions.device) - (query_length - 1) + tables.offset  # j − i
-        inputs = self.interpolated_distance(grid[None], tables.positions[:, :, None], tables.c, tables.threshold)  # (B, Q, K)
-        # The distances are computed in fp32 (positions and logs); the MLP runs in the weights' dtype, from the tables
-        # (whose output layer may hold only some heads, `ScoreBias.for_heads`).
-        hidden = torch.relu(nn.functional.linear(inputs[..., None].to(tables.w1.dtype), tables.w1[:, None], tables.b1))
-        return nn.functional.linear(hidden, tables.w2, tables.b2).permute(0, 3, 1, 2)  # (B, H, Q, K)
+        # Column n of the row is the distance j − i = n − (Q − 1) + offset (`distance_grid`).
+        relative = torch.arange(query_length + key_length - 1, device=tables.positions.device) - (query_length - 1)
+        distance_row = self.distance_feature(relative + tables.offset, tables.c)  # (Q + K − 1,)
+        normaliser = self.normaliser(tables.positions, tables.c, tables.threshold)  # (B|1, Q)
+        pieces = fire_pieces(tables.w1, tables.b1, tables.w2, tables.b2)
+        # The distances are computed in fp32 (positions and logs); the bias comes out in the weights' dtype.
+        bias = PiecewiseFireBias.apply(distance_row, normaliser, *pieces, query_length, tables.w2.dtype)
+        return bias  # (B|1, H, Q, K)
 
     def score_function(self, tables, query_length, key_length):
         width = tables.w1.shape[0]

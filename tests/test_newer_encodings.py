@@ -12,7 +12,14 @@ from conftest import FAMILY_CONFIGS, VOCAB, build, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_posvariants import POSITION_ENCODINGS, PosVarLlamaConfig
-from hf_posvariants.position_encodings import ContextualPositions, KerpleBias, PositionEncoding, alibi_slopes, rotate
+from hf_posvariants.position_encodings import (
+    ContextualPositions,
+    FIREBias,
+    KerpleBias,
+    PositionEncoding,
+    alibi_slopes,
+    rotate,
+)
 
 NEWER = ["cope", "dynamic_bias", "fire", "kerple", "xpos"]
 LLAMA, DIFF = FAMILY_CONFIGS[1], FAMILY_CONFIGS[2]
@@ -124,12 +131,12 @@ def fire_by_hand(encoding, query_position: int, key_position: int) -> torch.Tens
 
 
 def randomised_fire(**overrides):
-    encoding = encoding_module("fire", fire_threshold=4.0, fire_mlp_width=6, **overrides)
+    encoding = encoding_module("fire", **{"fire_threshold": 4.0, "fire_mlp_width": 6, **overrides})
     with torch.no_grad():
         for parameter in encoding.mlp.parameters():
             parameter.normal_()
         encoding.distance_scale.fill_(0.7)
-        encoding.threshold_scale.fill_(1.25)  # L = 5
+        encoding.threshold_scale.fill_(1.25)  # L = 5 at the default fire_threshold
     return encoding
 
 
@@ -180,6 +187,87 @@ def test_fire_threshold_parameters_learn():
     slots = torch.arange(8)
     encoding.score_bias(slots, slots, slots[None]).materialise().sum().backward()
     assert encoding.distance_scale.grad != 0 and encoding.threshold_scale.grad != 0
+
+
+def pairwise_fire_bias(encoding, tables, query_length: int, key_length: int) -> torch.Tensor:
+    """FIRE's bias as the MLP run on every (query, key) pair: the reference the factorised bias must equal."""
+    grid = torch.arange(key_length)[None, :] - torch.arange(query_length)[:, None] + tables.offset  # j − i
+    x = encoding.interpolated_distance(grid[None], tables.positions[:, :, None], tables.c, tables.threshold)
+    return encoding.mlp(x[..., None]).permute(0, 3, 1, 2)  # (B, H, Q, K)
+
+
+def fire_gradients(encoding, bias: torch.Tensor, probe: torch.Tensor) -> list[torch.Tensor]:
+    parameters = [encoding.distance_scale, encoding.threshold_scale, *encoding.mlp.parameters()]
+    return torch.autograd.grad((bias * probe).sum(), parameters)
+
+
+@pytest.mark.parametrize("threshold", [4.0, 64.0], ids=["queries-beyond-L", "queries-below-L"])
+@pytest.mark.parametrize("offset", [0, 3], ids=["prefill", "cached"])
+def test_fire_factorised_bias_equals_the_pairwise_mlp(threshold, offset):
+    # Values and every gradient (c, L, the MLP) of the bias built from its pieces ≡ the MLP run per pair; left
+    # padding makes the rows' positions differ. One unit has input weight 0 (it never switches), on, one off.
+    encoding = randomised_fire(fire_threshold=threshold)
+    with torch.no_grad():
+        encoding.mlp[0].weight[:2] = 0
+        encoding.mlp[0].bias[:2] = torch.tensor([0.5, -0.5])
+    query_slots, key_slots = torch.arange(offset, offset + 10), torch.arange(offset + 10)
+    position_ids = torch.stack([(query_slots - 3).clamp(min=0), query_slots])
+    probe = torch.randn(2, 4, 10, offset + 10)
+    factorised = encoding.score_bias(query_slots, key_slots, position_ids).materialise()
+    tables = encoding.score_bias(query_slots, key_slots, position_ids).tables
+    reference = pairwise_fire_bias(encoding, tables, 10, offset + 10)
+    torch.testing.assert_close(factorised, reference, rtol=1e-5, atol=1e-5)
+    expected_gradients = fire_gradients(encoding, reference, probe)
+    for candidate, expected in zip(fire_gradients(encoding, factorised, probe), expected_gradients):
+        torch.testing.assert_close(candidate, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fire_bias_keeps_nothing_per_pair_and_unit_for_the_backward():
+    # The MLP run per pair kept (B, Q, K, width) activations for its backward; the factorised bias keeps its factors.
+    encoding = randomised_fire(fire_mlp_width=16)
+    slots = torch.arange(24)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor.numel()) or tensor, lambda t: t):
+        bias = encoding.score_bias(slots, slots, torch.stack([slots, slots + 1])).materialise()
+    assert bias.shape == (2, 4, 24, 24)
+    assert max(saved) < 24 * 24
+
+
+@pytest.mark.parametrize("rows", ["expanded", "equal", "padded"])
+def test_fire_builds_one_bias_for_a_batch_whose_rows_share_positions(rows):
+    encoding = randomised_fire()
+    slots = torch.arange(8)
+    position_ids = {"expanded": slots[None].expand(3, -1), "equal": slots[None].repeat(3, 1),
+                    "padded": torch.stack([slots, slots, (slots - 2).clamp(min=0)])}[rows]
+    bias = encoding.score_bias(slots, slots, position_ids).materialise()
+    assert bias.shape == (1 if rows != "padded" else 3, 4, 8, 8)
+    per_row = encoding.score_bias(slots, slots).tables._replace(positions=position_ids.float())
+    reference = pairwise_fire_bias(encoding, per_row, 8, 8)
+    torch.testing.assert_close(bias.expand(3, -1, -1, -1), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [4.0, 64.0], ids=["queries-beyond-L", "queries-below-L"])
+def test_fire_training_step_on_sdpa_equals_the_pairwise_mlp(monkeypatch, threshold):
+    # A whole step through CPU SDPA's gradient kernel, left padding: every gradient (q/k projections, the MLP, c, L)
+    # as when the bias is the MLP run per pair.
+    config = tiny_config(LLAMA, "fire", fire_threshold=threshold, fire_mlp_width=8)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    gradients = []
+    for factorised in (True, False):
+        if not factorised:
+            monkeypatch.setattr(FIREBias, "materialise_bias", pairwise_fire_bias)
+        model = build(AutoModelForCausalLM, config, "sdpa").train()
+        with torch.no_grad():
+            for parameter in model.model.position_encoding.mlp.parameters():
+                parameter.normal_(generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    assert gradients[0]["model.position_encoding.threshold_scale"] != 0
+    for name, expected in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- CoPE -------------------------------------------------------------------------------------------------------
