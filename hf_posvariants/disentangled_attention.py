@@ -35,10 +35,10 @@ POSITION_TERMS = ("c2p", "p2c")
 class DisentangledAttention(PosVarAttention):
     """DeBERTa's disentangled attention (He et al., ICLR 2021): content-to-content attention plus the
     content→position (c2p) and position→content (p2c) terms over shared relative embeddings; the content
-    projections are the core's q/k/v/o. It owns DeBERTa's `relative_attention`, `pos_att_type` and `share_att_key`;
-    the relative table's own fields belong to the `deberta_relative` encoding."""
+    projections are the core's q/k/v/o."""
 
     relative_encoding = "deberta_relative"
+    # The relative table's own fields (buckets, clipping distance, norm) are the relative encoding's.
     config_fields = ("relative_attention", "pos_att_type", "share_att_key")
 
     def __init__(self, config, layer_idx: int, is_causal: bool = False):
