@@ -198,3 +198,13 @@ def test_plans_name_existing_modules():
         assert {rule for rule in plan if rule not in names} == set()
         assert ("model.layers.*.mlp.gate_proj" in plan) == (config_class().mlp_type == "gated")
         assert set(model.pp_plan) == {"model.embed_tokens", "model.layers", "model.norm", "lm_head"}
+
+
+def test_tied_heads_are_sharded_with_their_embedding():
+    """A tied head is the embedding's parameter, so every head's plan shards both or neither (transformers' own
+    `test_tied_weights_are_sharded_together`, here for every head without the slow upstream grid)."""
+    for config_class, heads in FAMILIES.items():
+        for auto_class in heads:
+            model = build(auto_class, tp_config(config_class, "nope"))
+            if "lm_head.weight" in (model._tied_weights_keys or {}):
+                assert ("lm_head" in model.tp_plan) == ("model.embed_tokens" in model.tp_plan), type(model).__name__
