@@ -3,7 +3,9 @@ decision per forward, `choose_bias_route`, that the model stores on `Positions` 
 
 A bias travels in one of three ways: inside the additive float mask (eager and SDPA add it to the scores, together
 with a layer's own `position_bias` tensor), as flex attention's score function, or not at all (flash kernels have
-nowhere to put one, nor has `paged|eager` outside a continuous batch; validation refuses a bias there). Adding a backend that can carry a bias is one row below.
+nowhere to put one, nor has `paged|eager` outside a continuous batch; validation refuses a bias there). Adding a
+backend is one row below: the backend groups, and the lists that differential attention and the evaluation read,
+follow from it.
 This file imports only the standard library: it travels with remote-code checkpoints.
 """
 
@@ -26,10 +28,9 @@ class BackendBias:
     """How one attention backend carries a bias: `carrier`; whether a learned bias in its mask may train through
     `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); whether,
     handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too;
-    whether its kernel computes the (B, H, Q, K) maps in the open and returns them, the one backend transformers runs
-    `output_attentions` on; and who
-    writes continuous batching's paged KV cache with it: the layer ("layer"), the kernel itself ("kernel"), or
-    nobody, as continuous batching does not run it (None)."""
+    whether its kernel computes the (B, H, Q, K) maps in the open and returns them (transformers runs
+    `output_attentions` on such a backend alone); and who writes continuous batching's paged KV cache with it: the
+    layer ("layer"), the kernel itself ("kernel"), or nobody, as continuous batching does not run it (None)."""
 
     carrier: BiasCarrier
     cpu_gradient_kernel: bool = False

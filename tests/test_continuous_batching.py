@@ -70,6 +70,7 @@ def test_continuous_batching_over_every_family_and_encoding(config_class, encodi
 
 def test_continuous_batching_names_the_scheduled_encoding_it_cannot_run():
     """The refusal names the field that brought the encoding in: here a layer's entry of the schedule."""
-    model = build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "nope", layer_position_encodings=["rope", "alibi"]), "sdpa")
+    config = tiny_config(PosVarLlamaConfig, "nope", layer_position_encodings=["rope", "alibi"])
+    model = build(AutoModelForCausalLM, config, "sdpa")
     with pytest.raises(ValueError, match=r"Continuous batching .* layer_position_encodings='alibi' \(bias\)"):
         model.generate_batch(inputs=PROMPTS, generation_config=GREEDY, continuous_batching_config=PAGED)
