@@ -3,7 +3,9 @@ decision per forward, `choose_bias_route`, that the model stores on `Positions` 
 
 A bias travels in one of three ways: inside the additive float mask (eager and SDPA add it to the scores, together
 with a layer's own `position_bias` tensor), as flex attention's score function, or not at all (flash kernels have
-nowhere to put one; validation refuses a bias there). Adding a backend that can carry a bias is one row below.
+nowhere to put one, nor has `paged|eager` outside a continuous batch; validation refuses a bias there). Adding a
+backend is one row below: the backend groups, and the lists that differential attention and the evaluation read,
+follow from it.
 This file imports only the standard library: it travels with remote-code checkpoints.
 """
 
@@ -24,22 +26,29 @@ BiasGradient = Literal["autograd", "mask", "row"]
 @dataclass(frozen=True)
 class BackendBias:
     """How one attention backend carries a bias: `carrier`; whether a learned bias in its mask may train through
-    `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); and whether,
-    handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too."""
+    `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); whether,
+    handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too;
+    whether its kernel computes the (B, H, Q, K) maps in the open and returns them (transformers runs
+    `output_attentions` on such a backend alone); and who writes continuous batching's paged KV cache with it: the
+    layer ("layer"), the kernel itself ("kernel"), or nobody, as continuous batching does not run it (None)."""
 
     carrier: BiasCarrier
     cpu_gradient_kernel: bool = False
     causal_without_mask: bool = False
+    returns_maps: bool = False
+    paged_cache: Literal["layer", "kernel"] | None = None
 
 
+# transformers' own kernels, every one of which leaves generate()'s KV cache to the layer. `paged|eager` is the eager
+# kernel of continuous batching: outside a continuous batch no mask is built for it, so it carries no bias.
 BACKEND_BIAS: dict[str, BackendBias] = {
-    "eager": BackendBias("mask"),
-    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True),
+    "eager": BackendBias("mask", returns_maps=True),
+    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True, paged_cache="layer"),
     "flex_attention": BackendBias("score_function"),
-    "flash_attention_2": BackendBias("none"),
-    "flash_attention_3": BackendBias("none"),
-    "flash_attention_4": BackendBias("none"),
-    "paged_attention": BackendBias("none"),
+    "flash_attention_2": BackendBias("none", paged_cache="kernel"),
+    "flash_attention_3": BackendBias("none", paged_cache="kernel"),
+    "flash_attention_4": BackendBias("none", paged_cache="kernel"),
+    "paged|eager": BackendBias("none", paged_cache="layer"),
 }
 
 
@@ -52,6 +61,11 @@ MASK_BIAS_BACKENDS = backends_carrying("mask")
 SCORE_BIAS_BACKENDS = backends_carrying("mask", "score_function")
 SCORE_FUNCTION_BACKENDS = backends_carrying("score_function")
 BIASLESS_BACKENDS = backends_carrying("none")
+MAP_BACKENDS = tuple(name for name, backend in BACKEND_BIAS.items() if backend.returns_maps)
+# The mask carriers by kernel: the maps computed in the open (eager), or fused (SDPA: never in memory as a whole).
+OPEN_MASK_BACKENDS = tuple(name for name in MASK_BIAS_BACKENDS if name in MAP_BACKENDS)
+FUSED_MASK_BACKENDS = tuple(name for name in MASK_BIAS_BACKENDS if name not in MAP_BACKENDS)
+PAGED_CACHE_LAYER_BACKENDS = tuple(name for name, backend in BACKEND_BIAS.items() if backend.paged_cache == "layer")
 
 
 @dataclass(frozen=True)

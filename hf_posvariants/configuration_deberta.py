@@ -15,9 +15,8 @@ from huggingface_hub.dataclasses import strict
 
 from .components import POSITION_ENCODINGS
 from .configuration_posvariants import PosVarConfig
-from .disentangled_attention import POSITION_TERMS
 from .validation import choice_error
-REL_EMBEDDING_NORMS = ("none", "layer_norm")
+
 # Where position enters the input embeddings (DeBERTa-v2's `position_biased_input`): a learned table
 # ("learned", v1/v2) or nothing ("nope", v3); any other absolute scheme of the registry also fits.
 INPUT_POSITION_KINDS = ("absolute", "none")
@@ -28,6 +27,10 @@ class PosVarDebertaConfig(PosVarConfig):
     r"""
     DeBERTa (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention", ICLR 2021).
     Defaults follow DeBERTa-v3: no absolute positions at the input, 256 log buckets, shared keys.
+    The components validate their own fields: the `disentangled` attention variant `relative_attention`,
+    `pos_att_type` and `share_att_key`, the `deberta_relative` encoding the rest of the relative-position fields
+    (only while `relative_attention` is on, as an encoding not in use is not checked); this class checks what
+    the family itself decides.
 
     Args:
         relative_attention (`bool`): add the disentangled position terms to the attention scores.
@@ -79,27 +82,8 @@ class PosVarDebertaConfig(PosVarConfig):
             self.pos_att_type = [term.strip() for term in self.pos_att_type.lower().split("|") if term.strip()]
         super().__post_init__(**kwargs)
 
-    @property
-    def position_terms(self) -> list[str]:
-        """The active position terms, in a fixed order; none without relative attention."""
-        return [term for term in POSITION_TERMS if term in self.pos_att_type] if self.relative_attention else []
-
-    @property
-    def relative_span(self) -> int:
-        """k: relative indices run over [0, 2k); the shared table has 2k rows."""
-        return self.position_buckets if self.position_buckets > 0 else self.effective_max_relative_positions
-
-    @property
-    def effective_max_relative_positions(self) -> int:
-        return self.max_relative_positions if self.max_relative_positions > 0 else self.max_position_embeddings
-
     def validate_architecture(self):
         super().validate_architecture()
-        unknown = [term for term in self.pos_att_type if term not in POSITION_TERMS]
-        if unknown:
-            raise choice_error("pos_att_type", unknown, POSITION_TERMS)
-        if self.norm_rel_ebd not in REL_EMBEDDING_NORMS:
-            raise choice_error("norm_rel_ebd", self.norm_rel_ebd, REL_EMBEDDING_NORMS)
         if self.position_encoding_class.kind not in INPUT_POSITION_KINDS:
             allowed = [name for name, cls in POSITION_ENCODINGS.items() if cls.kind in INPUT_POSITION_KINDS]
             raise choice_error("position_encoding", self.position_encoding, allowed)
@@ -109,16 +93,3 @@ class PosVarDebertaConfig(PosVarConfig):
             raise ValueError("is_decoder=True is not supported by posvar_deberta, a bidirectional encoder; allowed value is False.")
         if self.emd_layers < 0:
             raise ValueError(f"emd_layers={self.emd_layers} must be 0 (decoder off) or a positive integer.")
-        if self.max_relative_positions == 0 or self.max_relative_positions < -1:
-            raise ValueError(
-                f"max_relative_positions={self.max_relative_positions} must be a positive integer, or -1 for "
-                f"max_position_embeddings={self.max_position_embeddings}."
-            )
-        self._validate_buckets()
-
-    def _validate_buckets(self):
-        # Buckets beyond the span are allowed, as in DebertaV2: distances within it then stay exact.
-        if self.position_buckets != -1 and self.position_buckets < 2:
-            raise ValueError(
-                f"position_buckets={self.position_buckets} must be -1 (no buckets) or at least 2 (log buckets)."
-            )

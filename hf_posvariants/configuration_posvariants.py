@@ -251,8 +251,8 @@ class PosVarConfig(PreTrainedConfig):
         self._validate_pad_token_id()
         ATTENTION_VARIANTS[self.attention_variant].validate_config(self)
         self._validate_layer_schedule()
-        for name in self.position_encodings_in_use:  # a field only an unused encoding reads is not checked
-            POSITION_ENCODINGS[name].validate_config(self)
+        for _, _, encoding in self.position_components():  # a field only an unused encoding reads is not checked
+            encoding.validate_config(self)
         self.validate_rope()
         self.check_attention_backend()
 
@@ -431,19 +431,22 @@ class PosVarConfig(PreTrainedConfig):
                     "divides it."
                 )
 
+    def position_components(self) -> list[tuple[str, str, type]]:
+        """(field, value, encoding class) for each position encoding in use, each once: `position_encoding`, the
+        scheduled ones, and the relative encoding the attention variant reads (its field is `attention_variant`)."""
+        components = [("position_encoding", self.position_encoding, self.position_encoding_class)]
+        scheduled = [name for name in self.layer_position_encodings or [] if name != self.position_encoding]
+        components += [("layer_position_encodings", name, POSITION_ENCODINGS[name]) for name in dict.fromkeys(scheduled)]
+        relative = ATTENTION_VARIANTS[self.attention_variant].relative_encoding_name(self)
+        if relative is not None:
+            components.append(("attention_variant", self.attention_variant, POSITION_ENCODINGS[relative]))
+        return components
+
     def backend_requirements(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(field, value, the backends it runs on) for every component that does not run on all of them, read from
         the registry entries' `backends`."""
-        variant = ATTENTION_VARIANTS[self.attention_variant]
-        components = [
-            ("position_encoding", self.position_encoding, self.position_encoding_class),
-            ("attention_variant", self.attention_variant, variant),
-        ]
-        scheduled = [name for name in self.layer_position_encodings or [] if name != self.position_encoding]
-        components += [("layer_position_encodings", name, POSITION_ENCODINGS[name]) for name in dict.fromkeys(scheduled)]
-        relative = variant.relative_encoding_name(self)
-        if relative is not None:
-            components.append(("attention_variant", self.attention_variant, POSITION_ENCODINGS[relative]))
+        variant = ("attention_variant", self.attention_variant, ATTENTION_VARIANTS[self.attention_variant])
+        components = [variant, *self.position_components()]
         return [(field, value, cls.backends) for field, value, cls in components if cls.backends is not None]
 
     def check_attention_backend(self, implementation: str | None = None):

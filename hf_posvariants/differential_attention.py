@@ -50,7 +50,14 @@ from .attention import (
     repeat_kv,
     run_attention_kernel,
 )
-from .bias_route import BACKEND_BIAS, MASK_BIAS_BACKENDS, BiasRoute
+from .bias_route import (
+    BACKEND_BIAS,
+    FUSED_MASK_BACKENDS,
+    MASK_BIAS_BACKENDS,
+    OPEN_MASK_BACKENDS,
+    PAGED_CACHE_LAYER_BACKENDS,
+    BiasRoute,
+)
 from .position_encodings import Positions
 
 HEAD_LAYOUTS = ("pairs", "halves")
@@ -70,18 +77,17 @@ KERNEL_CALLS = ("subtracted_maps", "padded_call", "two_calls")
 # and the training step of `scripts/bench.py --case-set differential` (hidden 256, 4 layers, batch 4 × 256).
 KERNEL_CALL_CHOICES: dict[tuple[str, str], tuple[tuple[str, int | None], ...]] = {
     # Eager materialises the maps anyway: subtracting them first saves half the value matmul on any device.
-    ("eager", "cpu"): (("subtracted_maps", None),),
-    ("eager", "cuda"): (("subtracted_maps", None),),
+    **{(backend, device): (("subtracted_maps", None),) for backend in OPEN_MASK_BACKENDS for device in ("cpu", "cuda")},
     # CPU: up to 4 Mi score elements (16 MiB in fp32) the subtracted maps take 0.55-0.67× the time of the padded
     # call (batch 4 at 256 and 512 tokens, 16 at 256); at 8 Mi and beyond they are 1.05-1.6× slower (memory-bound:
     # 4 × 1,024, 8 × 512, 2 × 1,024, 4 × 768), and the flash kernel's memory stays linear in length.
     # Flash needs equal widths (a 2d-wide value falls back to the math kernel, 1.05× / 1.20× DiffLlama): padded_call
     # 0.98× DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×. Both flash paths do the same matmul
     # flops; padded runs the exp and the kernel's passes once.
-    ("sdpa", "cpu"): (("subtracted_maps", 2**22), ("padded_call", None)),
+    **{(backend, "cpu"): (("subtracted_maps", 2**22), ("padded_call", None)) for backend in FUSED_MASK_BACKENDS},
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
     # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
-    ("sdpa", "cuda"): (("two_calls", None),),
+    **{(backend, "cuda"): (("two_calls", None),) for backend in FUSED_MASK_BACKENDS},
 }
 
 
@@ -105,13 +111,11 @@ class DifferentialAttention(PosVarAttention):
     maps cancels attention noise shared by both; q/k/v/o projections are those of standard attention."""
 
     # The kernel runs twice per layer under one layer_idx, which only kernels that leave the KV cache to the layer
-    # can take. transformers' own do, except that flash writes
+    # can take. transformers' own (the rows of BACKEND_BIAS) do, except that flash writes
     # continuous batching's paged cache itself: with a paged cache only `paged_cache_backends` run. Any other
     # registered kernel (vLLM's Transformers backend, a hub kernel) may write its engine's cache, and is refused.
-    kernel_backends: tuple[str, ...] = (
-        "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager",
-    )  # fmt: skip
-    paged_cache_backends: tuple[str, ...] = ("sdpa", "paged|eager")
+    kernel_backends: tuple[str, ...] = tuple(BACKEND_BIAS)
+    paged_cache_backends: tuple[str, ...] = PAGED_CACHE_LAYER_BACKENDS
     config_fields = (
         "differential_head_layout", "differential_norm_affine", "differential_lambda_init", "differential_lambda_std"
     )

@@ -25,7 +25,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .attention import PosVarAttention, kernel_bias, register_attention_variant
-from .position_encodings import Positions, ScoreMod, distance_grid
+from .position_encodings import POSITION_ENCODINGS, Positions, ScoreMod, distance_grid
+from .validation import choice_error
 
 POSITION_TERMS = ("c2p", "p2c")
 
@@ -36,9 +37,13 @@ class DisentangledAttention(PosVarAttention):
     content→position (c2p) and position→content (p2c) terms over shared relative embeddings; the content
     projections are the core's q/k/v/o."""
 
+    relative_encoding = "deberta_relative"
+    # The relative table's own fields (buckets, clipping distance, norm) are the relative encoding's.
+    config_fields = ("relative_attention", "pos_att_type", "share_att_key")
+
     def __init__(self, config, layer_idx: int, is_causal: bool = False):
         super().__init__(config, layer_idx, is_causal)
-        self.position_terms = config.position_terms
+        self.position_terms = self.active_position_terms(config)
         self.scaling = (self.head_dim * (1 + len(self.position_terms))) ** -0.5
         self.share_att_key = config.share_att_key
         width = self.num_heads * self.head_dim
@@ -49,11 +54,16 @@ class DisentangledAttention(PosVarAttention):
 
     @classmethod
     def validate_config(cls, config) -> None:
-        if not hasattr(config, "position_terms"):
+        fields = (*cls.config_fields, *POSITION_ENCODINGS[cls.relative_encoding].config_fields)
+        missing = [field for field in fields if not hasattr(config, field)]
+        if missing:
             raise ValueError(
-                "attention_variant='disentangled' needs the relative-position fields of posvar_deberta "
-                "(pos_att_type, position_buckets, max_relative_positions, ...); use PosVarDebertaConfig."
+                f"attention_variant='disentangled' needs the relative-position fields {missing} of posvar_deberta; "
+                "use PosVarDebertaConfig."
             )
+        unknown = [term for term in config.pos_att_type if term not in POSITION_TERMS]
+        if unknown:
+            raise choice_error("pos_att_type", unknown, POSITION_TERMS)
         if config.num_key_value_heads != config.num_attention_heads:
             raise ValueError(
                 f"num_key_value_heads={config.num_key_value_heads} must equal num_attention_heads="
@@ -63,7 +73,12 @@ class DisentangledAttention(PosVarAttention):
 
     @classmethod
     def relative_encoding_name(cls, config) -> str | None:
-        return "deberta_relative" if config.relative_attention else None
+        return cls.relative_encoding if config.relative_attention else None
+
+    @staticmethod
+    def active_position_terms(config) -> list[str]:
+        """The position terms `config` turns on, in a fixed order; none without relative attention."""
+        return [term for term in POSITION_TERMS if term in config.pos_att_type] if config.relative_attention else []
 
     def projected_rows(self, table: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
         """(H, 2k, D) projections of the relative table, pre-scaled (cheaper than scaling a (Q, K) result)."""

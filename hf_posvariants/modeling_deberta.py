@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_deberta import PosVarDebertaConfig
@@ -102,6 +101,9 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel, PosVarEncoderHead):
     head: transform, then the word embeddings (tied) plus a per-token bias."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The tied head is the embedding's parameter, so it is sharded as the embedding is (a plan, like the other heads',
+    # that `check_tensor_parallel` leaves unused while disentangled attention refuses tensor parallelism).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     output_class = MaskedLMOutput
 
     def __init__(self, config: PosVarDebertaConfig):
@@ -127,7 +129,7 @@ class PosVarDebertaForMaskedLM(PosVarDebertaPreTrainedModel, PosVarEncoderHead):
         slots = torch.arange(length, device=last_layer_input.device)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, slots, batch_size)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=last_layer_input, attention_mask=attention_mask)
+        mask = self.model.build_mask(last_layer_input, attention_mask, None, position_ids)
         positions, mask = self.model.compute_positions(last_layer_input, position_ids, slots, slots, mask)
         layer, states = self.model.layers[-1], self.emd(last_layer_input, position_ids)
         for _ in range(self.emd.num_layers):

@@ -444,13 +444,10 @@ class PosVarModel(PosVarPreTrainedModel):
         """Continuous batching packs every request into one row and gathers each one's keys from a paged cache in
         the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
         q/k): a bias or relative positions need key positions that the paged batch does not carry."""
-        encodings = [self.position_encoding, *self.scheduled_encodings.values()]
-        if self.relative_positions is not None:
-            encodings.append(self.relative_positions)
-        for encoding in encodings:
+        for field, value, encoding in self.config.position_components():
             if encoding.kind not in PAGED_CACHE_KINDS or not encoding.cacheable:
                 raise ValueError(
-                    f"Continuous batching (a paged KV cache) cannot run position_encoding={encoding.name!r} "
+                    f"Continuous batching (a paged KV cache) cannot run {field}={value!r} "
                     f"({encoding.kind}): it needs each key's position, which a paged batch does not carry. Use "
                     f"generate(); continuous batching takes encodings of the kinds {list(PAGED_CACHE_KINDS)}."
                 )
@@ -553,7 +550,9 @@ class PosVarModel(PosVarPreTrainedModel):
         paged = isinstance(cache, PagedAttentionCache)
         if paged:
             self.check_paged_encodings()
-        past_length = cache.get_seq_length() if cache is not None and not paged else 0
+        # A paged cache gathers each request's keys inside the layer; no encoding allowed with it reads key slots.
+        sized_cache = cache is not None and not paged
+        past_length = cache.get_seq_length() if sized_cache else 0
         device = inputs_embeds.device
         # A static cache counts its tokens in a tensor: added to, it stays a traced value under torch.compile.
         query_slots = torch.arange(query_length, device=device) + past_length
@@ -562,8 +561,6 @@ class PosVarModel(PosVarPreTrainedModel):
         mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = self.embed(inputs_embeds, position_ids)
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
-        # A paged cache gathers each request's keys inside the layer; no encoding allowed with it reads key slots.
-        sized_cache = cache is not None and not paged
         key_length, key_offset = cache.get_mask_sizes(query_length, 0) if sized_cache else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         per_layer = self.positions_per_layer(hidden_states, position_ids, query_slots, key_slots, mask)

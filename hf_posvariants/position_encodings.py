@@ -634,6 +634,9 @@ def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: i
     return torch.where(distance <= mid, relative, (logarithmic * relative.sign()).long())
 
 
+DEBERTA_RELATIVE_NORMS = ("none", "layer_norm")
+
+
 @register_position_encoding("deberta_relative")
 class DebertaRelativePositions(RelativeEncoding):
     """DeBERTa's relative positions (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
@@ -641,15 +644,43 @@ class DebertaRelativePositions(RelativeEncoding):
     0, 2k - 1).
 
     A ``relative`` encoding adds nothing by itself: the disentangled attention variant projects the table
-    with each layer's query/key projections into the c2p/p2c terms. Its configuration keys are
-    posvar_deberta's (``position_buckets``, ``max_relative_positions``, ``norm_rel_ebd``).
+    with each layer's query/key projections into the c2p/p2c terms. It owns posvar_deberta's
+    ``position_buckets``, ``max_relative_positions`` and ``norm_rel_ebd``.
     """
+
+    config_fields = ("position_buckets", "max_relative_positions", "norm_rel_ebd")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.norm_rel_ebd not in DEBERTA_RELATIVE_NORMS:
+            raise choice_error("norm_rel_ebd", config.norm_rel_ebd, DEBERTA_RELATIVE_NORMS)
+        if config.max_relative_positions == 0 or config.max_relative_positions < -1:
+            raise ValueError(
+                f"max_relative_positions={config.max_relative_positions} is not allowed; allowed values are integers "
+                f">= 1, or -1 for max_position_embeddings={config.max_position_embeddings}."
+            )
+        # Buckets beyond the span are allowed, as in DebertaV2: distances within it then stay exact.
+        if config.position_buckets != -1 and config.position_buckets < 2:
+            raise ValueError(
+                f"position_buckets={config.position_buckets} is not allowed; allowed values are -1 (no buckets) or "
+                "integers >= 2 (log buckets)."
+            )
+
+    @staticmethod
+    def max_relative_positions_of(config) -> int:
+        """The clipping distance: `max_relative_positions`, or max_position_embeddings for -1."""
+        return config.max_relative_positions if config.max_relative_positions > 0 else config.max_position_embeddings
+
+    @classmethod
+    def span_of(cls, config) -> int:
+        """k: relative indices run over [0, 2k); the shared table has 2k rows."""
+        return config.position_buckets if config.position_buckets > 0 else cls.max_relative_positions_of(config)
 
     def __init__(self, config, is_causal):
         super().__init__(config, is_causal)
-        self.span = config.relative_span
+        self.span = self.span_of(config)
         self.buckets = config.position_buckets
-        self.max_relative_positions = config.effective_max_relative_positions
+        self.max_relative_positions = self.max_relative_positions_of(config)
         self.embeddings = nn.Embedding(2 * self.span, config.hidden_size)
         layer_norm = config.norm_rel_ebd == "layer_norm"
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps) if layer_norm else nn.Identity()

@@ -65,12 +65,13 @@ def family_rows() -> list[str]:
 
 
 def variant_table() -> str:
-    flash_backends = ", ".join(f"`{backend}`" for backend in BIASLESS_BACKENDS)
+    biasless = ", ".join(f"`{backend}`" for backend in BIASLESS_BACKENDS)
     note = (
         f"Every encoding works in every family that has `{AutoModelForCausalLM.__name__}` (causal, `generate()`), "
         f"with it and with `{AutoModelForMaskedLM.__name__}` (bidirectional); `posvar_deberta` takes absolute "
-        f"encodings (or `nope`) for its input positions beside its own relative ones. Flash backends ({flash_backends}) "
-        "have no place for a score bias, so what adds one refuses them with a ValueError: the backend columns are "
+        f"encodings (or `nope`) for its input positions beside its own relative ones. The flash backends and "
+        f"continuous batching's eager kernel ({biasless}) have no place for a score bias, so what adds one refuses "
+        "them with a ValueError: the backend columns are "
         "each registry entry's declared `backends`."
     )
     return "\n".join([*family_rows(), "", *encoding_rows(), "", *attention_rows(), "", note])

@@ -66,3 +66,11 @@ def test_every_causal_family_batches_continuously_with_rope(config_class, backen
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_continuous_batching_over_every_family_and_encoding(config_class, encoding):
     check_continuous_batching(config_class, encoding, "sdpa")
+
+
+def test_continuous_batching_names_the_scheduled_encoding_it_cannot_run():
+    """The refusal names the field that brought the encoding in: here a layer's entry of the schedule."""
+    config = tiny_config(PosVarLlamaConfig, "nope", layer_position_encodings=["rope", "alibi"])
+    model = build(AutoModelForCausalLM, config, "sdpa")
+    with pytest.raises(ValueError, match=r"Continuous batching .* layer_position_encodings='alibi' \(bias\)"):
+        model.generate_batch(inputs=PROMPTS, generation_config=GREEDY, continuous_batching_config=PAGED)

@@ -13,11 +13,16 @@ from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasG
 from hf_posvariants.bias_route import (
     BACKEND_BIAS,
     BIASLESS_BACKENDS,
+    FUSED_MASK_BACKENDS,
+    MAP_BACKENDS,
     MASK_BIAS_BACKENDS,
+    OPEN_MASK_BACKENDS,
+    PAGED_CACHE_LAYER_BACKENDS,
     SCORE_BIAS_BACKENDS,
     BiasRoute,
     choose_bias_route,
 )
+from hf_posvariants.differential_attention import KERNEL_CALL_CHOICES, DifferentialAttention
 from hf_posvariants.evaluation.length import load_causal_lm, token_losses
 from hf_posvariants.position_encodings import DistanceBias, distance_grid
 
@@ -155,7 +160,15 @@ def test_backend_groups_come_from_the_one_table():
     assert MASK_BIAS_BACKENDS == ("eager", "sdpa")
     assert SCORE_BIAS_BACKENDS == ("eager", "sdpa", "flex_attention")
     assert set(BIASLESS_BACKENDS) == set(BACKEND_BIAS) - set(SCORE_BIAS_BACKENDS)
-    assert {"flash_attention_2", "paged_attention"} <= set(BIASLESS_BACKENDS)
+    assert {"flash_attention_2", "paged|eager"} <= set(BIASLESS_BACKENDS)
+    assert MAP_BACKENDS == OPEN_MASK_BACKENDS == ("eager",) and FUSED_MASK_BACKENDS == ("sdpa",)
+
+
+def test_differential_backend_lists_come_from_the_one_table():
+    """A backend added to BACKEND_BIAS reaches differential attention's kernel checks and its path choice."""
+    assert DifferentialAttention.kernel_backends == tuple(BACKEND_BIAS)
+    assert DifferentialAttention.paged_cache_backends == PAGED_CACHE_LAYER_BACKENDS == ("sdpa", "paged|eager")
+    assert {backend for backend, _ in KERNEL_CALL_CHOICES} == set(MASK_BIAS_BACKENDS)
 
 
 def route_of(encoding: str, backend: str = "sdpa", device_type: str = "cpu", **overrides) -> BiasRoute:

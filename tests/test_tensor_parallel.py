@@ -273,3 +273,13 @@ def test_a_pipeline_stage_skips_the_layers_it_does_not_hold():
     with torch.no_grad():
         expected = alone(input_ids).last_hidden_state
         torch.testing.assert_close(stage(input_ids).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_tied_heads_are_sharded_with_their_embedding():
+    """A tied head is the embedding's parameter, so every head's plan shards both or neither (transformers' own
+    `test_tied_weights_are_sharded_together`, here for every head without the slow upstream grid)."""
+    for config_class, heads in FAMILIES.items():
+        for auto_class in heads:
+            model = build(auto_class, tp_config(config_class, "nope"))
+            if "lm_head.weight" in (model._tied_weights_keys or {}):
+                assert ("lm_head" in model.tp_plan) == ("model.embed_tokens" in model.tp_plan), type(model).__name__

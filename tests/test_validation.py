@@ -130,6 +130,11 @@ INVALID_DEBERTA_CONFIGS = {
     "zero norm epsilon": (dict(norm_eps=0.0), ["norm_eps=0.0", "> 0"]),
     "bucket count as a float": (dict(position_buckets=64.0), ["position_buckets=64.0", "type float", "int"]),
     "unknown activation": (dict(hidden_act="swoosh"), ["hidden_act='swoosh'", "'gelu'"]),
+    # The fields the disentangled variant and the deberta_relative encoding own, refused by them.
+    "unknown position term": (dict(pos_att_type=["c2p", "p2p"]), ["pos_att_type=['p2p']", "['c2p', 'p2c']"]),
+    "unknown relative norm": (dict(norm_rel_ebd="rms"), ["norm_rel_ebd='rms'", "['layer_norm', 'none']"]),
+    "one bucket": (dict(position_buckets=1), ["position_buckets=1", "-1 (no buckets)", ">= 2"]),
+    "zero clipping distance": (dict(max_relative_positions=0), ["max_relative_positions=0", ">= 1", "-1"]),
 }
 
 
@@ -140,6 +145,19 @@ def test_invalid_deberta_config_is_refused_with_a_clear_message(case):
         tiny_deberta_config(**overrides)
     for fragment in fragments:
         assert fragment in str(error.value), f"{fragment!r} missing from: {error.value}"
+
+
+def test_relative_table_fields_are_checked_while_the_table_is_used():
+    """Like an encoding not in use, the deberta_relative table's fields are not read without relative attention."""
+    unused = dict(relative_attention=False, position_buckets=1, norm_rel_ebd="rms")
+    assert tiny_deberta_config(**unused).position_buckets == 1
+    with pytest.raises(ValueError, match="norm_rel_ebd='rms'"):
+        tiny_deberta_config(**{**unused, "relative_attention": True})
+
+
+def test_disentangled_attention_outside_its_family_names_the_missing_fields():
+    with pytest.raises(ValueError, match=r"'disentangled' needs .*'pos_att_type'.*'position_buckets'"):
+        tiny_config(PosVarLlamaConfig, "nope", attention_variant="disentangled", num_key_value_heads=4)
 
 
 def test_numbers_of_the_other_type_are_accepted_where_exact():
@@ -226,12 +244,33 @@ def test_input_ids_and_embeds_are_exclusive():
         model(input_ids=torch.ones(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 32))
 
 
+def declaring_class(field: str) -> type | None:
+    """The most basic posvariants config class that declares `field` in its own annotations (a family re-declares
+    PosVarConfig's fields only to change a default)."""
+    classes = {
+        klass for config_class in FAMILIES for klass in config_class.__mro__
+        if issubclass(klass, PosVarConfig) and field in vars(klass).get("__annotations__", {})
+    }
+    return min(classes, key=lambda klass: len(klass.__mro__), default=None)
+
+
 def test_components_own_declared_and_documented_fields():
     """Each encoding's and attention variant's own fields are config fields, owned by one component, and named in
-    PosVarConfig's docstring, which also lists every selectable encoding."""
-    fields = {field.name for field in dataclasses.fields(PosVarConfig)}
+    the docstring of the config class that declares them; PosVarConfig's also lists every selectable encoding."""
     owned = [name for cls in [*POSITION_ENCODINGS.values(), *ATTENTION_VARIANTS.values()] for name in cls.config_fields]
-    assert owned and len(owned) == len(set(owned)) and set(owned) <= fields
-    documentation = PosVarConfig.__doc__
-    assert all(name in documentation for name in owned), [name for name in owned if name not in documentation]
-    assert all(f'"{name}"' in documentation for name in selectable_position_encodings())
+    assert owned and len(owned) == len(set(owned))
+    for name in owned:
+        declared_by = declaring_class(name)
+        assert declared_by is not None, f"{name} is no field of any family's config"
+        assert name in declared_by.__doc__, f"{name} is not documented in {declared_by.__name__}"
+    assert all(f'"{name}"' in PosVarConfig.__doc__ for name in selectable_position_encodings())
+
+
+@pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=[c.model_type for c in FAMILY_CONFIGS])
+def test_a_family_adds_no_field_that_no_component_owns(config_class):
+    """The fields a family's config adds to PosVarConfig are its components' (validated by them), except the
+    Enhanced Mask Decoder's depth, which DeBERTa's masked-LM head reads."""
+    base = {field.name for field in dataclasses.fields(PosVarConfig)}
+    added = {field.name for field in dataclasses.fields(config_class)} - base
+    owned = {name for cls in [*POSITION_ENCODINGS.values(), *ATTENTION_VARIANTS.values()] for name in cls.config_fields}
+    assert added - owned <= {"emd_layers"}, added - owned

@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_posvariants.bias_route import MAP_BACKENDS
+
 
 @torch.no_grad()
 def attention_statistics(model: nn.Module, input_ids: torch.LongTensor) -> list[dict]:
     """One row per layer and head: mean distance and entropy over the batch and all query positions."""
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
+    if model.config._attn_implementation not in MAP_BACKENDS:
+        model.set_attn_implementation(MAP_BACKENDS[0])
     attentions = model(input_ids=input_ids, output_attentions=True, use_cache=False).attentions
     if not attentions:
         raise ValueError(f"{type(model).__name__} returned no attention weights with output_attentions=True.")

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from hf_posvariants.bias_route import SCORE_FUNCTION_BACKENDS
+from hf_posvariants.bias_route import FUSED_MASK_BACKENDS, SCORE_FUNCTION_BACKENDS
 from hf_posvariants.evaluation.data import blocks
 from hf_posvariants.evaluation.report import markdown_table
 from hf_posvariants.training.run_folder import read_run_record
@@ -96,7 +96,7 @@ def long_context_backend(config, requested: str = "auto") -> str:
     flex = SCORE_FUNCTION_BACKENDS[0]
     if requirements and all(flex in backends for _, _, backends in requirements):
         return flex
-    return "sdpa"
+    return FUSED_MASK_BACKENDS[0]
 
 
 def load_causal_lm(checkpoint: str, rope_scaling: str | None = None, rope_factor: float | None = None,

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConf
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS
 from hf_posvariants.attention import ATTENTION_VARIANTS
+from hf_posvariants.bias_route import SCORE_FUNCTION_BACKENDS
 from hf_posvariants.conversion.diffllama import DIFFLLAMA_CONVENTIONS
 from hf_posvariants.position_encodings import selectable_position_encodings
 
@@ -474,9 +475,9 @@ class KernelCase:
     def __post_init__(self) -> None:
         if self.bias not in KERNEL_BIASES:
             raise ValueError(f"bias={self.bias!r} is not a kernel bias; allowed values are {sorted(KERNEL_BIASES)}.")
-        if self.bias in SCORE_FUNCTION_BIASES and self.backend != "flex_attention":
-            raise ValueError(f"bias={self.bias!r} is a score function: backend must be 'flex_attention', "
-                             f"not {self.backend!r}.")
+        if self.bias in SCORE_FUNCTION_BIASES and self.backend not in SCORE_FUNCTION_BACKENDS:
+            raise ValueError(f"bias={self.bias!r} is a score function: backend must be one of "
+                             f"{list(SCORE_FUNCTION_BACKENDS)}, not {self.backend!r}.")
 
     @property
     def label(self) -> str:

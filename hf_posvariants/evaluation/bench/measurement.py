@@ -52,6 +52,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_posvariants
 from hf_posvariants.attention import eager_attention_forward
+from hf_posvariants.bias_route import BACKEND_BIAS, SCORE_FUNCTION_BACKENDS
 from hf_posvariants.evaluation.bench.cases import (
     CASE_SETS,
     REFERENCE_BUILDERS,
@@ -419,7 +420,7 @@ def kernel_step(case: KernelCase, batch: int, heads: int, length: int, head_dim:
 
     query, key = tensor(batch, heads, length, head_dim), tensor(batch, heads, length, head_dim)
     value = tensor(batch, heads, length, head_dim * case.value_width)
-    if case.backend == "flex_attention" and case.bias not in ("mask", "learned_mask"):
+    if case.backend in SCORE_FUNCTION_BACKENDS and case.bias not in ("mask", "learned_mask"):
         attend = flex_kernel(case, batch, heads, length, device, tensor)
     else:
         attend = masked_kernel(case, batch, heads, length, device, dtype, tensor)
@@ -451,7 +452,7 @@ def masked_kernel(case: KernelCase, batch: int, heads: int, length: int, device:
         def mask() -> torch.Tensor:
             return causal + bias
     else:  # SDPA takes its causal fast path without a mask; our eager kernel needs one
-        fixed = causal if case.backend == "eager" else None
+        fixed = None if BACKEND_BIAS[case.backend].causal_without_mask else causal
 
         def mask() -> torch.Tensor | None:
             return fixed
