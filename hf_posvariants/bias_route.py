@@ -100,8 +100,8 @@ def choose_bias_route(
     """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
 
     A fixed bias linear in the key (`bias.linear_in_key`) rides in an extra query/key column on a CPU backend that
-    allows it, where the kernel computes in float32 or wider (`single_precision`: key slots stay exact there and the
-    row constant it adds stays small) and every layer of the encoding calls the kernel plainly (`layers_take_columns`).
+    allows it, where the kernel computes in float32 or wider (`single_precision`: in bf16 key slots beyond 256 round,
+    and the scores with them) and every layer of the encoding calls the kernel plainly (`layers_take_columns`).
     Else a shared bias rides in the mask where the backend adds masks, else it becomes a score function. A learned one
     in the mask on a CPU backend with the gradient kernel trains through it, sending the gradient straight to the
     per-distance row where the bias is one: unless the grad mode is off, attention dropout is on (the kernel has

@@ -360,10 +360,11 @@ def test_learned_bias_trains_through_the_flash_kernel_on_cpu(monkeypatch, config
             torch.testing.assert_close(candidate[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("encoding", ["t5_bias", "kerple"])
-def test_unpadded_learned_bias_trains_through_the_causal_kernel_as_autograd(monkeypatch, encoding):
-    """Unpadded and causal, a learned distance bias takes the kernel's causal mode (keys after each query skipped,
-    weights from the forward's log-sum-exp): the step's every gradient equals SDPA's math kernel through autograd."""
+@pytest.mark.parametrize(("encoding", "gradient"), [("t5_bias", "row"), ("kerple", "row"), ("fire", "mask")])
+def test_unpadded_learned_bias_trains_through_the_causal_kernel_as_autograd(monkeypatch, encoding, gradient):
+    """Unpadded and causal, a learned bias takes the kernel's causal mode (keys after each query skipped, weights from
+    the forward's log-sum-exp), its gradient sent to the row or the mask: the step's every gradient equals SDPA's math
+    kernel through autograd."""
     config = tiny_config(FAMILY_CONFIGS[1], encoding)
     ids = torch.randint(3, VOCAB, (2, 12))
     routes = spy_routes(monkeypatch)
@@ -374,9 +375,9 @@ def test_unpadded_learned_bias_trains_through_the_causal_kernel_as_autograd(monk
         model = build(AutoModelForCausalLM, config, "sdpa").train()
         model(input_ids=ids, labels=ids).loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters()})
-    assert routes[0] == BiasRoute("mask", folded=True, gradient="row", causal=True)
-    for name, gradient in gradients[1].items():
-        torch.testing.assert_close(gradients[0][name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+    assert routes[0] == BiasRoute("mask", folded=True, gradient=gradient, causal=True)
+    for name, reference in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], reference, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.flex
