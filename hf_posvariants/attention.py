@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bias_route import BiasRoute
-from .position_encodings import POSITION_ENCODINGS, Positions, ScoreMod, rotate
+from .position_encodings import POSITION_ENCODINGS, BiasColumns, Positions, ScoreMod, rotate
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -170,8 +170,18 @@ def flex_score_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-# Elements of one (batch, heads, query rows, keys) block in the backward below: 1M floats, 4 MiB in fp32.
-BIAS_GRADIENT_BLOCK = 1 << 20
+# Elements of one (batch, heads, query rows, keys) block in the backward below: 2M floats, 8 MiB in fp32 (smaller blocks
+# made the step slower on one thread: more, thinner products).
+BIAS_GRADIENT_BLOCK = 1 << 21
+
+
+def diagonal_sums(grad: torch.Tensor) -> torch.Tensor:
+    """(H, rows, keys) → (H, rows + keys − 1): entry u sums the entries [t, u − (rows − 1) + t] over the rows t, so
+    every entry is one key − query distance, from key 0 − last row (u = 0) to the last key − row 0."""
+    heads, rows, keys = grad.shape
+    # Flipped rows padded by `rows` zeros and read with a row length one shorter: row t moves right by rows − 1 − t.
+    padded = nn.functional.pad(grad.flip(1), (0, rows)).flatten(1)[:, : rows * (keys + rows - 1)]
+    return padded.view(heads, rows, keys + rows - 1).sum(1)
 
 
 class FlashAttentionWithBiasGradient(torch.autograd.Function):
@@ -182,57 +192,68 @@ class FlashAttentionWithBiasGradient(torch.autograd.Function):
     keeps nothing of size Q × K; the backward recomputes the weights one block of queries at a time for dQ,
     dK, dV and dS = P ⊙ (dP − rowsum(dO ⊙ O)). dS goes either to the mask (summed over the batch where the
     mask is shared) or, given the per-distance `table` the mask was gathered from (`DistanceBias`), straight
-    into that table's (H, Q + K − 1) gradient, so no layer returns a (Q, K) gradient at all. (The flash
-    kernel's own backward is not used: it rebuilds P from the log-sum-exp, which rounds to the mask's minimum
-    in fully masked rows and so gives weights of 1 instead of 1/K there.)
+    into that table's (H, Q + K − 1) gradient as sums along the block's diagonals, so no layer returns a (Q, K)
+    gradient at all. `causal` (the mask is causality alone besides the bias, as many queries as keys) lets both
+    passes skip the keys after each query and the backward rebuild P from the forward's log-sum-exp. Without it, P
+    is recomputed by a softmax: the log-sum-exp rounds to the mask's minimum in fully masked rows, which would give
+    weights of 1 there instead of the math kernel's 1/K (also why the flash kernel's own backward is not used).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, table, scale):
-        output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask.detach(), scale=scale
+    def forward(ctx, query, key, value, mask, table, scale, causal=False):
+        output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=mask.detach(), scale=scale
         )
-        ctx.save_for_backward(query, key, value, mask, output, table)
-        ctx.scale = scale
+        ctx.save_for_backward(query, key, value, mask, output, table, log_sum_exp)
+        ctx.scale, ctx.causal = scale, causal
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, mask, output, table = ctx.saved_tensors
+        query, key, value, mask, output, table, log_sum_exp = ctx.saved_tensors
         batch, heads, query_length, _ = query.shape
         key_length = key.shape[2]
         rows = max(1, BIAS_GRADIENT_BLOCK // (batch * heads * key_length))
-        query32, key32, value32, grad32 = query.float(), key.float(), value.float(), grad_output.float()
-        row_sums = (grad32 * output.float()).sum(-1, keepdim=True)  # (B, H, Q, 1)
+        # (B·H, T, D) in fp32: three-dimensional products take transposed operands without copying them.
+        query32, key32, value32, grad32 = (x.float().flatten(0, 1) for x in (query, key, value, grad_output))
+        row_sums = (grad32 * output.float().flatten(0, 1)).sum(-1, keepdim=True)  # (B·H, Q, 1)
+        log_sum_exp = log_sum_exp.float().flatten(0, 1).unsqueeze(-1)
         grad_query, grad_key, grad_value = torch.empty_like(query32), torch.zeros_like(key32), torch.zeros_like(value32)
         by_table = table.numel() > 0
         grad_bias = torch.zeros(table.shape if by_table else mask.shape, dtype=torch.float32, device=mask.device)
         reduce = [dim for dim in (0, 1) if mask.shape[dim] == 1 and query.shape[dim] > 1]
         blocked = torch.finfo(mask.dtype).min / 2
         for start in range(0, query_length, rows):
-            block = slice(start, start + rows)
-            block_mask = mask[:, :, block].float()
-            scores = torch.matmul(query32[:, :, block], key32.transpose(-1, -2)) * ctx.scale + block_mask
-            weights = torch.softmax(scores, dim=-1)  # (B, H, rows, K)
-            grad_scores = weights * (torch.matmul(grad32[:, :, block], value32.transpose(-1, -2)) - row_sums[:, :, block])
-            grad_value += torch.matmul(weights.transpose(-1, -2), grad32[:, :, block])
-            grad_query[:, :, block] = torch.matmul(grad_scores, key32) * ctx.scale
-            grad_key += torch.matmul(grad_scores.transpose(-1, -2), query32[:, :, block]) * ctx.scale
+            stop = min(start + rows, query_length)
+            keys = stop if ctx.causal else key_length  # causal: no query of the block sees a key after `stop`
+            block, block_mask = slice(start, stop), mask[:, :, start:stop, :keys].float()
+            scores = torch.bmm(query32[:, block], key32[:, :keys].transpose(1, 2)).mul_(ctx.scale)
+            scores.view(batch, heads, stop - start, keys).add_(block_mask)
+            weights = scores.sub_(log_sum_exp[:, block]).exp_() if ctx.causal else torch.softmax(scores, dim=-1)
+            grad_scores = torch.bmm(grad32[:, block], value32[:, :keys].transpose(1, 2))
+            grad_scores = grad_scores.sub_(row_sums[:, block]).mul_(weights)  # (B·H, rows, keys)
+            grad_value[:, :keys].baddbmm_(weights.transpose(1, 2), grad32[:, block])
+            grad_query[:, block] = torch.bmm(grad_scores, key32[:, :keys])
+            grad_key[:, :keys].baddbmm_(grad_scores.transpose(1, 2), query32[:, block])
+            grad_scores = grad_scores.view(batch, heads, stop - start, keys)
             if by_table:
-                # Only where the bias entered the scores: blocked slots of fully masked rows still get weight 1/K.
-                grad_scores = (grad_scores * (block_mask > blocked)).sum(0)  # (H, rows, K)
+                if not ctx.causal:
+                    # Only where the bias entered the scores: blocked slots of fully masked rows still get weight 1/K.
+                    grad_scores = grad_scores * (block_mask > blocked)
                 # Rows `block` of `distance_grid`: column j of query row i reads table entry j - i + Q - 1.
-                rows_here = torch.arange(start, min(start + rows, query_length), device=mask.device)
-                distances = torch.arange(key_length, device=mask.device) - rows_here[:, None] + (query_length - 1)
-                grad_bias.index_add_(1, distances.flatten(), grad_scores.flatten(1))
+                first = query_length - stop
+                grad_bias[:, first : first + stop - start + keys - 1] += diagonal_sums(grad_scores.sum(0))
             else:
-                grad_bias[:, :, block] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
+                grad_bias[:, :, block, :keys] = grad_scores.sum(dim=reduce, keepdim=True) if reduce else grad_scores
+        grad_query.mul_(ctx.scale)
+        grad_key.mul_(ctx.scale)
         grad_mask, grad_table = (None, grad_bias.to(table.dtype)) if by_table else (grad_bias.to(mask.dtype), None)
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), grad_mask, grad_table, None
+        grads = (grad.view(like.shape).to(like.dtype) for grad, like in zip((grad_query, grad_key, grad_value), (query, key, value)))
+        return *grads, grad_mask, grad_table, None, None
 
 
 def flash_attention_with_bias_gradient(
-    module, query, key, value, attention_mask, row: torch.Tensor | None = None
+    module, query, key, value, attention_mask, row: torch.Tensor | None = None, causal: bool = False
 ) -> tuple[torch.Tensor, None]:
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -240,8 +261,22 @@ def flash_attention_with_bias_gradient(
     # flash forward return zeros where the backward's softmax gives NaN; eager and the math kernel see 1/K weights.
     mask = attention_mask[:, :, :, : key.shape[-2]].clamp_min(torch.finfo(query.dtype).min).to(query.dtype)
     table = row if row is not None else query.new_empty(0)
-    output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, table, module.scaling)
+    output = FlashAttentionWithBiasGradient.apply(query, key, value, mask, table, module.scaling, causal)
     return output.transpose(1, 2).contiguous(), None
+
+
+def with_bias_columns(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, columns: BiasColumns, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, Q, D + 1) queries, (B, H_kv, K, D + 1) keys and values: the queries' extra column is the per-head factor
+    over `scaling` and the keys' the per-key value (so QKᵀ·scaling gains the bias); the values' is zeros, as the
+    kernels want equal widths (the output's extra column is zero)."""
+    batch, heads, query_length, _ = query.shape
+    per_head = (columns.per_head / scaling).to(query.dtype)[None, :, None, None]
+    per_key = columns.per_key[: key.shape[2]].to(key.dtype)[None, None, :, None]
+    query = torch.cat((query, per_head.expand(batch, heads, query_length, 1)), dim=-1)
+    key = torch.cat((key, per_key.expand(*key.shape[:-1], 1)), dim=-1)
+    return query, key, nn.functional.pad(value, (0, 1))
 
 
 @dataclass
@@ -250,13 +285,15 @@ class KernelBias:
 
     ``tensor``: a (B|1, H, Q, K) bias the kernel adds to the scores besides the mask (transformers' `position_bias`);
     ``score_mod``: flex's score function; ``row``: the (H, Q + K − 1) per-distance row that the gradient of a bias
-    folded into the mask goes to (`route.gradient == "row"`).
+    folded into the mask goes to (`route.gradient == "row"`); ``columns``: the shared bias as an extra query/key
+    column (`route.columns`).
     """
 
     route: BiasRoute
     tensor: torch.Tensor | None = None
     score_mod: ScoreMod | None = None
     row: torch.Tensor | None = None
+    columns: BiasColumns | None = None
 
 
 def chained(first: ScoreMod | None, second: ScoreMod | None) -> ScoreMod | None:
@@ -273,11 +310,12 @@ def chained(first: ScoreMod | None, second: ScoreMod | None) -> ScoreMod | None:
 def kernel_bias(positions: Positions, own: torch.Tensor | ScoreMod | None = None) -> KernelBias:
     """What a kernel call receives of the shared bias and of the layer's `own` bias (a tensor where the route's carrier
     is the mask, a score function on flex), as `positions.route` says: a shared bias folded into the mask only as the
-    row its gradient goes to, if any."""
+    row its gradient goes to, if any; one in columns as those columns."""
     route, shared = positions.route, positions.bias
     if route.carrier == "score_function":
         return KernelBias(route, score_mod=chained(None if shared is None else shared.score_mod(), own))
-    return KernelBias(route, tensor=own, row=shared.row if route.gradient == "row" else None)
+    columns = shared.columns() if route.columns else None
+    return KernelBias(route, tensor=own, row=shared.row if route.gradient == "row" else None, columns=columns)
 
 
 def run_attention_kernel(
@@ -291,14 +329,17 @@ def run_attention_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel `bias` names, on (B, H, T, D) heads: a score function goes to flex, a route with the gradient kernel
     to `FlashAttentionWithBiasGradient`, anything else through transformers' attention interface (a bias tensor as
-    its `position_bias`). It decides nothing itself."""
+    its `position_bias`, bias columns appended to the heads and cut from the output). It decides nothing itself."""
     if bias.score_mod is not None:
         return flex_score_attention(module, query, key, value, attention_mask, bias.score_mod, module.scaling)
     if bias.route.gradient_kernel:
-        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, bias.row)
+        return flash_attention_with_bias_gradient(module, query, key, value, attention_mask, bias.row, bias.route.causal)
     if bias.tensor is not None:
         kwargs["position_bias"] = bias.tensor
-    return attention_function(module)(
+    width = value.shape[-1]
+    if bias.columns is not None:
+        query, key, value = with_bias_columns(query, key, value, bias.columns, module.scaling)
+    output, weights = attention_function(module)(
         module,
         query,
         key,
@@ -308,6 +349,7 @@ def run_attention_kernel(
         scaling=module.scaling,
         **kwargs,
     )
+    return output[..., :width], weights
 
 
 ATTENTION_VARIANTS: dict[str, type[nn.Module]] = {}
@@ -414,6 +456,11 @@ class PosVarAttention(nn.Module):
         """Whether this layer's kernel call can be `FlashAttentionWithBiasGradient`, which takes the mask alone (read by
         `choose_bias_route` for a (B, H, Q, K) score tensor of `score_elements`): not where the layer adds a bias of its
         own."""
+        return self.contextual_positions is None
+
+    def takes_bias_columns(self) -> bool:
+        """Whether this layer's kernel call can take the shared bias as an extra query/key column (`BiasRoute.columns`,
+        read by `choose_bias_route`): not where the layer adds a bias of its own."""
         return self.contextual_positions is None
 
     def attend(

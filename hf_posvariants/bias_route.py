@@ -3,7 +3,10 @@ decision per forward, `choose_bias_route`, that the model stores on `Positions` 
 
 A bias travels in one of three ways: inside the additive float mask (eager and SDPA add it to the scores, together
 with a layer's own `position_bias` tensor), as flex attention's score function, or not at all (flash kernels have
-nowhere to put one, nor has `paged|eager` outside a continuous batch; validation refuses a bias there). Adding a
+nowhere to put one, nor has `paged|eager` outside a continuous batch; validation refuses a bias there). A bias that
+is, for every key a query sees, a per-head factor times a per-key value plus a constant of the query row (ALiBi under
+a causal mask: −m·(i − j) = m·j − m·i) may instead ride in one extra column of the queries and keys, where softmax
+ignores the row's constant: the kernel then keeps its causal block skipping and reads no (Q, K) tensor. Adding a
 backend is one row below: the backend groups, and the lists that differential attention and the evaluation read,
 follow from it.
 This file imports only the standard library: it travels with remote-code checkpoints.
@@ -28,13 +31,15 @@ class BackendBias:
     """How one attention backend carries a bias: `carrier`; whether a learned bias in its mask may train through
     `FlashAttentionWithBiasGradient` on CPU (which keeps no (Q, K) tensor per layer for the backward); whether,
     handed no mask, its kernel applies causality itself (SDPA's `is_causal`), which a stand-in for it must too;
-    whether its kernel computes the (B, H, Q, K) maps in the open and returns them (transformers runs
-    `output_attentions` on such a backend alone); and who writes continuous batching's paged KV cache with it: the
-    layer ("layer"), the kernel itself ("kernel"), or nobody, as continuous batching does not run it (None)."""
+    whether on CPU a bias linear in the key may ride in an extra query/key column (`BiasRoute.columns`); whether its
+    kernel computes the (B, H, Q, K) maps in the open and returns them (transformers runs `output_attentions` on such
+    a backend alone); and who writes continuous batching's paged KV cache with it: the layer ("layer"), the kernel
+    itself ("kernel"), or nobody, as continuous batching does not run it (None)."""
 
     carrier: BiasCarrier
     cpu_gradient_kernel: bool = False
     causal_without_mask: bool = False
+    cpu_bias_columns: bool = False
     returns_maps: bool = False
     paged_cache: Literal["layer", "kernel"] | None = None
 
@@ -42,8 +47,10 @@ class BackendBias:
 # transformers' own kernels, every one of which leaves generate()'s KV cache to the layer. `paged|eager` is the eager
 # kernel of continuous batching: outside a continuous batch no mask is built for it, so it carries no bias.
 BACKEND_BIAS: dict[str, BackendBias] = {
+    # Eager stays the reference: it materialises the scores anyway, so a column would save it nothing.
     "eager": BackendBias("mask", returns_maps=True),
-    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True, paged_cache="layer"),
+    "sdpa": BackendBias("mask", cpu_gradient_kernel=True, causal_without_mask=True, cpu_bias_columns=True,
+                        paged_cache="layer"),
     "flex_attention": BackendBias("score_function"),
     "flash_attention_2": BackendBias("none", paged_cache="kernel"),
     "flash_attention_3": BackendBias("none", paged_cache="kernel"),
@@ -74,12 +81,17 @@ class BiasRoute:
 
     ``carrier``: how the backend takes any bias, the shared one or a layer's own (DeBERTa's position terms, CoPE's
     counts): a tensor added to the scores ("mask") or a score function. ``folded``: the shared bias is inside the
-    mask, folded in once per forward. ``gradient``: where a folded learned bias sends its gradient.
+    mask, folded in once per forward. ``gradient``: where a folded learned bias sends its gradient. ``causal``: the
+    folded mask holds causality alone besides the bias (no padding, as many queries as keys), so the gradient kernel
+    may skip the keys after each query. ``columns``: the shared bias rides in one extra query and key column
+    (`ScoreBias.columns`) and nothing is folded: the mask stays transformers' own.
     """
 
     carrier: BiasCarrier
     folded: bool = False
     gradient: BiasGradient = "autograd"
+    causal: bool = False
+    columns: bool = False
 
     @property
     def gradient_kernel(self) -> bool:
@@ -96,21 +108,32 @@ def choose_bias_route(
     attention_dropout: bool,
     compiling: bool,
     layers_take_gradient_kernel: bool,
+    layers_take_columns: bool,
+    single_precision: bool,
+    causal_only: bool,
 ) -> BiasRoute:
     """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
 
-    A shared bias rides in the mask where the backend adds masks, else it becomes a score function. A learned one in
-    the mask on a CPU backend with the gradient kernel trains through it, sending the gradient straight to the
+    A fixed bias linear in the key (`bias.linear_in_key`) rides in an extra query/key column on a CPU backend that
+    allows it, where the kernel computes in float32 or wider (`single_precision`: in bf16 key slots beyond 256 round,
+    and the scores with them) and every layer of the encoding calls the kernel plainly (`layers_take_columns`).
+    Else a shared bias rides in the mask where the backend adds masks, else it becomes a score function. A learned one
+    in the mask on a CPU backend with the gradient kernel trains through it, sending the gradient straight to the
     per-distance row where the bias is one: unless the grad mode is off, attention dropout is on (the kernel has
     none), the forward is being compiled, or a layer cannot take that kernel (`layers_take_gradient_kernel`: it adds
-    a bias of its own, or computes the maps itself).
+    a bias of its own, or computes the maps itself). That kernel skips the keys after each query where the forward's
+    mask is causality alone (`causal_only`: causal, unpadded, as many queries as keys).
     """
     row = BACKEND_BIAS.get(backend, BackendBias("none"))
     if bias is None or row.carrier != "mask":
         return BiasRoute(row.carrier)
+    fixed_linear = bias.linear_in_key and not bias.requires_grad
+    if fixed_linear and row.cpu_bias_columns and device_type == "cpu" and single_precision and layers_take_columns:
+        return BiasRoute(row.carrier, columns=True)
     learned = grad_enabled and bias.requires_grad
     if not (learned and row.cpu_gradient_kernel and device_type == "cpu") or attention_dropout or compiling:
         return BiasRoute(row.carrier, folded=True)
     if not layers_take_gradient_kernel:
         return BiasRoute(row.carrier, folded=True)
-    return BiasRoute(row.carrier, folded=True, gradient="row" if bias.row is not None else "mask")
+    gradient = "row" if bias.row is not None else "mask"
+    return BiasRoute(row.carrier, folded=True, gradient=gradient, causal=causal_only)

@@ -249,6 +249,10 @@ class DifferentialAttention(PosVarAttention):
         path = self.chosen_path(score_elements, device_type)
         return super().takes_gradient_kernel(score_elements, device_type) and path != "subtracted_maps"
 
+    def takes_bias_columns(self) -> bool:
+        # The kernel sees the heads reordered (`maps_first`) and, on some paths, padded or not at all (the maps here).
+        return False
+
     def kernel_path(self, query: torch.Tensor, key: torch.Tensor, route: BiasRoute) -> str:
         """The path of `chosen_path` for this call, checked against `KERNEL_CALLS` and the bias route."""
         score_elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]

@@ -129,6 +129,9 @@ class DisentangledAttention(PosVarAttention):
     def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
         return not self.position_terms  # the terms are a bias of the layer's own
 
+    def takes_bias_columns(self) -> bool:
+        return not self.position_terms
+
     def position_terms_bias(
         self, query: torch.Tensor, key: torch.Tensor, positions: Positions
     ) -> torch.Tensor | ScoreMod | None:

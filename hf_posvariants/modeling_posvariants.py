@@ -373,6 +373,14 @@ def positions_from_mask(
     return positions[:, query_slots]
 
 
+def kernel_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype the attention kernels will compute in: autocast's where it is on for the device, else the states'."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
+
+
 class PosVarModel(PosVarPreTrainedModel):
     """The bare stack: embeddings, position encoding, blocks, final norm (pre-norm only).
 
@@ -455,8 +463,11 @@ class PosVarModel(PosVarPreTrainedModel):
     def encoding_named(self, name: str) -> PositionEncoding:
         return self.position_encoding if name == self.config.position_encoding else self.scheduled_encodings[name]
 
-    def bias_route(self, bias: ScoreBias | None, layer_idx: int, hidden_states: torch.Tensor, key_length: int) -> BiasRoute:
-        """`choose_bias_route` for this forward and the layers sharing the encoding of layer `layer_idx`."""
+    def bias_route(
+        self, bias: ScoreBias | None, layer_idx: int, hidden_states: torch.Tensor, key_length: int, mask
+    ) -> BiasRoute:
+        """`choose_bias_route` for this forward, with transformers' `mask` for it, and the layers sharing the encoding
+        of layer `layer_idx`."""
         name, device_type = self.layer_encoding_names[layer_idx], hidden_states.device.type
         batch_size, query_length = hidden_states.shape[:2]
         score_elements = batch_size * self.config.num_attention_heads * query_length * key_length
@@ -472,6 +483,10 @@ class PosVarModel(PosVarPreTrainedModel):
             attention_dropout=self.training and self.config.attention_dropout > 0,
             compiling=torch.compiler.is_compiling(),
             layers_take_gradient_kernel=all(layer.takes_gradient_kernel(score_elements, device_type) for layer in layers),
+            layers_take_columns=all(layer.takes_bias_columns() for layer in layers),
+            single_precision=kernel_dtype(hidden_states).itemsize >= 4,
+            # No mask: transformers left causality to the kernel, which SDPA applies aligned top-left.
+            causal_only=self.is_causal and mask is None and query_length == key_length,
         )
 
     def compute_positions(
@@ -491,7 +506,7 @@ class PosVarModel(PosVarPreTrainedModel):
         bias = encoding.score_bias(query_slots, key_slots, position_ids)
         if bias is not None and self.head_shard is not None:
             bias = self.head_shard.select(bias)
-        route = self.bias_route(bias, layer_idx, hidden_states, key_slots.shape[0])
+        route = self.bias_route(bias, layer_idx, hidden_states, key_slots.shape[0], mask)
         if route.folded:
             # Sent to the row by the kernel, the gradient need not flow through the folded mask.
             with torch.no_grad() if route.gradient == "row" else contextlib.nullcontext():

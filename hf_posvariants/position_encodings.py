@@ -66,6 +66,15 @@ class DistanceRow(NamedTuple):
     values: torch.Tensor
 
 
+class BiasColumns(NamedTuple):
+    """A bias that, for every key a query sees, is ``per_head[h] · per_key[j]`` plus a constant of the (head, query)
+    row, which softmax ignores: one extra query column (``per_head``, divided by the kernel's scaling) and one extra key
+    column (``per_key``) put it into the product QKᵀ itself (`BiasRoute.columns`)."""
+
+    per_head: torch.Tensor  # (H,)
+    per_key: torch.Tensor  # (K,), float
+
+
 @dataclass
 class ScoreBias:
     """An additive attention-score bias kept as a function of (head, query, key) over small tables.
@@ -90,6 +99,14 @@ class ScoreBias:
     def requires_grad(self) -> bool:
         """Whether any table needs a gradient (a learned bias)."""
         return any(table.requires_grad for table in self.tables)
+
+    @property
+    def linear_in_key(self) -> bool:
+        """Whether the bias can ride in an extra query/key column (`columns`)."""
+        return self.encoding.linear_in_key
+
+    def columns(self) -> BiasColumns:
+        return self.encoding.bias_columns(self.tables, self.query_length, self.key_length)
 
     def with_row(self, row: torch.Tensor) -> ScoreBias:
         """The same bias over another per-distance row (the heads reordered)."""
@@ -233,6 +250,7 @@ class ScoreBiasEncoding(PositionEncoding):
     # The fields of the encoding's tables that hold one entry per head along their first dimension, sliced to a
     # tensor-parallel rank's heads (`ScoreBias.for_heads`); None: undeclared, and tensor parallelism is refused.
     per_head_tables: ClassVar[tuple[str, ...] | None] = None
+    linear_in_key: bool = False  # the bias has `bias_columns` (set per instance: it may hold in one direction only)
 
     def score_bias(self, query_slots, key_slots, position_ids=None) -> ScoreBias:
         """The bias of queries at ``query_slots`` against keys at ``key_slots`` (contiguous indices in the cached
@@ -245,6 +263,10 @@ class ScoreBiasEncoding(PositionEncoding):
 
     def materialise_bias(self, tables: NamedTuple, query_length: int, key_length: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def bias_columns(self, tables: NamedTuple, query_length: int, key_length: int) -> BiasColumns:
+        """The bias as an extra query/key column, for an encoding whose `linear_in_key` is set."""
+        raise NotImplementedError(f"position_encoding={self.name!r} has no bias columns (linear_in_key is False).")
 
     def attention_bias(self, query_slots: torch.LongTensor, key_slots: torch.LongTensor) -> torch.Tensor:
         """The materialised additive bias of shape (1, heads, queries, keys)."""
@@ -579,7 +601,8 @@ class ALiBiBias(DistanceBias):
 
     The symmetric form |i - j| serves bidirectional models; under a causal mask only j <= i is seen,
     where it equals the paper's causal form m_h·(i - j). Flex computes the bias from the slopes in the
-    kernel, reading no table at all.
+    kernel, reading no table at all. Causal, −m_h·(i − j) = m_h·j − m_h·i, and softmax ignores the second term: the
+    bias is linear in the key (`bias_columns`); bidirectional, |i − j| is not.
     """
 
     per_head_tables = ("slopes",)
@@ -588,6 +611,7 @@ class ALiBiBias(DistanceBias):
         super().__init__(config, is_causal)
         self.num_heads = config.num_attention_heads
         self.slopes = nn.Buffer(alibi_slopes(self.num_heads), persistent=False)
+        self.linear_in_key = is_causal
 
     def initial_buffers(self):
         return {"slopes": alibi_slopes(self.num_heads)}
@@ -617,6 +641,12 @@ class ALiBiBias(DistanceBias):
         relative = torch.arange(query_length + key_length - 1, device=tables.slopes.device) - (query_length - 1)
         row = DistanceRow(self.linear_bias(tables.slopes, relative + tables.offset))  # the tables' heads only
         return super().materialise_bias(row, query_length, key_length)
+
+    def bias_columns(self, tables, query_length, key_length):
+        # Key j's slot minus the middle query's: the row constant dropped, m_h·(i − middle), stays within m_h·Q/2 for a
+        # prefill (float32 rounds the scores to that magnitude's precision) and is 0 for one query (a decoding step).
+        keys = torch.arange(key_length, device=tables.slopes.device)
+        return BiasColumns(tables.slopes, keys + tables.offset - (query_length - 1) // 2)
 
 
 def deberta_log_bucket(relative: torch.LongTensor, buckets: int, max_position: int) -> torch.LongTensor:

@@ -98,13 +98,13 @@ def test_each_encoding_is_computed_once_and_every_layer_gets_its_own():
 
 
 def test_lower_layer_bias_rides_only_in_its_layers_mask():
-    model = build(AutoModel, schedule_config(("sinusoidal", ["alibi", "nope"], 2)), "sdpa")
+    model = build(AutoModel, schedule_config(("sinusoidal", ["t5_bias", "nope"], 2)), "sdpa")
     masks = []
     for layer in model.layers:
         layer.register_forward_pre_hook(lambda module, args: masks.append(args[1]))
     model(input_ids=torch.randint(3, VOCAB, (1, 5)))
-    assert masks[0].shape == (1, 4, 5, 5) and masks[1] is None  # ALiBi folded in layer 0; layer 1 is plain causal
-    assert list(model.scheduled_encodings) == ["alibi", "nope"]
+    assert masks[0].shape == (1, 4, 5, 5) and masks[1] is None  # T5 folded in layer 0; layer 1 is plain causal
+    assert list(model.scheduled_encodings) == ["t5_bias", "nope"]
 
 
 def test_a_one_entry_schedule_is_the_plain_model():

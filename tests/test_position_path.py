@@ -8,7 +8,7 @@ import torch
 from conftest import ENCODINGS, FAMILY_CONFIGS, VOCAB, build, family_with, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, modeling_posvariants
+from hf_posvariants import POSITION_ENCODINGS, PosVarDebertaConfig, attention, modeling_posvariants
 from hf_posvariants.attention import ATTENTION_VARIANTS, FlashAttentionWithBiasGradient
 from hf_posvariants.bias_route import (
     BACKEND_BIAS,
@@ -175,25 +175,45 @@ def route_of(encoding: str, backend: str = "sdpa", device_type: str = "cpu", **o
     """The route `choose_bias_route` picks for a training step of `encoding` (learned parameters, grad mode on)."""
     config = tiny_config(FAMILY_CONFIGS[0], encoding, num_attention_heads=4)
     bias = POSITION_ENCODINGS[encoding](config, True).score_bias(torch.arange(4), torch.arange(4), torch.arange(4)[None])
-    settings = dict(grad_enabled=True, attention_dropout=False, compiling=False, layers_take_gradient_kernel=True)
+    settings = dict(grad_enabled=True, attention_dropout=False, compiling=False, layers_take_gradient_kernel=True,
+                    layers_take_columns=True, single_precision=True, causal_only=False)
     settings.update(overrides)
     return choose_bias_route(backend, device_type, bias, **settings)
 
 
 def test_bias_route_per_backend_device_bias_and_grad_mode():
-    # A learned per-distance row trains through the CPU kernel that sends its gradient to the row; FIRE's bias is no
-    # row, so its gradient goes to the mask; a fixed bias (ALiBi) needs neither.
+    # A learned per-distance row trains through the CPU kernel that sends its gradient to the row (skipping the keys
+    # after each query where the mask is causality alone); FIRE's bias is no row, so its gradient goes to the mask; a
+    # fixed bias linear in the key (causal ALiBi) rides in an extra query/key column.
     assert route_of("t5_bias") == BiasRoute("mask", folded=True, gradient="row")
+    assert route_of("t5_bias", causal_only=True) == BiasRoute("mask", folded=True, gradient="row", causal=True)
     assert route_of("fire") == BiasRoute("mask", folded=True, gradient="mask")
-    assert route_of("alibi") == BiasRoute("mask", folded=True)
+    assert route_of("alibi") == BiasRoute("mask", columns=True)
+    assert route_of("alibi", grad_enabled=False) == BiasRoute("mask", columns=True)
     # Every condition the gradient kernel needs, one at a time.
     for overrides in (dict(grad_enabled=False), dict(attention_dropout=True), dict(compiling=True),
                       dict(layers_take_gradient_kernel=False), dict(device_type="cuda"), dict(backend="eager")):
         assert route_of("t5_bias", **overrides) == BiasRoute("mask", folded=True), overrides
+    # Every condition the columns need, one at a time: else ALiBi is folded into the mask as before.
+    for overrides in (dict(single_precision=False), dict(layers_take_columns=False), dict(device_type="cuda"),
+                      dict(backend="eager")):
+        assert route_of("alibi", **overrides) == BiasRoute("mask", folded=True), overrides
     assert route_of("t5_bias", backend="flex_attention") == BiasRoute("score_function")
     assert route_of("t5_bias", backend="flash_attention_2") == BiasRoute("none")
+    assert route_of("alibi", backend="flex_attention") == BiasRoute("score_function")
     assert choose_bias_route("flex_attention", "cpu", None, grad_enabled=True, attention_dropout=False, compiling=False,
-                             layers_take_gradient_kernel=True) == BiasRoute("score_function")
+                             layers_take_gradient_kernel=True, layers_take_columns=True, single_precision=True,
+                             causal_only=True) == BiasRoute("score_function")
+
+
+def test_bidirectional_alibi_is_not_linear_in_the_key():
+    # |i − j| over keys on both sides of the query is no per-key value plus a row constant: it stays in the mask.
+    config = tiny_config(FAMILY_CONFIGS[0], "alibi", num_attention_heads=4)
+    bias = POSITION_ENCODINGS["alibi"](config, False).score_bias(torch.arange(4), torch.arange(4))
+    settings = dict(grad_enabled=True, attention_dropout=False, compiling=False, layers_take_gradient_kernel=True,
+                    layers_take_columns=True, single_precision=True, causal_only=False)
+    assert not bias.linear_in_key
+    assert choose_bias_route("sdpa", "cpu", bias, **settings) == BiasRoute("mask", folded=True)
 
 
 @pytest.mark.parametrize(("schedule", "distinct"), [(None, 1), (["t5_bias", "alibi"], 2)])
@@ -205,7 +225,8 @@ def test_bias_route_is_decided_once_per_encoding_and_forward(monkeypatch, schedu
     monkeypatch.setattr(modeling_posvariants, "choose_bias_route", lambda *a, **k: routes.append(choose(*a, **k)) or routes[-1])
     ids = torch.randint(3, VOCAB, (2, 6))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert routes[0] == BiasRoute("mask", folded=True, gradient="row") and len(routes) == distinct
+    # Unpadded and causal: the kernel may apply causality itself.
+    assert routes[0] == BiasRoute("mask", folded=True, gradient="row", causal=True) and len(routes) == distinct
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["mask-shared-by-the-batch", "mask-per-row"])
@@ -229,6 +250,100 @@ def test_flash_attention_with_bias_gradient_matches_sdpa_math(shared):
         results.append((output, *gradients))
     for reference, candidate in zip(*results):
         torch.testing.assert_close(candidate, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [True, False], ids=["padded", "unpadded"])
+def test_flash_attention_with_bias_gradient_on_a_causal_mask_matches_sdpa_math(monkeypatch, padding):
+    """With `causal` (the mask is causality alone besides the bias), the kernel skips the keys after each query and
+    rebuilds the weights from the forward's log-sum-exp; values and every gradient, the per-distance table's too, equal
+    the math kernel's, at a length spanning several backward blocks. Without `causal` the same holds on the padded mask."""
+    batch, heads, length, dim = 2, 2, 40, 8
+    query, key, value = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    table = torch.randn(heads, 2 * length - 1, requires_grad=True)
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    if padding:
+        allowed[0, :, :, :5] = False  # row 0 left-padded by five: its first five queries see nothing
+    probe = torch.randn(batch, heads, length, dim)
+    monkeypatch.setattr(attention, "BIAS_GRADIENT_BLOCK", 13 * batch * heads * length)  # blocks of 13, 13, 13, 1 rows
+    results = []
+    for kernel in ("math", "ours"):
+        mask = torch.where(allowed, table[:, distance_grid(length, length, table.device)], torch.finfo(torch.float32).min)
+        if kernel == "math":
+            output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
+        else:
+            output = FlashAttentionWithBiasGradient.apply(query, key, value, mask.detach(), table, 0.3, not padding)
+        gradients = torch.autograd.grad((output * probe).sum(), (query, key, value, table))
+        results.append((output, *gradients))
+    for reference, candidate in zip(*results):
+        torch.testing.assert_close(candidate, reference, atol=1e-5, rtol=1e-5)
+
+
+def spy_routes(monkeypatch) -> list[BiasRoute]:
+    """The routes `choose_bias_route` picks from now on, in order."""
+    routes, choose = [], modeling_posvariants.choose_bias_route
+    monkeypatch.setattr(modeling_posvariants, "choose_bias_route", lambda *a, **k: routes.append(choose(*a, **k)) or routes[-1])
+    return routes
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "unpadded"])
+def test_alibi_in_bias_columns_trains_as_eager(monkeypatch, kv_heads, pad):
+    """Causal ALiBi on CPU SDPA rides in an extra query/key column, no (Q, K) bias tensor: the loss and every gradient
+    equal eager's (the reference, which adds the materialised bias), with left padding and grouped KV heads. The loss
+    reads real tokens' rows only: fully masked padding rows differ between eager and SDPA for every encoding (RoPE's
+    too), as transformers' masks for the two backends differ there."""
+    config = tiny_config(FAMILY_CONFIGS[1], "alibi", num_key_value_heads=kv_heads)
+    ids, mask = padded(AutoModelForCausalLM, (12, 8) if pad else (12, 12))
+    predicted = (mask[:, :-1] * mask[:, 1:]).bool()  # a real token predicting the real token after it
+    routes = spy_routes(monkeypatch)
+    results = []
+    for backend in ("eager", "sdpa"):
+        model = build(AutoModelForCausalLM, config, backend).train()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits[predicted], ids[:, 1:][predicted])
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    assert routes[-1] == BiasRoute("mask", columns=True)
+    (eager_loss, eager_grads), (sdpa_loss, sdpa_grads) = results
+    torch.testing.assert_close(sdpa_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for name, gradient in eager_grads.items():
+        torch.testing.assert_close(sdpa_grads[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_alibi_in_bias_columns_generates_as_eager_with_and_without_cache(monkeypatch):
+    """Greedy decoding of a left-padded batch: SDPA with the columns (a prefill, then one query per step against the
+    cached keys, whose slots the key column carries) gives eager's scores, and the same without a cache."""
+    config = tiny_config(FAMILY_CONFIGS[1], "alibi")
+    ids, mask = padded(AutoModelForCausalLM)
+    routes = spy_routes(monkeypatch)
+    scores = {}
+    for backend, use_cache in (("eager", True), ("sdpa", True), ("sdpa", False)):
+        model = build(AutoModelForCausalLM, config, backend)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             use_cache=use_cache, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        scores[backend, use_cache] = torch.stack(out.scores)
+    assert routes[-1] == BiasRoute("mask", columns=True)
+    reference = scores["eager", True]
+    torch.testing.assert_close(scores["sdpa", True], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores["sdpa", False], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_columns_keep_float32_precision_at_long_context():
+    """The row constant the columns add grows with the distance from the middle query; at 2,048 tokens the attention
+    output still equals the materialised bias's to float32's precision at that magnitude."""
+    config = tiny_config(FAMILY_CONFIGS[1], "alibi", max_position_embeddings=2048)
+    encoding = POSITION_ENCODINGS["alibi"](config, True)
+    length, heads, dim = 2048, 4, 8
+    bias = encoding.score_bias(torch.arange(length), torch.arange(length))
+    query, key, value = (torch.randn(1, heads, length, dim) for _ in range(3))
+    scaling = dim**-0.5
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.materialise().masked_fill(~allowed, float("-inf")), scale=scaling
+    )
+    wide = attention.with_bias_columns(query, key, value, bias.columns(), scaling)
+    candidate = torch.nn.functional.scaled_dot_product_attention(*wide, is_causal=True, scale=scaling)[..., :dim]
+    torch.testing.assert_close(candidate, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config_class", FAMILY_CONFIGS, ids=lambda c: c.model_type)
@@ -274,6 +389,26 @@ def test_learned_bias_trains_in_bf16_with_fully_masked_rows(encoding):
     for name, gradient in gradients[1].items():
         assert torch.isfinite(gradient).all(), name
         torch.testing.assert_close(gradient, gradients[0][name], atol=0.01, rtol=0.05, msg=name)
+
+
+@pytest.mark.parametrize(("encoding", "gradient"), [("t5_bias", "row"), ("kerple", "row"), ("fire", "mask")])
+def test_unpadded_learned_bias_trains_through_the_causal_kernel_as_autograd(monkeypatch, encoding, gradient):
+    """Unpadded and causal, a learned bias takes the kernel's causal mode (keys after each query skipped, weights from
+    the forward's log-sum-exp), its gradient sent to the row or the mask: the step's every gradient equals SDPA's math
+    kernel through autograd."""
+    config = tiny_config(FAMILY_CONFIGS[1], encoding)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    routes = spy_routes(monkeypatch)
+    gradients = []
+    for forced in (None, BiasRoute("mask", folded=True)):
+        if forced is not None:
+            monkeypatch.setattr(modeling_posvariants, "choose_bias_route", lambda *args, **kwargs: forced)
+        model = build(AutoModelForCausalLM, config, "sdpa").train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters()})
+    assert routes[0] == BiasRoute("mask", folded=True, gradient=gradient, causal=True)
+    for name, reference in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], reference, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.flex
