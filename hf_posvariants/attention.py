@@ -210,6 +210,12 @@ class FlashAttentionWithBiasGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        # Computed in fp32 on purpose: autocast (a backward called inside its region) would turn the products to bf16.
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return FlashAttentionWithBiasGradient._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         query, key, value, mask, output, table, log_sum_exp = ctx.saved_tensors
         batch, heads, query_length, _ = query.shape
         key_length = key.shape[2]
