@@ -332,6 +332,17 @@ def test_blockwise_maps_equal_the_materialised_maps(monkeypatch, kv_heads, mask,
         torch.testing.assert_close(results[1][0][1, :3], expected.expand(3, -1, -1), rtol=0, atol=1e-5)
 
 
+def test_blockwise_maps_skip_the_keys_above_the_diagonal():
+    """Causal, queries come in blocks that score only the keys up to their last row (5/8 of the square in four
+    blocks), also where one block could hold every score; a query after a cache sees every key."""
+    blocks = differential_attention.score_blocks(4, 4, 256, 256, causal=True)
+    assert [(rows.start, rows.stop, key_end) for _, rows, key_end in blocks] == [(0, 64, 64), (64, 128, 128),
+                                                                                  (128, 192, 192), (192, 256, 256)]
+    assert all(batch == slice(0, 8) for batch, _, _ in blocks)  # every batch row in each
+    assert [end for _, _, end in differential_attention.score_blocks(2, 4, 1, 100, causal=True)] == [100]
+    assert {end for _, _, end in differential_attention.score_blocks(4, 4, 256, 256, causal=False)} == {256}
+
+
 def test_kernel_path_choice_per_backend_device_and_size(monkeypatch):
     assert choose_kernel_calls("eager", "cpu", 2**30) == choose_kernel_calls("eager", "cuda") == "subtracted_maps"
     assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 128 * 128) == "subtracted_maps"  # small maps: held in memory
