@@ -77,10 +77,10 @@ KERNEL_CALL_CHOICES: dict[tuple[str, str], tuple[tuple[str, int | None], ...]] =
     # Eager materialises the maps anyway: subtracting them first saves half the value matmul on any device.
     ("eager", "cpu"): (("subtracted_maps", None),),
     ("eager", "cuda"): (("subtracted_maps", None),),
-    # CPU: the blockwise maps beat every other path from 512 Ki score elements on: forward + backward of the attention
-    # alone took 0.87× the materialised maps' time at 2 × 256 tokens, 0.52× at 8 × 512 and 0.27× at 4 × 1,024, and
-    # 0.54-0.65× the padded flash call's from 8 × 512 on (0.56×, 196 against 361 ms, at 4 × 1,024). Up to 256 Ki
-    # (4 × 128) the materialised maps were as fast or faster (per-block overhead), as in generation (one query).
+    # CPU: from 512 Ki score elements the blockwise maps beat every other path: forward + backward of the attention
+    # alone took 0.59× the materialised maps' time at 2 × 256 tokens, 0.68× at 4 × 256, 0.42× at 8 × 512 and 0.27×
+    # at 4 × 1,024 (203 against 748 ms), and 0.52× / 0.63× the padded flash call's at 8 × 512 / 4 × 1,024. At 256 Ki
+    # (4 × 128) the materialised maps were faster (9.4 against 11.0 ms: per-block overhead), as for one query.
     # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel), hence no wide-value call here.
     ("sdpa", "cpu"): (("subtracted_maps", 2**18), ("blockwise_maps", None)),
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
