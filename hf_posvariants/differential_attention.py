@@ -400,10 +400,10 @@ def block_maps(
     return torch.softmax(scores, dim=-1)
 
 
-def subtracted(maps: torch.Tensor, lam: float) -> torch.Tensor:
-    """softmax₁ − λ·softmax₂ of maps-first (b, H, rows, keys) → (b, H/2, rows, keys)."""
+def subtracted(maps: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """softmax₁ − λ·softmax₂ of maps-first (b, H, rows, keys) → (b, H/2, rows, keys); λ a tensor: no host sync."""
     first, second = maps.chunk(2, dim=1)
-    return torch.add(first, second, alpha=-lam)
+    return torch.addcmul(first, second, lam, value=-1)
 
 
 def add_block_gradient(gradient: torch.Tensor, block_gradient: torch.Tensor, block: Block) -> None:
@@ -429,13 +429,13 @@ class BlockwiseSubtractedMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, wide_value, lam, mask, bias, scale, causal):
         scaled_query, key32, value32 = query.float() * scale, key.float(), wide_value.float()
-        bias32 = None if bias is None else bias.float()
+        bias32, lam32 = None if bias is None else bias.float(), lam.float()
         batch, heads, query_length, _ = query.shape
         causal = causal and mask is None
         output = value32.new_empty(batch, query_length, heads // 2, value32.shape[-1])
         for block in score_blocks(batch, heads, query_length, key.shape[2], causal):
             rows_batch, rows, key_end = block
-            difference = subtracted(block_maps(scaled_query, key32, mask, bias32, block, causal), float(lam))
+            difference = subtracted(block_maps(scaled_query, key32, mask, bias32, block, causal), lam32)
             pair_output = torch.matmul(grouped(difference, key.shape[1] // 2), value32[rows_batch, :, :key_end])
             output.transpose(1, 2)[rows_batch, :, rows] = ungrouped(pair_output, heads // 2)
         ctx.save_for_backward(scaled_query, key32, value32, lam, mask, bias32)
@@ -455,7 +455,7 @@ class BlockwiseSubtractedMaps(torch.autograd.Function):
         for block in score_blocks(batch, heads, query_length, key.shape[2], ctx.causal):
             rows_batch, rows, key_end = block
             block_query, block_key, block_value, block_lam, grad_scores = block_backward(
-                scaled_query, key, value, float(lam), mask, bias, grad_output, block, ctx.causal
+                scaled_query, key, value, lam.float(), mask, bias, grad_output, block, ctx.causal
             )
             grad_query[rows_batch, :, rows] = block_query
             grad_key[rows_batch, :, :key_end] += block_key
@@ -473,7 +473,7 @@ class BlockwiseSubtractedMaps(torch.autograd.Function):
 
 
 def block_backward(
-    scaled_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lam: float, mask: torch.Tensor | None,
+    scaled_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor | None,
     bias: torch.Tensor | None, grad_output: torch.Tensor, block: Block, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block's share of `BlockwiseSubtractedMaps`' gradients, from its recomputed maps: dQ of its query rows
@@ -494,7 +494,7 @@ def block_backward(
     return grad_query, grad_key, grad_value, grad_lam, maps
 
 
-def maps_to_score_gradient(maps: torch.Tensor, grad_difference: torch.Tensor, lam: float) -> torch.Tensor:
+def maps_to_score_gradient(maps: torch.Tensor, grad_difference: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Turn maps-first maps (b, H, rows, keys) into their score gradients in place, dS = P ⊙ (dP − rowsum(dP ⊙ P)) with
     dP₁ = dD and dP₂ = −λ·dD for the gradient dD (b, H/2, rows, keys) of the differences; returns dλ = −Σ dD ⊙ P₂."""
     first, second = maps.chunk(2, dim=1)
