@@ -17,9 +17,10 @@ An additive position bias has one slice per softmax map, in the layout's own hea
 model has folded it into the mask); it reaches the kernels by the route of `Positions`, like any layer's.
 
 The kernels are transformers' attention interface, so eager, SDPA, flex and flash all work, with grouped KV
-heads and every position encoding. Where the (B, H, Q, K) maps are small enough to hold, they are computed once
-and subtracted before they meet the value, which halves the value matmul; otherwise each pair's two maps meet
-its 2d-wide value in one kernel call with zero-padded queries and keys (kernels need equal widths), or in two
+heads and every position encoding. On eager and SDPA the maps are computed here, once, and subtracted before they
+meet the value, which halves the value matmul: whole where they are small, else one block of query rows at a time,
+recomputed in the backward (`BlockwiseSubtractedMaps`: memory linear in the length). Otherwise each pair's two maps
+meet its 2d-wide value in one kernel call with zero-padded queries and keys (kernels need equal widths), or in two
 calls, one per value half. `KERNEL_CALL_CHOICES` picks per backend, device and size, and the paths agree to
 float rounding.
 
@@ -68,8 +69,12 @@ HEAD_LAYOUTS = ("pairs", "halves")
 #   "padded_call": one kernel call with the two value halves side by side (2d wide) and queries and keys zero-padded
 #                  to 2d, as kernels need equal widths: the matmul flops of two calls, but exp/softmax and the
 #                  kernel's passes run once;
-#   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again.
-KERNEL_CALLS = ("subtracted_maps", "padded_call", "two_calls")
+#   "two_calls":   one call per d-wide value half, each computing QKᵀ and both softmaxes again;
+#   "blockwise_maps": the subtracted maps one block of query rows at a time, recomputed in the backward
+#                  (`BlockwiseSubtractedMaps`): their flops with memory linear in the length, and causal blocks above
+#                  the diagonal skipped.
+KERNEL_CALLS = ("subtracted_maps", "blockwise_maps", "padded_call", "two_calls")
+MAPS_COMPUTED_HERE = ("subtracted_maps", "blockwise_maps")  # eager's maths, no kernel call
 
 # (backend, device type) → the paths that measured fastest there, each with the largest score tensor (B·H·Q·K
 # elements, None: any) it is chosen for; the first that fits is taken. Absent pairs take "two_calls", which every
@@ -78,13 +83,12 @@ KERNEL_CALLS = ("subtracted_maps", "padded_call", "two_calls")
 KERNEL_CALL_CHOICES: dict[tuple[str, str], tuple[tuple[str, int | None], ...]] = {
     # Eager materialises the maps anyway: subtracting them first saves half the value matmul on any device.
     **{(backend, device): (("subtracted_maps", None),) for backend in OPEN_MASK_BACKENDS for device in ("cpu", "cuda")},
-    # CPU: up to 4 Mi score elements (16 MiB in fp32) the subtracted maps take 0.55-0.67× the time of the padded
-    # call (batch 4 at 256 and 512 tokens, 16 at 256); at 8 Mi and beyond they are 1.05-1.6× slower (memory-bound:
-    # 4 × 1,024, 8 × 512, 2 × 1,024, 4 × 768), and the flash kernel's memory stays linear in length.
-    # Flash needs equal widths (a 2d-wide value falls back to the math kernel, 1.05× / 1.20× DiffLlama): padded_call
-    # 0.98× DiffLlama at 256 tokens and 0.94× at 512, two_calls 1.02× / 0.99×. Both flash paths do the same matmul
-    # flops; padded runs the exp and the kernel's passes once.
-    **{(backend, "cpu"): (("subtracted_maps", 2**22), ("padded_call", None)) for backend in FUSED_MASK_BACKENDS},
+    # CPU: from 512 Ki score elements the blockwise maps beat every other path: forward + backward of the attention
+    # alone took 0.59× the materialised maps' time at 2 × 256 tokens, 0.68× at 4 × 256, 0.42× at 8 × 512 and 0.27×
+    # at 4 × 1,024 (203 against 748 ms), and 0.52× / 0.63× the padded flash call's at 8 × 512 / 4 × 1,024. At 256 Ki
+    # (4 × 128) the materialised maps were faster (9.4 against 11.0 ms: per-block overhead), as for one query.
+    # CPU flash needs equal widths (a 2d-wide value falls back to the math kernel), hence no wide-value call here.
+    **{(backend, "cpu"): (("subtracted_maps", 2**18), ("blockwise_maps", None)) for backend in FUSED_MASK_BACKENDS},
     # CUDA: a wider value leaves flash and cuDNN for the memory-efficient kernel (transformers measured two
     # calls ~30% faster than that, DiffLlamaAttention); padded_call keeps flash at 2d. Not measured here yet.
     **{(backend, "cuda"): (("two_calls", None),) for backend in FUSED_MASK_BACKENDS},
@@ -247,7 +251,7 @@ class DifferentialAttention(PosVarAttention):
     def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
         # The subtracted maps are computed here (eager's maths): a learned bias folded into the mask keeps its gradient.
         path = self.chosen_path(score_elements, device_type)
-        return super().takes_gradient_kernel(score_elements, device_type) and path != "subtracted_maps"
+        return super().takes_gradient_kernel(score_elements, device_type) and path not in MAPS_COMPUTED_HERE
 
     def takes_bias_columns(self) -> bool:
         # The kernel sees the heads reordered (`maps_first`) and, on some paths, padded or not at all (the maps here).
@@ -260,9 +264,9 @@ class DifferentialAttention(PosVarAttention):
         if path not in KERNEL_CALLS:
             raise ValueError(f"kernel_calls={path!r} is not a differential kernel path; allowed: {list(KERNEL_CALLS)}.")
         # The subtracted maps reproduce the backends whose bias rides in the mask, never a flex score function.
-        if path == "subtracted_maps" and route.carrier != "mask":
+        if path in MAPS_COMPUTED_HERE and route.carrier != "mask":
             raise ValueError(
-                f"kernel_calls='subtracted_maps' computes the maps itself, which attn_implementation="
+                f"kernel_calls={path!r} computes the maps itself, which attn_implementation="
                 f"{self.config._attn_implementation!r} would not; allowed backends are {list(MASK_BIAS_BACKENDS)}."
             )
         return path
@@ -290,6 +294,8 @@ class DifferentialAttention(PosVarAttention):
         wide_value = torch.cat(value_halves, dim=-1)
         if path == "subtracted_maps":
             return self.subtract_maps(query, key, wide_value, attention_mask, lam, bias.tensor)
+        if path == "blockwise_maps":
+            return self.subtract_maps_blockwise(query, key, wide_value, attention_mask, lam, bias.tensor), None
         # padded_call: zero columns add nothing to QKᵀ; `scaling` stays that of width d.
         query, key = F.pad(query, (0, self.head_dim)), F.pad(key, (0, self.head_dim))
         # Both maps of a pair read its value, so it is tiled over the first- and second-map KV heads.
@@ -313,6 +319,16 @@ class DifferentialAttention(PosVarAttention):
         difference = torch.matmul(first - lam * second, repeat_kv(wide_value, self.num_key_value_groups))
         return difference.transpose(1, 2), weights
 
+    def subtract_maps_blockwise(
+        self, query: torch.Tensor, key: torch.Tensor, wide_value: torch.Tensor, attention_mask, lam: torch.Tensor,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`subtract_maps` by `BlockwiseSubtractedMaps`: the same differences (B, Q, H/2, 2d), no maps kept."""
+        backend = BACKEND_BIAS.get(self.config._attn_implementation)
+        causal = self.is_causal and backend is not None and backend.causal_without_mask
+        mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+        return BlockwiseSubtractedMaps.apply(query, key, wide_value, lam, mask, position_bias, self.scaling, causal)
+
     def in_kernel_order(self, bias: KernelBias, heads: int, device: torch.device) -> KernelBias:
         """The shared bias (a score function, or the row of a bias folded into the reordered mask) seen from the
         kernel's [first maps, second maps] order of the layer's `heads` query heads (a tensor-parallel rank's)."""
@@ -326,3 +342,172 @@ class DifferentialAttention(PosVarAttention):
             return in_config_order(score, batch, config_head[head], query, key)
 
         return dataclasses.replace(bias, row=row, score_mod=reordered)
+
+
+# Elements of one block of scores in the blockwise path (batch rows × H maps × query rows × keys): 512 Ki floats,
+# 2 MiB in fp32, so that a block's softmax and the passes over it stay in a core's cache. Measured on one CPU
+# thread (4 × 4 maps × 1,024 × 64, causal, forward + backward): 169 ms at 512 Ki, 180 ms at 256 Ki, 196 ms at 1 Mi.
+BLOCK_ELEMENTS = 1 << 19
+# Causal, a batch row's queries come in at least this many blocks, so that the keys above the diagonal are skipped
+# even where one block could hold them all (3/8 of the scores with four): 4 × 256 tokens took 23 ms instead of 31.
+CAUSAL_ROW_BLOCKS = 4
+
+Block = tuple[slice, slice, int]  # batch rows, query rows, the keys they see (a prefix)
+
+
+def score_blocks(batch: int, heads: int, query_length: int, key_length: int, causal: bool) -> list[Block]:
+    """The blocks of `BlockwiseSubtractedMaps`, each about `BLOCK_ELEMENTS` scores. Causal: the queries are the last
+    `query_length` keys, so query row i sees keys up to i + key_length − query_length and later keys are skipped."""
+    rows = min(query_length, max(1, BLOCK_ELEMENTS // (heads * key_length)))
+    if causal:  # blocks of at least 16 rows: short inputs stay whole
+        rows = min(rows, max(16, -(-query_length // CAUSAL_ROW_BLOCKS)))
+    batch_rows = max(1, BLOCK_ELEMENTS // (heads * key_length * rows))
+    return [
+        (slice(first, first + batch_rows), slice(start, min(start + rows, query_length)),
+         key_length - query_length + min(start + rows, query_length) if causal else key_length)
+        for first in range(0, batch, batch_rows) for start in range(0, query_length, rows)
+    ]  # fmt: skip
+
+
+def block_of(tensor: torch.Tensor, block: Block) -> torch.Tensor:
+    """One block of a (B|1, H|1, Q, K) mask or bias; a broadcast batch dimension stays whole."""
+    batch, rows, key_end = block
+    return tensor[batch if tensor.shape[0] > 1 else slice(None), :, rows, :key_end]
+
+
+def grouped(states: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(b, H, R, X) → (b, H_kv, groups·R, X): the query heads of each KV head stacked, as its matmuls take them."""
+    return states.reshape(states.shape[0], kv_heads, -1, states.shape[-1])
+
+
+def ungrouped(states: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `grouped`: (b, H_kv, groups·R, X) → (b, H, R, X)."""
+    return states.reshape(states.shape[0], heads, -1, states.shape[-1])
+
+
+def block_maps(
+    scaled_query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None,
+    block: Block, causal: bool,
+) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale + bias + mask) of every map in one block (b, H, rows, keys), fp32, as eager computes it."""
+    batch, rows, key_end = block
+    scores = ungrouped(
+        torch.matmul(grouped(scaled_query[batch, :, rows], key.shape[1]), key[batch, :, :key_end].transpose(-1, -2)),
+        scaled_query.shape[1],
+    )
+    if bias is not None:
+        scores += block_of(bias, block)
+    if causal:  # the block's last keys are the diagonal square; those above it are masked
+        width = rows.stop - rows.start
+        above = torch.ones(width, width, dtype=torch.bool, device=scores.device).triu_(1)
+        scores[..., key_end - width :].masked_fill_(above, -math.inf)
+    elif mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(~block_of(mask, block), torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores += block_of(mask, block)
+    return torch.softmax(scores, dim=-1)
+
+
+def subtracted(maps: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """softmax₁ − λ·softmax₂ of maps-first (b, H, rows, keys) → (b, H/2, rows, keys); λ a tensor: no host sync."""
+    first, second = maps.chunk(2, dim=1)
+    return torch.addcmul(first, second, lam, value=-1)
+
+
+def add_block_gradient(gradient: torch.Tensor, block_gradient: torch.Tensor, block: Block) -> None:
+    """Add a block's score gradient to that of a (B|1, H|1, Q, K) mask or bias, summed where it is broadcast."""
+    reduce = [dim for dim in (0, 1) if gradient.shape[dim] == 1 and block_gradient.shape[dim] > 1]
+    block_of(gradient, block).add_(block_gradient.sum(reduce, keepdim=True) if reduce else block_gradient)
+
+
+class BlockwiseSubtractedMaps(torch.autograd.Function):
+    """(softmax₁ − λ·softmax₂)·V of every differential head, one block of query rows (`score_blocks`) at a time.
+
+    The flops of the subtracted maps (QKᵀ and softmax once per map, one value matmul per pair: half the value matmul
+    of the kernel paths) with memory linear in the length: the forward keeps nothing of size Q × K, and the backward
+    recomputes each block's maps for dV, dλ and dS = P ⊙ (dP − rowsum(dP ⊙ P)) of each map, where dP₁ = dD and
+    dP₂ = −λ·dD for dD = dO·Vᵀ. Causal without a mask (SDPA's `is_causal`), keys above the diagonal are skipped;
+    given a mask, every key is scored, so fully masked rows get the uniform weights of eager and SDPA.
+
+    Takes maps-first queries (B, H, Q, d), keys (B, H_kv, K, d), pair values (B, H_kv/2, K, 2d), λ, the backend's
+    mask (boolean, additive float, or None) and the layer's own (B, H, Q, K) bias or None, both cut to K keys;
+    returns (B, Q, H/2, 2d). The mask and the bias get their gradients where they need one.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, wide_value, lam, mask, bias, scale, causal):
+        scaled_query, key32, value32 = query.float() * scale, key.float(), wide_value.float()
+        bias32, lam32 = None if bias is None else bias.float(), lam.float()
+        batch, heads, query_length, _ = query.shape
+        causal = causal and mask is None
+        output = value32.new_empty(batch, query_length, heads // 2, value32.shape[-1])
+        for block in score_blocks(batch, heads, query_length, key.shape[2], causal):
+            rows_batch, rows, key_end = block
+            difference = subtracted(block_maps(scaled_query, key32, mask, bias32, block, causal), lam32)
+            pair_output = torch.matmul(grouped(difference, key.shape[1] // 2), value32[rows_batch, :, :key_end])
+            output.transpose(1, 2)[rows_batch, :, rows] = ungrouped(pair_output, heads // 2)
+        ctx.save_for_backward(scaled_query, key32, value32, lam, mask, bias32)
+        ctx.scale, ctx.causal = scale, causal
+        ctx.dtypes = query.dtype, key.dtype, wide_value.dtype, None if bias is None else bias.dtype
+        return output.to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled_query, key, value, lam, mask, bias = ctx.saved_tensors
+        batch, heads, query_length, _ = scaled_query.shape
+        grad_output = grad_output.float().transpose(1, 2)  # (B, H/2, Q, 2d)
+        grad_query, grad_key = torch.empty_like(scaled_query), torch.zeros_like(key)
+        grad_value, grad_lam = torch.zeros_like(value), torch.zeros((), dtype=torch.float64, device=lam.device)
+        grad_mask = torch.zeros_like(mask, dtype=torch.float32) if ctx.needs_input_grad[4] else None
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[5] else None
+        for block in score_blocks(batch, heads, query_length, key.shape[2], ctx.causal):
+            rows_batch, rows, key_end = block
+            block_query, block_key, block_value, block_lam, grad_scores = block_backward(
+                scaled_query, key, value, lam.float(), mask, bias, grad_output, block, ctx.causal
+            )
+            grad_query[rows_batch, :, rows] = block_query
+            grad_key[rows_batch, :, :key_end] += block_key
+            grad_value[rows_batch, :, :key_end] += block_value
+            grad_lam += block_lam
+            for gradient in (grad_mask, grad_bias):
+                if gradient is not None:
+                    add_block_gradient(gradient, grad_scores, block)
+        query_dtype, key_dtype, value_dtype, bias_dtype = ctx.dtypes
+        return (
+            (grad_query * ctx.scale).to(query_dtype), grad_key.to(key_dtype), grad_value.to(value_dtype),
+            grad_lam.to(lam.dtype), None if grad_mask is None else grad_mask.to(mask.dtype),
+            None if grad_bias is None else grad_bias.to(bias_dtype), None, None,
+        )  # fmt: skip
+
+
+def block_backward(
+    scaled_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, grad_output: torch.Tensor, block: Block, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's share of `BlockwiseSubtractedMaps`' gradients, from its recomputed maps: dQ of its query rows
+    (before the scale), dK and dV over the keys it sees, dλ, and dS (b, H, rows, keys), which the mask and bias take."""
+    rows_batch, rows, key_end = block
+    heads, kv_heads = scaled_query.shape[1], key.shape[1]
+    maps = block_maps(scaled_query, key, mask, bias, block, causal)
+    block_grad = grouped(grad_output[rows_batch, :, rows], kv_heads // 2)
+    difference = grouped(subtracted(maps, lam), kv_heads // 2)
+    grad_value = torch.matmul(difference.transpose(-1, -2), block_grad)
+    grad_difference = torch.matmul(block_grad, value[rows_batch, :, :key_end].transpose(-1, -2))  # dD
+    grad_lam = maps_to_score_gradient(maps, ungrouped(grad_difference, heads // 2), lam)
+    if mask is not None and mask.dtype == torch.bool:  # slots a boolean mask fills pass no gradient back
+        maps.masked_fill_(~block_of(mask, block), 0.0)
+    grouped_scores = grouped(maps, kv_heads)  # now dS
+    grad_query = ungrouped(torch.matmul(grouped_scores, key[rows_batch, :, :key_end]), heads)
+    grad_key = torch.matmul(grouped_scores.transpose(-1, -2), grouped(scaled_query[rows_batch, :, rows], kv_heads))
+    return grad_query, grad_key, grad_value, grad_lam, maps
+
+
+def maps_to_score_gradient(maps: torch.Tensor, grad_difference: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Turn maps-first maps (b, H, rows, keys) into their score gradients in place, dS = P ⊙ (dP − rowsum(dP ⊙ P)) with
+    dP₁ = dD and dP₂ = −λ·dD for the gradient dD (b, H/2, rows, keys) of the differences; returns dλ = −Σ dD ⊙ P₂."""
+    first, second = maps.chunk(2, dim=1)
+    first_sums = torch.linalg.vecdot(grad_difference, first).unsqueeze(-1)
+    second_sums = torch.linalg.vecdot(grad_difference, second).unsqueeze(-1)
+    first.mul_(grad_difference - first_sums)
+    second.mul_((grad_difference - second_sums).mul_(-lam))
+    return -second_sums.sum().double()

@@ -25,6 +25,7 @@ from hf_posvariants.attention import run_attention_kernel
 from hf_posvariants.differential_attention import (
     KERNEL_CALL_CHOICES,
     KERNEL_CALLS,
+    MAPS_COMPUTED_HERE,
     DifferentialAttention,
     choose_kernel_calls,
 )
@@ -218,10 +219,11 @@ def test_output_attentions_returns_every_softmax_map(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("path", KERNEL_CALLS)
+@pytest.mark.parametrize("path", [path for path in KERNEL_CALLS if path != "blockwise_maps"])
 def test_attention_maps_keep_their_gradient(layout, path):
     """transformers' contract (test_retain_grad_hidden_states_attentions): the returned maps lie on the
-    output's autograd path, so `retain_grad` on them receives a gradient."""
+    output's autograd path, so `retain_grad` on them receives a gradient. (The blockwise maps keep no maps, as
+    SDPA's kernels keep none.)"""
     model = build(AutoModelForCausalLM, diff_config(differential_head_layout=layout)).train()
     force_kernel_calls(model, path)
     outputs = model(input_ids=random_ids(2, 7), output_attentions=True)
@@ -255,10 +257,11 @@ def force_kernel_calls(model: torch.nn.Module, path: str) -> None:
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("encoding", ["rope", "alibi", "t5_bias", "cope"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encoding, layout):
-    """The subtracted maps, and one call with 2d-wide values (queries/keys as they are or zero-padded) ≡ two calls
-    on the halves (the reference, on eager), with padding and GQA; T5's learned bias and CoPE's contextual one
-    get their gradients on every path."""
+def test_kernel_paths_agree_in_values_and_gradients(monkeypatch, attn_implementation, encoding, layout):
+    """The subtracted maps (whole or blockwise), and one call with 2d-wide values (queries/keys as they are or
+    zero-padded) ≡ two calls on the halves (the reference, on eager), with padding and GQA; T5's learned bias and
+    CoPE's contextual one get their gradients on every path."""
+    monkeypatch.setattr(differential_attention, "BLOCK_ELEMENTS", 8 * 9 * 2)  # blocks of 2 query rows
     config = diff_config(encoding, num_attention_heads=8, num_key_value_heads=4, differential_head_layout=layout)
     ids, mask = padded_batch(left=True)
     results = {}
@@ -277,10 +280,74 @@ def test_kernel_paths_agree_in_values_and_gradients(attn_implementation, encodin
             torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-5, msg=name)
 
 
+def blockwise_inputs(kv_heads: int, query_length: int, key_length: int, mask: str, bias: bool):
+    """Random maps-first queries (2, 8, Q, 8), keys, pair values, λ, a mask of kind `mask` ("none", "padding": boolean,
+    with fully masked rows, "learned": an additive (1, 8, Q, K) bias needing a gradient, folded with padding) and,
+    with `bias`, a layer's own (2, 8, Q, K) bias; every float input needs a gradient."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).requires_grad_()
+
+    inputs = [randn(2, 8, query_length, 8), randn(2, kv_heads, key_length, 8), randn(2, kv_heads // 2, key_length, 16)]
+    inputs.append(torch.tensor(0.4, requires_grad=True))
+    allowed = torch.ones(2, 1, query_length, key_length, dtype=torch.bool).tril(key_length - query_length)
+    allowed[1, :, :, :3] = False  # three padded keys: the first three query rows of batch row 1 are fully masked
+    padded = allowed if mask == "padding" else None
+    if mask == "learned":
+        padded = torch.where(allowed, randn(1, 8, query_length, key_length), torch.finfo(torch.float32).min)
+    return inputs + [padded, randn(2, 8, query_length, key_length) if bias else None]
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2], ids=["mha", "gqa2", "gqa4"])
+@pytest.mark.parametrize("mask", ["none", "padding", "learned"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "own_bias"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_blockwise_maps_equal_the_materialised_maps(monkeypatch, kv_heads, mask, bias, causal):
+    """Values and gradients (queries, keys, values, λ, a learned mask, a layer's own bias) of the blockwise maps ≡
+    those of the materialised maps (eager's maths), in blocks of 3 query rows or of whole batch rows, including fully
+    masked rows (uniform weights over every key) and, causal without a mask, queries that are the last of the keys."""
+    config = diff_config("nope", num_attention_heads=8, num_key_value_heads=kv_heads)
+    attention = build(AutoModelForCausalLM, config, "sdpa").model.layers[0].self_attn
+    attention.is_causal = causal
+    query_length, key_length = (5, 7) if mask == "none" and causal else (7, 7)
+    for block_elements in (8 * key_length * 3, 8 * key_length * query_length):
+        monkeypatch.setattr(differential_attention, "BLOCK_ELEMENTS", block_elements)
+        assert len(differential_attention.score_blocks(2, 8, query_length, key_length, False)) > 1
+        results = []
+        for method in (attention.subtract_maps, attention.subtract_maps_blockwise):
+            inputs = blockwise_inputs(kv_heads, query_length, key_length, mask, bias)
+            difference = method(*inputs[:3], inputs[4], inputs[3], inputs[5])
+            difference = difference[0] if isinstance(difference, tuple) else difference
+            probe = torch.randn(difference.shape, generator=torch.Generator().manual_seed(1))
+            needing = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
+            results.append((difference, *torch.autograd.grad((difference * probe).sum(), needing)))
+        assert len(results[0]) == 5 + (mask == "learned") + bias
+        for expected, actual in zip(*results):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    if mask != "none":  # fully masked rows: both maps uniform over every key, so (1 − λ)·mean(V) in every pair
+        value, lam = inputs[2][1].detach(), inputs[3].item()
+        groups = kv_heads // 2 and 8 // kv_heads
+        expected = ((1 - lam) * value.mean(1)).repeat_interleave(groups, dim=0)  # (H/2, 2d)
+        torch.testing.assert_close(results[1][0][1, :3], expected.expand(3, -1, -1), rtol=0, atol=1e-5)
+
+
+def test_blockwise_maps_skip_the_keys_above_the_diagonal():
+    """Causal, queries come in blocks that score only the keys up to their last row (5/8 of the square in four
+    blocks), also where one block could hold every score; a query after a cache sees every key."""
+    blocks = differential_attention.score_blocks(4, 4, 256, 256, causal=True)
+    assert [(rows.start, rows.stop, key_end) for _, rows, key_end in blocks] == [(0, 64, 64), (64, 128, 128),
+                                                                                  (128, 192, 192), (192, 256, 256)]
+    assert all(batch == slice(0, 8) for batch, _, _ in blocks)  # every batch row in each
+    assert [end for _, _, end in differential_attention.score_blocks(2, 4, 1, 100, causal=True)] == [100]
+    assert {end for _, _, end in differential_attention.score_blocks(4, 4, 256, 256, causal=False)} == {256}
+
+
 def test_kernel_path_choice_per_backend_device_and_size(monkeypatch):
     assert choose_kernel_calls("eager", "cpu", 2**30) == choose_kernel_calls("eager", "cuda") == "subtracted_maps"
-    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 256 * 256) == "subtracted_maps"  # small maps: held in memory
-    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 1024 * 1024) == "padded_call"  # CPU flash needs equal widths
+    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 128 * 128) == "subtracted_maps"  # small maps: held in memory
+    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 256 * 256) == "blockwise_maps"  # then one block at a time
+    assert choose_kernel_calls("sdpa", "cpu", 4 * 4 * 1024 * 1024) == "blockwise_maps"
     assert choose_kernel_calls("flash_attention_2", "cuda") == "two_calls"  # flash: equal widths
     assert {path for paths in KERNEL_CALL_CHOICES.values() for path, _ in paths} <= set(KERNEL_CALLS)
     # The model follows the table: each kernel call's layer and query width (head_dim 8); the subtracted maps
@@ -324,10 +391,11 @@ def test_unknown_forced_kernel_path_is_refused():
         model(input_ids=random_ids(1, 5))
 
 
-def test_subtracted_maps_are_refused_where_a_bias_is_a_score_function():
+@pytest.mark.parametrize("path", MAPS_COMPUTED_HERE)
+def test_maps_computed_here_are_refused_where_a_bias_is_a_score_function(path):
     model = build(AutoModelForCausalLM, diff_config("alibi"), "flex_attention")
-    force_kernel_calls(model, "subtracted_maps")
-    with pytest.raises(ValueError, match=r"kernel_calls='subtracted_maps'.*'flex_attention'.*\['eager', 'sdpa'\]"):
+    force_kernel_calls(model, path)
+    with pytest.raises(ValueError, match=rf"kernel_calls='{path}'.*'flex_attention'.*\['eager', 'sdpa'\]"):
         model(input_ids=random_ids(1, 5))
 
 
@@ -370,7 +438,7 @@ def test_eager_matches_sdpa_with_padding(encoding, layout, auto_class):
 
 
 @pytest.mark.flex
-@pytest.mark.parametrize("path", [path for path in KERNEL_CALLS if path != "subtracted_maps"])
+@pytest.mark.parametrize("path", [path for path in KERNEL_CALLS if path not in MAPS_COMPUTED_HERE])
 def test_eager_matches_flex_with_bias_and_gqa(path):
     config = diff_config("alibi")
     eager, flex = build(AutoModelForCausalLM, config, "eager"), build(AutoModelForCausalLM, config, "flex_attention")
