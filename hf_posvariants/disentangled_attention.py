@@ -10,7 +10,9 @@ with k^r, q^r the key/query projections of the relative-embedding table of the `
 (2k rows shared by all layers) and δ its index. Each layer projects the 2k rows once, so the position terms
 are (B, H, Q, 2k) and (B, H, K, 2k) products. They take the bias route of `Positions` like any bias: eager and
 SDPA receive them gathered into a pre-scaled (B, H, Q, K) tensor, flex as a score function that indexes them by
-distance (no (Q, K) tensor).
+distance (no (Q, K) tensor). Training on CPU SDPA, where SDPA would fall back to its math kernel for a bias that
+needs a gradient, runs `DisentangledAttentionCore` instead: the same sums with the position terms added into the
+score buffer of the content product and a backward written for them (see `uses_fused_core`).
 
 Index convention: the reference code's (microsoft/DeBERTa, also transformers' DebertaV2), so checkpoints
 carry over. It differs from the paper's equation 4 in the p2c term: the paper indexes q^r with δ(j, i), the
@@ -28,6 +30,92 @@ from .attention import PosVarAttention, kernel_bias, register_attention_variant
 from .position_encodings import Positions, ScoreMod, distance_grid
 
 POSITION_TERMS = ("c2p", "p2c")
+
+
+class DisentangledAttentionCore(torch.autograd.Function):
+    """softmax(QKᵀ·scaling + c2p[.., i, δ(i, j)] + p2c[.., j, δ(i, j)] + mask)·V with c2p = Q·K_rᵀ and p2c = K·Q_rᵀ,
+    on (B, H, T, D) heads and pre-scaled (H, 2k, D) position rows (either may be None); returns (B, H, Q, D).
+
+    What SDPA's math kernel and autograd would compute, with less around the matrix products: heads are laid out
+    (H, B) so that the position products run as one (B·T, D) × (D, 2k) product per head (no expanded rows, no sum
+    over the batch in the backward), the position terms are written straight into the score buffer that the content
+    product then adds to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an
+    intermediate (B, H, Q, K) bias gradient. Masked slots of a boolean mask get no gradient, as with eager's
+    `masked_fill`; an additive mask passes it on, as eager's sum does.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, pos_key, pos_query, index, mask, scaling):
+        batch, heads, query_length, dim = query.shape
+        key_length = key.shape[2]
+        # (H, B, T, D) contiguous: each head's B·T rows are one matrix for the position products.
+        query_h, key_h, value_h = (states.transpose(0, 1).contiguous() for states in (query, key, value))
+        scores = None
+        if pos_key is not None:
+            c2p = torch.bmm(query_h.view(heads, -1, dim), pos_key.transpose(1, 2)).view(heads, batch, query_length, -1)
+            scores = c2p.gather(-1, index.expand(heads, batch, query_length, key_length))
+        if pos_query is not None:
+            p2c = torch.bmm(key_h.view(heads, -1, dim), pos_query.transpose(1, 2)).view(heads, batch, key_length, -1)
+            term = p2c.gather(-1, index.T.expand(heads, batch, key_length, query_length)).transpose(-1, -2)
+            scores = term.contiguous() if scores is None else scores.add_(term)
+        flat = (heads * batch, -1, dim)
+        scores = scores.view(heads * batch, query_length, key_length)
+        scores.baddbmm_(query_h.view(flat), key_h.view(flat).transpose(1, 2), alpha=scaling)
+        blocked = None
+        if mask is not None:
+            mask = mask[..., :key_length].transpose(0, 1)  # (1|H, B|1, Q|1, K), broadcast over the (H, B) layout
+            scores4 = scores.view(heads, batch, query_length, key_length)
+            if mask.dtype == torch.bool:
+                blocked = ~mask
+                scores4.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+            else:
+                scores4.add_(mask)
+        weights = torch.softmax(scores, dim=-1)
+        output = torch.bmm(weights, value_h.view(flat))
+        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, index, weights, blocked)
+        ctx.scaling = scaling
+        return output.view(heads, batch, query_length, dim).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query_h, key_h, value_h, pos_key, pos_query, index, weights, blocked = ctx.saved_tensors
+        heads, batch, query_length, dim = query_h.shape
+        key_length = key_h.shape[2]
+        flat = (heads * batch, -1, dim)
+        query_f, key_f = query_h.view(flat), key_h.view(flat)
+        grad_h = grad_output.transpose(0, 1).reshape(flat)
+        grad_value = torch.bmm(weights.transpose(1, 2), grad_h)
+        grad_weights = torch.bmm(grad_h, value_h.view(flat).transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        if blocked is not None:
+            grad_scores.view(heads, batch, query_length, key_length).masked_fill_(blocked, 0.0)
+        grad_scores4 = grad_scores.view(heads, batch, query_length, key_length)
+        grad_query = grad_key = grad_pos_key = grad_pos_query = None
+        if pos_key is not None:
+            grad_c2p = grad_scores.new_zeros(heads, batch, query_length, pos_key.shape[1])
+            grad_c2p.scatter_add_(-1, index.expand(heads, batch, query_length, key_length), grad_scores4)
+            grad_c2p = grad_c2p.view(heads, -1, pos_key.shape[1])
+            grad_query = torch.bmm(grad_c2p, pos_key).view(flat).baddbmm_(grad_scores, key_f, alpha=ctx.scaling)
+            grad_pos_key = torch.bmm(grad_c2p.transpose(1, 2), query_h.view(heads, -1, dim))
+        else:
+            grad_query = torch.bmm(grad_scores, key_f).mul_(ctx.scaling)
+        if pos_query is not None:
+            grad_p2c = grad_scores.new_zeros(heads, batch, key_length, pos_query.shape[1])
+            grad_p2c.scatter_add_(
+                -1, index.T.expand(heads, batch, key_length, query_length), grad_scores4.transpose(-1, -2)
+            )
+            grad_p2c = grad_p2c.view(heads, -1, pos_query.shape[1])
+            grad_key = torch.bmm(grad_p2c, pos_query).view(flat).baddbmm_(
+                grad_scores.transpose(1, 2), query_f, alpha=ctx.scaling
+            )
+            grad_pos_query = torch.bmm(grad_p2c.transpose(1, 2), key_h.view(heads, -1, dim))
+        else:
+            grad_key = torch.bmm(grad_scores.transpose(1, 2), query_f).mul_(ctx.scaling)
+
+        def by_batch(grad: torch.Tensor) -> torch.Tensor:
+            return grad.view(heads, batch, -1, dim).transpose(0, 1)
+
+        return by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query, None, None, None
 
 
 @register_attention_variant("disentangled")
@@ -69,18 +157,23 @@ class DisentangledAttention(PosVarAttention):
         """(H, 2k, D) projections of the relative table, pre-scaled (cheaper than scaling a (Q, K) result)."""
         return (projection(table) * self.scaling).unflatten(-1, (self.num_heads, self.head_dim)).transpose(0, 1)
 
+    def position_rows(self, table: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The pre-scaled (H, 2k, D) key rows of c2p and query rows of p2c (None for an inactive term)."""
+        table = self.position_dropout(table)
+        pos_key = pos_query = None
+        if "c2p" in self.position_terms:
+            pos_key = self.projected_rows(table, self.k_proj if self.share_att_key else self.pos_key_proj)
+        if "p2c" in self.position_terms:
+            pos_query = self.projected_rows(table, self.q_proj if self.share_att_key else self.pos_query_proj)
+        return pos_key, pos_query
+
     def position_terms_by_row(
         self, query: torch.Tensor, key: torch.Tensor, table: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """c2p (B, H, Q, 2k) and p2c (B, H, K, 2k): every query/key against every relative row."""
-        table = self.position_dropout(table)
-        c2p = p2c = None
-        if "c2p" in self.position_terms:
-            pos_key = self.projected_rows(table, self.k_proj if self.share_att_key else self.pos_key_proj)
-            c2p = torch.matmul(query, pos_key.transpose(-1, -2))
-        if "p2c" in self.position_terms:
-            pos_query = self.projected_rows(table, self.q_proj if self.share_att_key else self.pos_query_proj)
-            p2c = torch.matmul(key, pos_query.transpose(-1, -2))
+        pos_key, pos_query = self.position_rows(table)
+        c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2))
+        p2c = None if pos_query is None else torch.matmul(key, pos_query.transpose(-1, -2))
         return c2p, p2c
 
     @staticmethod
@@ -139,5 +232,39 @@ class DisentangledAttention(PosVarAttention):
         """Self-attention, or with `key_value_states` (the Enhanced Mask Decoder) queries from `hidden_states`
         against keys and values from `key_value_states`."""
         query, key, value = self.project(hidden_states, positions, cache, key_value_states)
+        if self.uses_fused_core(query, attention_mask, positions, cache):
+            return self.fused_attend(query, key, value, attention_mask, positions)
         bias = kernel_bias(positions, self.position_terms_bias(query, key, positions))
         return self.attend(query, key, value, attention_mask, bias, **kwargs)
+
+    def uses_fused_core(self, query: torch.Tensor, attention_mask, positions: Positions, cache: Cache | None) -> bool:
+        """Whether this call trains through `DisentangledAttentionCore`: SDPA on CPU in fp32 with gradients and position
+        terms, where SDPA's own kernel choice for a bias needing a gradient is its math kernel. The route's carrier
+        stays the mask; the core adds the terms and the mask as SDPA would. Not with attention dropout (the core has
+        none), autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
+        compiling (the graph keeps transformers' SDPA)."""
+        return (
+            bool(self.position_terms)
+            and positions.route.carrier == "mask"
+            and self.config._attn_implementation == "sdpa"
+            and query.device.type == "cpu"
+            and query.dtype == torch.float32
+            and torch.is_grad_enabled()
+            and not (self.training and self.attention_dropout > 0)
+            and not torch.is_autocast_enabled(query.device.type)
+            and cache is None
+            and not torch.compiler.is_compiling()
+            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and not attention_mask.requires_grad))
+        )
+
+    def fused_attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, positions: Positions
+    ) -> tuple[torch.Tensor, None]:
+        """`DisentangledAttentionCore` on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
+        table, by_distance = positions.relative
+        pos_key, pos_query = self.position_rows(table)
+        index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
+        output = DisentangledAttentionCore.apply(
+            query, key, value, pos_key, pos_query, index, attention_mask, self.scaling
+        )
+        return self.o_proj(output.transpose(1, 2).flatten(2)), None

@@ -24,7 +24,8 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from conftest import VOCAB, build, tiny_config
 from hf_posvariants import PosVarDebertaConfig
 from hf_posvariants.conversion import convert_deberta
-from hf_posvariants.position_encodings import Positions, deberta_log_bucket
+from hf_posvariants.disentangled_attention import DisentangledAttention, DisentangledAttentionCore
+from hf_posvariants.position_encodings import Positions, deberta_log_bucket, distance_grid
 
 LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised
 
@@ -159,18 +160,70 @@ def test_eager_matches_sdpa(overrides, head):
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
-def test_eager_matches_sdpa_gradients():
+def test_eager_matches_sdpa_gradients(monkeypatch):
+    """SDPA trains through `DisentangledAttentionCore` on CPU; its gradients are eager's."""
     config = deberta_config(hidden_dropout=0.0)
     input_ids, attention_mask = batch()
+    core_calls = []
+    core_forward = DisentangledAttentionCore.forward
+    monkeypatch.setattr(DisentangledAttentionCore, "forward", lambda *a: core_calls.append(1) or core_forward(*a))
     gradients = []
     for backend in ("eager", "sdpa"):
         model = build(AutoModelForMaskedLM, config, backend)
         model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        assert len(core_calls) == (config.num_hidden_layers + config.emd_layers if backend == "sdpa" else 0)
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     assert gradients[0].keys() == gradients[1].keys()
     assert "model.relative_positions.embeddings.weight" in gradients[0]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=0, msg=name)
+
+
+def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling):
+    """The disentangled core as the unfused path computes it: c2p/p2c by broadcast products, the gathered bias,
+    then eager's masked softmax (a boolean mask filled, an additive one added)."""
+    c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2))
+    p2c = None if pos_query is None else torch.matmul(key, pos_query.transpose(-1, -2))
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling + DisentangledAttention.gathered_bias(c2p, p2c, index)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+@pytest.mark.parametrize("terms", [("c2p",), ("p2c",), ("c2p", "p2c")])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
+    """Output and every input gradient of `DisentangledAttentionCore` equal the unfused computation's, with log
+    buckets, a query length unlike the key length, and a fully masked query row (uniform weights, whose slots
+    get no gradient from a boolean mask)."""
+    torch.manual_seed(0)
+    batch_size, heads, query_length, key_length, dim, span = 2, 3, 7, 9, 5, 4
+    inputs = [torch.randn(batch_size, heads, length, dim) for length in (query_length, key_length, key_length)]
+    inputs += [torch.randn(heads, 2 * span, dim) if term in terms else None for term in POSITION_TERM_NAMES]
+    leaves = [None if tensor is None else tensor.requires_grad_() for tensor in inputs]
+    relative = -(torch.arange(query_length + key_length - 1) - (query_length - 1))
+    by_distance = (deberta_log_bucket(relative, span, 8) + span).clamp(0, 2 * span - 1)
+    index = by_distance[distance_grid(query_length, key_length, "cpu")]
+    mask = None
+    if mask_kind is not None:
+        allowed = torch.rand(batch_size, 1, query_length, key_length) > 0.3
+        allowed[1, 0, 2] = False  # a query that sees no key
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e4)
+    grad_output = torch.randn(batch_size, heads, query_length, dim)
+    results = []
+    for core in (reference_core, DisentangledAttentionCore.apply):
+        output = core(*leaves, index, mask, 0.3)
+        gradients = torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
+        results.append((output, gradients))
+    (expected, expected_gradients), (result, result_gradients) = results
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(result_gradients, expected_gradients):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+POSITION_TERM_NAMES = ("c2p", "p2c")
 
 
 @pytest.mark.slow  # its inductor compile failed once after other flex compiles in the same process
