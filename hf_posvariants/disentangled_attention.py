@@ -50,16 +50,13 @@ class DisentangledAttentionCore(torch.autograd.Function):
         key_length = key.shape[2]
         # (H, B, T, D) contiguous: each head's B·T rows are one matrix for the position products.
         query_h, key_h, value_h = (states.transpose(0, 1).contiguous() for states in (query, key, value))
-        scores = None
-        if pos_key is not None:
-            c2p = torch.bmm(query_h.view(heads, -1, dim), pos_key.transpose(1, 2)).view(heads, batch, query_length, -1)
-            scores = c2p.gather(-1, index.expand(heads, batch, query_length, key_length))
         # p2c reads the index by key; gather and scatter-add run ~30% faster on it contiguous than on a transposed view.
         index_by_key = index.T.contiguous()
-        if pos_query is not None:
-            p2c = torch.bmm(key_h.view(heads, -1, dim), pos_query.transpose(1, 2)).view(heads, batch, key_length, -1)
-            term = p2c.gather(-1, index_by_key.expand(heads, batch, key_length, query_length)).transpose(-1, -2)
-            scores = term.contiguous() if scores is None else scores.add_(term)
+        scores = position_scores(query_h, pos_key, index)
+        p2c_scores = position_scores(key_h, pos_query, index_by_key)
+        if p2c_scores is not None:
+            p2c_scores = p2c_scores.transpose(-1, -2)
+            scores = p2c_scores.contiguous() if scores is None else scores.add_(p2c_scores)
         flat = (heads * batch, -1, dim)
         scores = scores.view(heads * batch, query_length, key_length)
         scores.baddbmm_(query_h.view(flat), key_h.view(flat).transpose(1, 2), alpha=scaling)
@@ -84,40 +81,56 @@ class DisentangledAttentionCore(torch.autograd.Function):
         heads, batch, query_length, dim = query_h.shape
         key_length = key_h.shape[2]
         flat = (heads * batch, -1, dim)
-        query_f, key_f = query_h.view(flat), key_h.view(flat)
         grad_h = grad_output.transpose(0, 1).reshape(flat)
         grad_value = torch.bmm(weights.transpose(1, 2), grad_h)
         grad_weights = torch.bmm(grad_h, value_h.view(flat).transpose(1, 2))
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        if blocked is not None:
-            grad_scores.view(heads, batch, query_length, key_length).masked_fill_(blocked, 0.0)
         grad_scores4 = grad_scores.view(heads, batch, query_length, key_length)
-        grad_query = grad_key = grad_pos_key = grad_pos_query = None
-        if pos_key is not None:
-            grad_c2p = grad_scores.new_zeros(heads, batch, query_length, pos_key.shape[1])
-            grad_c2p.scatter_add_(-1, index.expand(heads, batch, query_length, key_length), grad_scores4)
-            grad_c2p = grad_c2p.view(heads, -1, pos_key.shape[1])
-            grad_query = torch.bmm(grad_c2p, pos_key).view(flat).baddbmm_(grad_scores, key_f, alpha=ctx.scaling)
-            grad_pos_key = torch.bmm(grad_c2p.transpose(1, 2), query_h.view(heads, -1, dim))
-        else:
-            grad_query = torch.bmm(grad_scores, key_f).mul_(ctx.scaling)
-        if pos_query is not None:
-            grad_p2c = grad_scores.new_zeros(heads, batch, key_length, pos_query.shape[1])
-            grad_p2c.scatter_add_(
-                -1, index_by_key.expand(heads, batch, key_length, query_length), grad_scores4.transpose(-1, -2)
-            )
-            grad_p2c = grad_p2c.view(heads, -1, pos_query.shape[1])
-            grad_key = torch.bmm(grad_p2c, pos_query).view(flat).baddbmm_(
-                grad_scores.transpose(1, 2), query_f, alpha=ctx.scaling
-            )
-            grad_pos_query = torch.bmm(grad_p2c.transpose(1, 2), key_h.view(heads, -1, dim))
-        else:
-            grad_key = torch.bmm(grad_scores.transpose(1, 2), query_f).mul_(ctx.scaling)
+        if blocked is not None:
+            grad_scores4.masked_fill_(blocked, 0.0)
+        grad_c2p_query, grad_pos_key = term_gradients(grad_scores4, index, query_h, pos_key)
+        grad_p2c_key, grad_pos_query = term_gradients(grad_scores4.transpose(-1, -2), index_by_key, key_h, pos_query)
+        grad_query = states_gradient(grad_scores, key_h.view(flat), ctx.scaling, grad_c2p_query)
+        grad_key = states_gradient(grad_scores.transpose(1, 2), query_h.view(flat), ctx.scaling, grad_p2c_key)
 
         def by_batch(grad: torch.Tensor) -> torch.Tensor:
             return grad.view(heads, batch, -1, dim).transpose(0, 1)
 
         return by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query, None, None, None
+
+
+def position_scores(states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor) -> torch.Tensor | None:
+    """One position term read at every (T, T') pair: the (H, B, T, D) `states` against the (H, 2k, D) `rows`, one
+    (B·T, D) × (D, 2k) product per head, gathered by `index` (T, T') into (H, B, T, T'); None for an inactive term."""
+    if rows is None:
+        return None
+    heads, batch, length, dim = states.shape
+    products = torch.bmm(states.view(heads, -1, dim), rows.transpose(1, 2)).view(heads, batch, length, -1)
+    return products.gather(-1, index.expand(heads, batch, *index.shape))
+
+
+def term_gradients(
+    grad_scores: torch.Tensor, index: torch.LongTensor, states: torch.Tensor, rows: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One position term's share of dS: `grad_scores` (H, B, T, T'), the scores seen from the term's side (the keys'
+    for p2c), scatter-added by `index` (T, T') into the term's (H, B, T, 2k) products, then sent through them to the
+    (H, B, T, D) `states` (as (H, B·T, D)) and to the (H, 2k, D) `rows`. (None, None) for an inactive term."""
+    if rows is None:
+        return None, None
+    heads, batch, length, dim = states.shape
+    grad_term = grad_scores.new_zeros(heads, batch, length, rows.shape[1])
+    grad_term.scatter_add_(-1, index.expand(grad_scores.shape), grad_scores)
+    grad_term = grad_term.view(heads, -1, rows.shape[1])
+    return torch.bmm(grad_term, rows), torch.bmm(grad_term.transpose(1, 2), states.view(heads, -1, dim))
+
+
+def states_gradient(
+    grad_scores: torch.Tensor, other: torch.Tensor, scaling: float, term_share: torch.Tensor | None
+) -> torch.Tensor:
+    """The (H·B, T, D) gradient of queries or keys: dS·`other`·scaling, added onto the position term's share."""
+    if term_share is None:
+        return torch.bmm(grad_scores, other).mul_(scaling)
+    return term_share.view(grad_scores.shape[0], -1, other.shape[-1]).baddbmm_(grad_scores, other, alpha=scaling)
 
 
 @register_attention_variant("disentangled")
