@@ -50,13 +50,13 @@ class DisentangledAttentionCore(torch.autograd.Function):
         key_length = key.shape[2]
         # (H, B, T, D) contiguous: each head's B·T rows are one matrix for the position products.
         query_h, key_h, value_h = (states.transpose(0, 1).contiguous() for states in (query, key, value))
-        # p2c reads the index by key; gather and scatter-add run ~30% faster on it contiguous than on a transposed view.
-        index_by_key = index.T.contiguous()
-        scores = position_scores(query_h, pos_key, index)
-        p2c_scores = position_scores(key_h, pos_query, index_by_key)
-        if p2c_scores is not None:
-            p2c_scores = p2c_scores.transpose(-1, -2)
-            scores = p2c_scores.contiguous() if scores is None else scores.add_(p2c_scores)
+        c2p_index, p2c_index = (flat_term_index(index, rows, side) for rows, side in ((pos_key, 0), (pos_query, 1)))
+        scores = position_scores(query_h, pos_key, c2p_index)
+        p2c_scores = position_scores(key_h, pos_query, p2c_index)
+        if scores is None:
+            scores = p2c_scores
+        elif p2c_scores is not None:
+            scores.add_(p2c_scores)
         flat = (heads * batch, -1, dim)
         scores = scores.view(heads * batch, query_length, key_length)
         scores.baddbmm_(query_h.view(flat), key_h.view(flat).transpose(1, 2), alpha=scaling)
@@ -71,13 +71,13 @@ class DisentangledAttentionCore(torch.autograd.Function):
                 scores4.add_(mask)
         weights = torch.softmax(scores, dim=-1)
         output = torch.bmm(weights, value_h.view(flat))
-        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, index, index_by_key, weights, blocked)
+        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked)
         ctx.scaling = scaling
         return output.view(heads, batch, query_length, dim).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_output):
-        query_h, key_h, value_h, pos_key, pos_query, index, index_by_key, weights, blocked = ctx.saved_tensors
+        query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked = ctx.saved_tensors
         heads, batch, query_length, dim = query_h.shape
         key_length = key_h.shape[2]
         flat = (heads * batch, -1, dim)
@@ -88,8 +88,8 @@ class DisentangledAttentionCore(torch.autograd.Function):
         grad_scores4 = grad_scores.view(heads, batch, query_length, key_length)
         if blocked is not None:
             grad_scores4.masked_fill_(blocked, 0.0)
-        grad_c2p_query, grad_pos_key = term_gradients(grad_scores4, index, query_h, pos_key)
-        grad_p2c_key, grad_pos_query = term_gradients(grad_scores4.transpose(-1, -2), index_by_key, key_h, pos_query)
+        grad_c2p_query, grad_pos_key = term_gradients(grad_scores4, c2p_index, query_h, pos_key)
+        grad_p2c_key, grad_pos_query = term_gradients(grad_scores4, p2c_index, key_h, pos_query)
         grad_query = states_gradient(grad_scores, key_h.view(flat), ctx.scaling, grad_c2p_query)
         grad_key = states_gradient(grad_scores.transpose(1, 2), query_h.view(flat), ctx.scaling, grad_p2c_key)
 
@@ -99,27 +99,38 @@ class DisentangledAttentionCore(torch.autograd.Function):
         return by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query, None, None, None
 
 
-def position_scores(states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor) -> torch.Tensor | None:
-    """One position term read at every (T, T') pair: the (H, B, T, D) `states` against the (H, 2k, D) `rows`, one
-    (B·T, D) × (D, 2k) product per head, gathered by `index` (T, T') into (H, B, T, T'); None for an inactive term."""
+def flat_term_index(index: torch.LongTensor, rows: torch.Tensor | None, side: int) -> torch.LongTensor | None:
+    """Where pair (i, j) reads one term in its (T·2k) products per (head, batch) item: row i (c2p, `side` 0) or row j
+    (p2c, `side` 1), column δ(i, j) = `index` (Q, K). Both terms then gather and scatter in the scores' own (Q, K)
+    order, with no transposed operand (a third faster for p2c than gathering by key and transposing)."""
     if rows is None:
         return None
-    heads, batch, length, dim = states.shape
-    products = torch.bmm(states.view(heads, -1, dim), rows.transpose(1, 2)).view(heads, batch, length, -1)
-    return products.gather(-1, index.expand(heads, batch, *index.shape))
+    row = torch.arange(index.shape[side], device=index.device)
+    return index + (row[:, None] if side == 0 else row[None, :]) * rows.shape[1]
+
+
+def position_scores(states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor | None) -> torch.Tensor | None:
+    """One position term read at every (query, key) pair: the (H, B, T, D) `states` against the (H, 2k, D) `rows`, one
+    (B·T, D) × (D, 2k) product per head, gathered by the flat `index` (Q, K) into (H, B, Q, K); None for an inactive
+    term."""
+    if rows is None:
+        return None
+    heads, batch, _, dim = states.shape
+    products = torch.bmm(states.view(heads, -1, dim), rows.transpose(1, 2)).view(heads, batch, -1)
+    return products.gather(-1, index.flatten().expand(heads, batch, -1)).view(heads, batch, *index.shape)
 
 
 def term_gradients(
-    grad_scores: torch.Tensor, index: torch.LongTensor, states: torch.Tensor, rows: torch.Tensor | None
+    grad_scores: torch.Tensor, index: torch.LongTensor | None, states: torch.Tensor, rows: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One position term's share of dS: `grad_scores` (H, B, T, T'), the scores seen from the term's side (the keys'
-    for p2c), scatter-added by `index` (T, T') into the term's (H, B, T, 2k) products, then sent through them to the
-    (H, B, T, D) `states` (as (H, B·T, D)) and to the (H, 2k, D) `rows`. (None, None) for an inactive term."""
+    """One position term's share of dS (H, B, Q, K): scatter-added by its flat `index` into the term's (H, B, T, 2k)
+    products, then sent through them to the (H, B, T, D) `states` (as (H, B·T, D)) and to the (H, 2k, D) `rows`.
+    (None, None) for an inactive term."""
     if rows is None:
         return None, None
     heads, batch, length, dim = states.shape
-    grad_term = grad_scores.new_zeros(heads, batch, length, rows.shape[1])
-    grad_term.scatter_add_(-1, index.expand(grad_scores.shape), grad_scores)
+    grad_term = grad_scores.new_zeros(heads, batch, length * rows.shape[1])
+    grad_term.scatter_add_(-1, index.flatten().expand(heads, batch, -1), grad_scores.reshape(heads, batch, -1))
     grad_term = grad_term.view(heads, -1, rows.shape[1])
     return torch.bmm(grad_term, rows), torch.bmm(grad_term.transpose(1, 2), states.view(heads, -1, dim))
 
