@@ -41,11 +41,12 @@ class DisentangledAttentionCore(torch.autograd.Function):
     over the batch in the backward), the position terms are written straight into the score buffer that the content
     product then adds to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an
     intermediate (B, H, Q, K) bias gradient. Masked slots of a boolean mask get no gradient, as with eager's
-    `masked_fill`; an additive mask passes it on, as eager's sum does.
+    `masked_fill`; an additive mask passes it on, as eager's sum does. `dropout` > 0 drops attention weights as
+    `nn.functional.dropout` does (its own draws: the same distribution, not the same mask as another kernel's).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_key, pos_query, index, mask, scaling):
+    def forward(ctx, query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
         batch, heads, query_length, dim = query.shape
         key_length = key.shape[2]
         # (H, B, T, D) contiguous: each head's B·T rows are one matrix for the position products.
@@ -70,20 +71,24 @@ class DisentangledAttentionCore(torch.autograd.Function):
             else:
                 scores4.add_(mask)
         weights = torch.softmax(scores, dim=-1)
-        output = torch.bmm(weights, value_h.view(flat))
-        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked)
+        # Attention dropout as torch's own: a Bernoulli keep mask scaled by 1 / (1 - p), applied after the softmax.
+        kept = None if dropout == 0.0 else torch.empty_like(weights).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+        output = torch.bmm(weights if kept is None else weights * kept, value_h.view(flat))
+        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept)
         ctx.scaling = scaling
         return output.view(heads, batch, query_length, dim).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_output):
-        query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked = ctx.saved_tensors
+        query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept = ctx.saved_tensors
         heads, batch, query_length, dim = query_h.shape
         key_length = key_h.shape[2]
         flat = (heads * batch, -1, dim)
         grad_h = grad_output.transpose(0, 1).reshape(flat)
-        grad_value = torch.bmm(weights.transpose(1, 2), grad_h)
+        grad_value = torch.bmm((weights if kept is None else weights * kept).transpose(1, 2), grad_h)
         grad_weights = torch.bmm(grad_h, value_h.view(flat).transpose(1, 2))
+        if kept is not None:
+            grad_weights.mul_(kept)
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
         grad_scores4 = grad_scores.view(heads, batch, query_length, key_length)
         if blocked is not None:
@@ -96,7 +101,8 @@ class DisentangledAttentionCore(torch.autograd.Function):
         def by_batch(grad: torch.Tensor) -> torch.Tensor:
             return grad.view(heads, batch, -1, dim).transpose(0, 1)
 
-        return by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query, None, None, None
+        grads = by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query
+        return *grads, None, None, None, None
 
 
 def flat_term_index(index: torch.LongTensor, rows: torch.Tensor | None, side: int) -> torch.LongTensor | None:
@@ -266,8 +272,8 @@ class DisentangledAttention(PosVarAttention):
     def uses_fused_core(self, query: torch.Tensor, attention_mask, positions: Positions, cache: Cache | None) -> bool:
         """Whether this call trains through `DisentangledAttentionCore`: SDPA on CPU in fp32 with gradients and position
         terms, where SDPA's own kernel choice for a bias needing a gradient is its math kernel. The route's carrier
-        stays the mask; the core adds the terms and the mask as SDPA would. Not with attention dropout (the core has
-        none), autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
+        stays the mask; the core adds the terms and the mask as SDPA would, and attention dropout after the softmax. Not
+        with autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
         compiling (the graph keeps transformers' SDPA)."""
         return (
             bool(self.position_terms)
@@ -276,7 +282,6 @@ class DisentangledAttention(PosVarAttention):
             and query.device.type == "cpu"
             and query.dtype == torch.float32
             and torch.is_grad_enabled()
-            and not (self.training and self.attention_dropout > 0)
             and not torch.is_autocast_enabled(query.device.type)
             and cache is None
             and not torch.compiler.is_compiling()
@@ -291,6 +296,7 @@ class DisentangledAttention(PosVarAttention):
         pos_key, pos_query = self.position_rows(table)
         index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
         output = DisentangledAttentionCore.apply(
-            query, key, value, pos_key, pos_query, index, attention_mask, self.scaling
+            query, key, value, pos_key, pos_query, index, attention_mask, self.scaling,
+            self.attention_dropout if self.training else 0.0,
         )
         return self.o_proj(output.transpose(1, 2).flatten(2)), None

@@ -179,7 +179,7 @@ def test_eager_matches_sdpa_gradients(monkeypatch):
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=0, msg=name)
 
 
-def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling):
+def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
     """The disentangled core as the unfused path computes it: c2p/p2c by broadcast products, the gathered bias,
     then eager's masked softmax (a boolean mask filled, an additive one added)."""
     c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2))
@@ -189,7 +189,8 @@ def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    weights = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(weights, value)
 
 
 @pytest.mark.parametrize("terms", [("c2p",), ("p2c",), ("c2p", "p2c")])
@@ -214,7 +215,7 @@ def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
     grad_output = torch.randn(batch_size, heads, query_length, dim)
     results = []
     for core in (reference_core, DisentangledAttentionCore.apply):
-        output = core(*leaves, index, mask, 0.3)
+        output = core(*leaves, index, mask, 0.3, 0.0)
         gradients = torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
         results.append((output, gradients))
     (expected, expected_gradients), (result, result_gradients) = results
@@ -224,6 +225,29 @@ def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
 
 
 POSITION_TERM_NAMES = ("c2p", "p2c")
+
+
+def test_fused_core_attention_dropout_gradients():
+    """With attention dropout, the core's backward is the derivative of its forward (gradcheck in float64, the same
+    draws each call), it drops weights (outputs differ from p=0's), and it matches the unfused computation given
+    the same draws: torch's dropout draws its mask the same way, on weights laid out (H, B) here."""
+    torch.manual_seed(0)
+    heads, length, dim, span = 2, 5, 3, 3
+    states = [torch.randn(1, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    rows = [torch.randn(heads, 2 * span, dim, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    relative = -(torch.arange(2 * length - 1) - (length - 1))
+    index = ((relative + span).clamp(0, 2 * span - 1))[distance_grid(length, length, "cpu")]
+
+    def run(*leaves, dropout=0.4):
+        torch.manual_seed(1)
+        return DisentangledAttentionCore.apply(*leaves, index, None, 0.5, dropout)
+
+    assert torch.autograd.gradcheck(run, (*states, *rows))
+    assert not torch.allclose(run(*states, *rows), run(*states, *rows, dropout=0.0))
+    # One batch item: the (H, B) layout of the weights is then the (B, H) one, so the draws coincide.
+    result = run(*states, *rows)
+    torch.manual_seed(1)
+    torch.testing.assert_close(result, reference_core(*states, *rows, index, None, 0.5, 0.4))
 
 
 @pytest.mark.slow  # its inductor compile failed once after other flex compiles in the same process
