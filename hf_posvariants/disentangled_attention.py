@@ -270,8 +270,8 @@ class DisentangledAttention(PosVarAttention):
         return self.attend(query, key, value, attention_mask, bias, **kwargs)
 
     def uses_fused_core(self, query: torch.Tensor, attention_mask, positions: Positions, cache: Cache | None) -> bool:
-        """Whether this call trains through `DisentangledAttentionCore`: SDPA on CPU in fp32 with gradients and position
-        terms, where SDPA's own kernel choice for a bias needing a gradient is its math kernel. The route's carrier
+        """Whether this call trains through `DisentangledAttentionCore`: SDPA on CPU in fp32 with position terms, in
+        training mode or with gradients, where SDPA's own kernel choice for a bias needing a gradient is its math kernel. The route's carrier
         stays the mask; the core adds the terms and the mask as SDPA would, and attention dropout after the softmax. Not
         with autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
         compiling (the graph keeps transformers' SDPA)."""
@@ -281,7 +281,9 @@ class DisentangledAttention(PosVarAttention):
             and self.config._attn_implementation == "sdpa"
             and query.device.type == "cpu"
             and query.dtype == torch.float32
-            and torch.is_grad_enabled()
+            # In training mode also without gradients: reentrant checkpointing runs the forward under no_grad and
+            # recomputes it with them, and both runs must draw the same attention dropout.
+            and (torch.is_grad_enabled() or self.training)
             and not torch.is_autocast_enabled(query.device.type)
             and cache is None
             and not torch.compiler.is_compiling()

@@ -227,6 +227,24 @@ def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
 POSITION_TERM_NAMES = ("c2p", "p2c")
 
 
+def test_gradient_checkpointing_with_attention_dropout_gives_the_same_gradients():
+    """Reentrant checkpointing runs each block under no_grad, then again with gradients: both runs take the fused core
+    on CPU SDPA, so they draw the same attention dropout."""
+    config = deberta_config(attention_dropout=0.2)
+    input_ids, attention_mask = batch()
+    gradients = []
+    for checkpointing in (None, {"use_reentrant": True}, {"use_reentrant": False}):
+        model = build(AutoModelForMaskedLM, config, "sdpa").train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        torch.manual_seed(5)
+        model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for candidate in gradients[1:]:
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(candidate[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_fused_core_attention_dropout_gradients():
     """With attention dropout, the core's backward is the derivative of its forward (gradcheck in float64, the same
     draws each call), it drops weights (outputs differ from p=0's), and it matches the unfused computation given
