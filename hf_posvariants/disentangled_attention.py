@@ -115,7 +115,9 @@ def flat_term_index(index: torch.LongTensor, rows: torch.Tensor | None, side: in
     return index + (row[:, None] if side == 0 else row[None, :]) * rows.shape[1]
 
 
-def position_scores(states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor | None) -> torch.Tensor | None:
+def position_scores(
+    states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor | None
+) -> torch.Tensor | None:
     """One position term read at every (query, key) pair: the (H, B, T, D) `states` against the (H, 2k, D) `rows`, one
     (B·T, D) × (D, 2k) product per head, gathered by the flat `index` (Q, K) into (H, B, Q, K); None for an inactive
     term."""
@@ -270,10 +272,10 @@ class DisentangledAttention(PosVarAttention):
         return self.attend(query, key, value, attention_mask, bias, **kwargs)
 
     def uses_fused_core(self, query: torch.Tensor, attention_mask, positions: Positions, cache: Cache | None) -> bool:
-        """Whether this call trains through `DisentangledAttentionCore`: SDPA on CPU in fp32 with position terms, in
-        training mode or with gradients, where SDPA's own kernel choice for a bias needing a gradient is its math kernel. The route's carrier
-        stays the mask; the core adds the terms and the mask as SDPA would, and attention dropout after the softmax. Not
-        with autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
+        """Whether this call runs `DisentangledAttentionCore`: SDPA on CPU in fp32 with position terms, in training mode
+        or with gradients, where SDPA's own choice for a bias needing a gradient is its math kernel. The route's carrier
+        stays the mask: the core adds the terms and the mask as SDPA would, and attention dropout after the softmax.
+        Not with autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
         compiling (the graph keeps transformers' SDPA)."""
         return (
             bool(self.position_terms)
@@ -287,7 +289,8 @@ class DisentangledAttention(PosVarAttention):
             and not torch.is_autocast_enabled(query.device.type)
             and cache is None
             and not torch.compiler.is_compiling()
-            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and not attention_mask.requires_grad))
+            and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
+            and not (attention_mask is not None and attention_mask.requires_grad)
         )
 
     def fused_attend(
