@@ -24,7 +24,8 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from conftest import VOCAB, build, tiny_config
 from hf_posvariants import PosVarDebertaConfig
 from hf_posvariants.conversion import convert_deberta
-from hf_posvariants.position_encodings import Positions, deberta_log_bucket
+from hf_posvariants.disentangled_attention import DisentangledAttention, DisentangledAttentionCore
+from hf_posvariants.position_encodings import Positions, deberta_log_bucket, distance_grid
 
 LENGTH = 24  # longer than 2 × max_relative_positions below, so clipping and buckets are exercised
 
@@ -159,18 +160,112 @@ def test_eager_matches_sdpa(overrides, head):
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
-def test_eager_matches_sdpa_gradients():
+def test_eager_matches_sdpa_gradients(monkeypatch):
+    """SDPA trains through `DisentangledAttentionCore` on CPU; its gradients are eager's."""
     config = deberta_config(hidden_dropout=0.0)
     input_ids, attention_mask = batch()
+    core_calls = []
+    core_forward = DisentangledAttentionCore.forward
+    monkeypatch.setattr(DisentangledAttentionCore, "forward", lambda *a: core_calls.append(1) or core_forward(*a))
     gradients = []
     for backend in ("eager", "sdpa"):
         model = build(AutoModelForMaskedLM, config, backend)
         model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        assert len(core_calls) == (config.num_hidden_layers + config.emd_layers if backend == "sdpa" else 0)
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     assert gradients[0].keys() == gradients[1].keys()
     assert "model.relative_positions.embeddings.weight" in gradients[0]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=0, msg=name)
+
+
+def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
+    """The disentangled core as the unfused path computes it: c2p/p2c by broadcast products, the gathered bias,
+    then eager's masked softmax (a boolean mask filled, an additive one added)."""
+    c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2))
+    p2c = None if pos_query is None else torch.matmul(key, pos_query.transpose(-1, -2))
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling + DisentangledAttention.gathered_bias(c2p, p2c, index)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    weights = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(weights, value)
+
+
+@pytest.mark.parametrize("terms", [("c2p",), ("p2c",), ("c2p", "p2c")])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
+    """Output and every input gradient of `DisentangledAttentionCore` equal the unfused computation's, with log
+    buckets, a query length unlike the key length, and a fully masked query row (uniform weights, whose slots
+    get no gradient from a boolean mask)."""
+    torch.manual_seed(0)
+    batch_size, heads, query_length, key_length, dim, span = 2, 3, 7, 9, 5, 4
+    inputs = [torch.randn(batch_size, heads, length, dim) for length in (query_length, key_length, key_length)]
+    inputs += [torch.randn(heads, 2 * span, dim) if term in terms else None for term in POSITION_TERM_NAMES]
+    leaves = [None if tensor is None else tensor.requires_grad_() for tensor in inputs]
+    relative = -(torch.arange(query_length + key_length - 1) - (query_length - 1))
+    by_distance = (deberta_log_bucket(relative, span, 8) + span).clamp(0, 2 * span - 1)
+    index = by_distance[distance_grid(query_length, key_length, "cpu")]
+    mask = None
+    if mask_kind is not None:
+        allowed = torch.rand(batch_size, 1, query_length, key_length) > 0.3
+        allowed[1, 0, 2] = False  # a query that sees no key
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e4)
+    grad_output = torch.randn(batch_size, heads, query_length, dim)
+    results = []
+    for core in (reference_core, DisentangledAttentionCore.apply):
+        output = core(*leaves, index, mask, 0.3, 0.0)
+        gradients = torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
+        results.append((output, gradients))
+    (expected, expected_gradients), (result, result_gradients) = results
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(result_gradients, expected_gradients):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+POSITION_TERM_NAMES = ("c2p", "p2c")
+
+
+def test_gradient_checkpointing_with_attention_dropout_gives_the_same_gradients():
+    """Reentrant checkpointing runs each block under no_grad, then again with gradients: both runs take the fused core
+    on CPU SDPA, so they draw the same attention dropout."""
+    config = deberta_config(attention_dropout=0.2)
+    input_ids, attention_mask = batch()
+    gradients = []
+    for checkpointing in (None, {"use_reentrant": True}, {"use_reentrant": False}):
+        model = build(AutoModelForMaskedLM, config, "sdpa").train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        torch.manual_seed(5)
+        model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for candidate in gradients[1:]:
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(candidate[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_core_attention_dropout_gradients():
+    """With attention dropout, the core's backward is the derivative of its forward (gradcheck in float64, the same
+    draws each call), it drops weights (outputs differ from p=0's), and it matches the unfused computation given
+    the same draws: torch's dropout draws its mask the same way, on weights laid out (H, B) here."""
+    torch.manual_seed(0)
+    heads, length, dim, span = 2, 5, 3, 3
+    states = [torch.randn(1, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    rows = [torch.randn(heads, 2 * span, dim, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    relative = -(torch.arange(2 * length - 1) - (length - 1))
+    index = ((relative + span).clamp(0, 2 * span - 1))[distance_grid(length, length, "cpu")]
+
+    def run(*leaves, dropout=0.4):
+        torch.manual_seed(1)
+        return DisentangledAttentionCore.apply(*leaves, index, None, 0.5, dropout)
+
+    assert torch.autograd.gradcheck(run, (*states, *rows))
+    assert not torch.allclose(run(*states, *rows), run(*states, *rows, dropout=0.0))
+    # One batch item: the (H, B) layout of the weights is then the (B, H) one, so the draws coincide.
+    result = run(*states, *rows)
+    torch.manual_seed(1)
+    torch.testing.assert_close(result, reference_core(*states, *rows, index, None, 0.5, 0.4))
 
 
 @pytest.mark.slow  # its inductor compile failed once after other flex compiles in the same process
