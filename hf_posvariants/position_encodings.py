@@ -728,7 +728,7 @@ class DebertaRelativePositions(RelativeEncoding):
         return table, (relative + self.span).clamp(0, 2 * self.span - 1)
 
 
-# --- Schemes beyond the anchors (issue 14) -----------------------------------------------------------------------
+# --- Schemes beyond the anchors --------------------------------------------------------------------------------
 
 
 @register_position_encoding("xpos")

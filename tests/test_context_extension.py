@@ -1,4 +1,4 @@
-"""Context extension (issue 14): Llama → posvar_llama conversion, the four RoPE rescalings, refusals, and the one
+"""Context extension: Llama → posvar_llama conversion, the four RoPE rescalings, refusals, and the one
 command end to end on a tiny locally pretrained LlamaForCausalLM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The newer position schemes (issue 14): each one's maths on a tiny input against the paper's formula, the
+"""The newer position schemes: each one's maths on a tiny input against the paper's formula, the
 contract checks again with randomised position parameters (CoPE and KERPLE start from values that hide
 mistakes), flex parity, and the refusals."""
 

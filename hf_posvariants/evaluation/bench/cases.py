@@ -332,7 +332,7 @@ def differential_ratios(backend: str) -> list[RatioSpec]:
 
 def deberta_ratios(backend: str) -> list[RatioSpec]:
     """The relative-attention family (the one declaring `position_buckets`) without its Enhanced Mask Decoder
-    (transformers' DebertaV2 has none) against DebertaV2ForMaskedLM and BertForMaskedLM: issue 3's targets."""
+    (transformers' DebertaV2 has none) against DebertaV2ForMaskedLM and BertForMaskedLM, with their targets."""
     family = families_declaring("position_buckets")
     if not family:
         return []
@@ -347,7 +347,7 @@ def deberta_ratios(backend: str) -> list[RatioSpec]:
 
 
 def deberta_case_set(backends: list[str], families=None, encodings=None) -> CaseSet:
-    """Issue 3's DeBERTa targets, plus ours with its Enhanced Mask Decoder (what it costs)."""
+    """The DeBERTa targets, plus ours with its Enhanced Mask Decoder (what it costs)."""
     chosen = CaseSet()
     for backend in backends:
         for spec in deberta_ratios(backend):
@@ -384,13 +384,13 @@ def score_biases_against_rope(backend: str, encodings: list[str] | None, memory_
 
 
 def long_context_case_set(backends=None, families=None, encodings=None) -> CaseSet:
-    """Issue 10's long-context rows: score biases on flex (score functions over small tables, no (length × length)
+    """The long-context rows: score biases on flex (score functions over small tables, no (length × length)
     tensor) against RoPE on SDPA; run at long lengths, forward only."""
     return score_biases_against_rope("flex_attention", encodings, "≤1.50×", "≤1.50×")
 
 
 def bias_training_case_set(backends=None, families=None, encodings=None) -> CaseSet:
-    """Issue 10's training rows: score biases on SDPA (folded into the mask once per forward; on CPU a learned
+    """The bias training rows: score biases on SDPA (folded into the mask once per forward; on CPU a learned
     bias trains through `FlashAttentionWithBiasGradient`) against RoPE on SDPA."""
     return score_biases_against_rope("sdpa", encodings, "≤1.30×", "≤1.30×")
 
