@@ -458,16 +458,20 @@ class PosVarAttention(nn.Module):
         bias = self.contextual_positions(query, repeat_kv(key, self.num_key_value_groups), attention_mask, self.scaling)
         return bias.to(query.dtype)
 
+    def adds_own_bias(self) -> bool:
+        """Whether the layer adds a bias of its own beside the shared one (CoPE's counts here; DeBERTa's position
+        terms), which keeps the kernel call on its backend's own mask path."""
+        return self.contextual_positions is not None
+
     def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
         """Whether this layer's kernel call can be `FlashAttentionWithBiasGradient`, which takes the mask alone (read by
-        `choose_bias_route` for a (B, H, Q, K) score tensor of `score_elements`): not where the layer adds a bias of its
-        own."""
-        return self.contextual_positions is None
+        `choose_bias_route` for a (B, H, Q, K) score tensor of `score_elements`)."""
+        return not self.adds_own_bias()
 
     def takes_bias_columns(self) -> bool:
         """Whether this layer's kernel call can take the shared bias as an extra query/key column (`BiasRoute.columns`,
-        read by `choose_bias_route`): not where the layer adds a bias of its own."""
-        return self.contextual_positions is None
+        read by `choose_bias_route`)."""
+        return not self.adds_own_bias()
 
     def attend(
         self,

@@ -310,10 +310,8 @@ class DifferentialAttention(PosVarAttention):
         position_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps of every head (B, H, Q, K), then (softmax₁ − λ·softmax₂) of each pair times its value."""
-        # Without a mask, SDPA applies causality itself (`is_causal`): so must its stand-in.
-        backend = BACKEND_BIAS.get(self.config._attn_implementation)
-        causal = self.is_causal and backend is not None and backend.causal_without_mask
-        weights = attention_weights(self, query, key, attention_mask, self.scaling, position_bias, causal_without_mask=causal)
+        weights = attention_weights(self, query, key, attention_mask, self.scaling, position_bias,
+                                    causal_without_mask=self.causal_without_mask())
         first, second = weights.chunk(2, dim=1)  # (B, H/2, Q, K) each
         # First-map head j reads KV pair j // groups, as the kernels' grouped-KV rule does.
         difference = torch.matmul(first - lam * second, repeat_kv(wide_value, self.num_key_value_groups))
@@ -324,10 +322,15 @@ class DifferentialAttention(PosVarAttention):
         position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`subtract_maps` by `BlockwiseSubtractedMaps`: the same differences (B, Q, H/2, 2d), no maps kept."""
-        backend = BACKEND_BIAS.get(self.config._attn_implementation)
-        causal = self.is_causal and backend is not None and backend.causal_without_mask
         mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
-        return BlockwiseSubtractedMaps.apply(query, key, wide_value, lam, mask, position_bias, self.scaling, causal)
+        return BlockwiseSubtractedMaps.apply(query, key, wide_value, lam, mask, position_bias, self.scaling,
+                                             self.causal_without_mask())
+
+    def causal_without_mask(self) -> bool:
+        """Whether, handed no mask, the backend these maps stand in for applies causality itself (SDPA's `is_causal`):
+        so must the maps computed here."""
+        backend = BACKEND_BIAS.get(self.config._attn_implementation)
+        return self.is_causal and backend is not None and backend.causal_without_mask
 
     def in_kernel_order(self, bias: KernelBias, heads: int, device: torch.device) -> KernelBias:
         """The shared bias (a score function, or the row of a bias folded into the reordered mask) seen from the

@@ -253,11 +253,8 @@ class DisentangledAttention(PosVarAttention):
 
         return add_position_terms
 
-    def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
-        return not self.position_terms  # the terms are a bias of the layer's own
-
-    def takes_bias_columns(self) -> bool:
-        return not self.position_terms
+    def adds_own_bias(self) -> bool:
+        return bool(self.position_terms)
 
     def position_terms_bias(
         self, query: torch.Tensor, key: torch.Tensor, positions: Positions

@@ -296,9 +296,13 @@ class ContextualEncoding(PositionEncoding):
         raise NotImplementedError
 
 
-def distance_grid(query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
-    """(Q, K) index into a per-distance row of length Q + K - 1: entry [i, j] = j - i + Q - 1."""
-    queries = torch.arange(query_length, device=device)[:, None]
+def distance_grid(
+    query_length: int, key_length: int, device: torch.device, rows: slice | None = None
+) -> torch.LongTensor:
+    """(Q, K) index into a per-distance row of length Q + K - 1: entry [i, j] = j - i + Q - 1; only the query rows
+    `rows` where given (a block of them)."""
+    rows = rows or slice(0, query_length)
+    queries = torch.arange(rows.start, rows.stop, device=device)[:, None]
     return torch.arange(key_length, device=device)[None, :] - queries + query_length - 1
 
 
@@ -965,7 +969,7 @@ class PiecewiseFireBias(torch.autograd.Function):
                 grad_slopes[head].index_add_(0, pieces, (grad * x).flatten())
                 grad_x += grad * slopes32[head][piece]
             scaled = grad_x / normaliser[:, rows, None]
-            columns = PiecewiseFireBias.columns(rows, query_length, x.shape[-1], x.device).expand_as(scaled)
+            columns = distance_grid(query_length, x.shape[-1], x.device, rows).expand_as(scaled)
             grad_row.index_add_(0, columns.flatten(), scaled.flatten())
             grad_normaliser[:, rows] = -(scaled * x).sum(-1)
         return (grad_row.to(distance_row.dtype), grad_normaliser.to(normaliser.dtype), None,
@@ -980,14 +984,8 @@ class PiecewiseFireBias(torch.autograd.Function):
         row, norm = distance_row.detach().float(), normaliser.detach().float()
         for start in range(0, query_length, step):
             rows = slice(start, min(start + step, query_length))
-            x = row[PiecewiseFireBias.columns(rows, query_length, key_length, row.device)] / norm[:, rows, None]
+            x = row[distance_grid(query_length, key_length, row.device, rows)] / norm[:, rows, None]
             yield rows, x, torch.bucketize(x, breakpoints.float())
-
-    @staticmethod
-    def columns(rows: slice, query_length: int, key_length: int, device: torch.device) -> torch.LongTensor:
-        """Rows `rows` of `distance_grid`: (rows, K), column j of query row i reads entry j − i + Q − 1."""
-        queries = torch.arange(rows.start, rows.stop, device=device)[:, None]
-        return torch.arange(key_length, device=device)[None, :] - queries + (query_length - 1)
 
 
 @register_position_encoding("fire")
@@ -1059,8 +1057,8 @@ class FIREBias(ScoreBiasEncoding):
         normaliser = self.normaliser(tables.positions, tables.c, tables.threshold)  # (B|1, Q)
         pieces = fire_pieces(tables.w1, tables.b1, tables.w2, tables.b2)
         # The distances are computed in fp32 (positions and logs); the bias comes out in the weights' dtype.
-        bias = PiecewiseFireBias.apply(distance_row, normaliser, *pieces, query_length, tables.w2.dtype)
-        return bias  # (B|1, H, Q, K)
+        # (B|1, H, Q, K)
+        return PiecewiseFireBias.apply(distance_row, normaliser, *pieces, query_length, tables.w2.dtype)
 
     def score_function(self, tables, query_length, key_length):
         width = tables.w1.shape[0]
