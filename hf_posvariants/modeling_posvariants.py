@@ -429,6 +429,7 @@ class PosVarModel(PosVarPreTrainedModel):
                 attention_mask=attention_mask,
                 cache=cache,
                 position_ids=position_ids,
+                layer_idx=self.cache_layer(),
             )
         return create_bidirectional_mask(
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
@@ -438,6 +439,13 @@ class PosVarModel(PosVarPreTrainedModel):
     def embedding_norm(config: PosVarConfig) -> nn.Module:
         """A norm on the summed embeddings; none in the core (DeBERTa has one)."""
         return nn.Identity()
+
+    def cache_layer(self) -> int:
+        """The layer whose KV cache tells this forward how many tokens came before: the first layer it runs. Every
+        layer's cache grows by the same tokens, but a stage of transformers' pipeline parallelism writes only its own
+        layers' caches, so a later stage's cache holds nothing at layer 0."""
+        owned = (index for index, layer in enumerate(self.layers) if not isinstance(layer, PipelineIdentityLayer))
+        return next(owned, 0)
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings (scaled) plus the absolute encoding, if any, normed where the family norms them."""
@@ -567,7 +575,8 @@ class PosVarModel(PosVarPreTrainedModel):
             self.check_paged_encodings()
         # A paged cache gathers each request's keys inside the layer; no encoding allowed with it reads key slots.
         sized_cache = cache is not None and not paged
-        past_length = cache.get_seq_length() if sized_cache else 0
+        cache_layer = self.cache_layer()
+        past_length = cache.get_seq_length(cache_layer) if sized_cache else 0
         device = inputs_embeds.device
         # A static cache counts its tokens in a tensor: added to, it stays a traced value under torch.compile.
         query_slots = torch.arange(query_length, device=device) + past_length
@@ -576,7 +585,7 @@ class PosVarModel(PosVarPreTrainedModel):
         mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = self.embed(inputs_embeds, position_ids)
         # The keys the kernels will see: past + new for a dynamic cache, the whole buffer for a static one.
-        key_length, key_offset = cache.get_mask_sizes(query_length, 0) if sized_cache else (query_length, 0)
+        key_length, key_offset = cache.get_mask_sizes(query_length, cache_layer) if sized_cache else (query_length, 0)
         key_slots = torch.arange(key_offset, key_offset + key_length, device=device)
         per_layer = self.positions_per_layer(hidden_states, position_ids, query_slots, key_slots, mask)
         for layer, (positions, layer_mask) in zip(self.layers, per_layer):
@@ -601,6 +610,11 @@ class PosVarForCausalLM(PosVarPreTrainedModel, GenerationMixin):
         if not self.model.position_encoding.cacheable:
             self.generation_config.use_cache = False
         self.post_init()
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        """The mask generate() builds ahead of each forward for a compilable (static) cache: the forward's own, sized
+        at its `cache_layer` (transformers' default reads layer 0, which a later pipeline stage never writes)."""
+        return self.model.build_mask(inputs_embeds, attention_mask, cache, position_ids)
 
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' continuous batching (`generate_batch`, `transformers serve --continuous_batching`), refused
