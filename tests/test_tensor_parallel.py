@@ -1,10 +1,12 @@
 """Tensor and pipeline parallelism through transformers' own loader: `from_pretrained(..., tp_plan="auto")` under a
 real two-process torchrun over gloo gives the one-process logits, greedy tokens and gradients for every configuration
 whose heads split (a shared position bias read at each rank's heads), and every other configuration is refused before
-a weight is loaded; two pipeline stages (`DistributedConfig(pp_size=2)`) give the one-process logits."""
+a weight is loaded; two pipeline stages (`DistributedConfig(pp_size=2)`) give the one-process logits, and greedy tokens
+and logits at every step with a dynamic or a static KV cache."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.distributed import DistributedConfig
 from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 
@@ -42,7 +44,8 @@ def tp_config(config_class, encoding: str, **overrides):
 
 
 # One rank of `torchrun --nproc_per_node 2`: loads every case with tp_plan="auto", records logits, greedy tokens and
-# the whole gradient of every parameter (or the refusal) per case; then the pipeline cases as two stages.
+# the whole gradient of every parameter (or the refusal) per case; then every case as two pipeline stages: logits, and
+# greedy decoding with each cache implementation.
 TP_WORKER = """
 import json, os, sys, warnings
 from pathlib import Path
@@ -51,7 +54,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 import hf_posvariants  # noqa: F401
-from tests.test_tensor_parallel import gradients
+from tests.test_tensor_parallel import GREEDY, gradients
 
 warnings.simplefilter("ignore", FutureWarning)  # tp_plan= is the documented spelling; DistributedConfig is the new one
 torch.set_num_threads(1)
@@ -66,18 +69,26 @@ for case in json.loads((folder / "cases.json").read_text()):
     inputs = torch.load(folder / "inputs.pt")
     with torch.no_grad():
         logits = model(**inputs).logits
-    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    tokens = model.generate(**inputs, **GREEDY).sequences
     grads = {name: grad.full_tensor() if isinstance(grad, DTensor) else grad for name, grad in gradients(model, inputs)}
     outputs = {"logits": logits, "tokens": tokens, "tp_size": model.tp_size, "gradients": grads}
     torch.save(outputs, folder / f"{case}.rank{rank}.pt")
 (folder / f"refusals.rank{rank}.json").write_text(json.dumps(refusals))
-for case in json.loads((folder / "pipeline_cases.json").read_text()):  # two pipeline stages, a layer each
+for case in json.loads((folder / "cases.json").read_text()):  # two pipeline stages, a layer each
     model = AutoModelForCausalLM.from_pretrained(folder / case, distributed_config=DistributedConfig(pp_size=2))
     inputs = torch.load(folder / "inputs.pt")
     with torch.no_grad():
-        logits = model(**inputs).logits
-    torch.save({"logits": logits}, folder / f"{case}.pipeline.rank{rank}.pt")
+        outputs = {"logits": model(**inputs).logits}
+    for cache in ("dynamic", "static"):
+        generated = model.generate(**inputs, **GREEDY, cache_implementation=cache)
+        outputs[cache] = (generated.sequences, torch.stack(generated.logits, dim=1))
+    torch.save(outputs, folder / f"{case}.pipeline.rank{rank}.pt")
 """
+
+
+# Greedy decoding as the tests compare it: the tokens and every step's logits.
+GREEDY = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_logits": True,
+          "return_dict_in_generate": True}  # fmt: skip
 
 
 def gradients(model, inputs: dict) -> list[tuple[str, torch.Tensor]]:
@@ -117,16 +128,8 @@ def cases():
     yield "posvar_diff-one-kv-pair", tp_config(differential, "rope")
 
 
-# Pipeline parallelism splits the layers, not the heads: every encoding may take it. These cover tied embeddings
-# scaled at the input, a bias, absolute and contextual positions, and differential attention. Forward passes only:
-# with a KV cache a later stage holds no layer 0, whose cache length the masks and bias offsets read (greedy tokens
-# of t5_bias differed).
-PIPELINE_CASES = ["posvar_transformer-alibi", "posvar_transformer-learned", "posvar_llama-t5_bias",
-                  "posvar_llama-cope", "posvar_diff-rope"]  # fmt: skip
-
-
-# One torchrun launch of two fresh interpreters loading 46 models, a forward, a generation and two backwards each:
-# 255 s on 2 busy cores.
+# One torchrun launch of two fresh interpreters loading 46 models with tensor parallelism (a forward, a generation and
+# two backwards each), then as two pipeline stages (a forward and two generations each): 108 s on 2 shared cores.
 @pytest.mark.slow
 def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
     inputs = {
@@ -141,10 +144,11 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
         reference = AutoModelForCausalLM.from_pretrained(tmp_path / name)  # one process, as a user loads it
         with torch.no_grad():
             logits = reference(**inputs).logits
-        tokens = reference.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        expected[name], claims[name] = (logits, tokens, dict(gradients(reference, inputs))), splits(config)
+        generated = reference.generate(**inputs, **GREEDY)
+        tokens, step_logits = generated.sequences, torch.stack(generated.logits, dim=1)
+        expected[name] = (logits, tokens, dict(gradients(reference, inputs)), step_logits)
+        claims[name] = splits(config)
     (tmp_path / "cases.json").write_text(json.dumps(list(expected)))
-    (tmp_path / "pipeline_cases.json").write_text(json.dumps(PIPELINE_CASES))
     driver = tmp_path / "tp_worker.py"
     driver.write_text(TP_WORKER)
     result = subprocess.run(
@@ -166,9 +170,13 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
             for key, gradient in expected[name][2].items():
                 got = outputs["gradients"][key]
                 torch.testing.assert_close(got, gradient, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
-        for name in PIPELINE_CASES:
+        # Pipeline parallelism splits the layers, not the heads: every case takes it, with either cache.
+        for name, (logits, tokens, _, step_logits) in expected.items():
             outputs = torch.load(tmp_path / f"{name}.pipeline.rank{rank}.pt")
-            torch.testing.assert_close(outputs["logits"], expected[name][0], rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(outputs["logits"], logits, rtol=1e-5, atol=1e-5, msg=name)
+            for cache in ("dynamic", "static"):
+                assert torch.equal(outputs[cache][0], tokens), f"{name} {cache}"
+                torch.testing.assert_close(outputs[cache][1], step_logits, rtol=1e-5, atol=1e-5, msg=f"{name} {cache}")
     # Every causal family × encoding splits, bias encodings included; only differential pairs across ranks do not.
     refused = [name for name, claimed in claims.items() if not claimed]
     assert refused == ["posvar_diff-halves", "posvar_diff-one-kv-pair"]
@@ -278,6 +286,71 @@ def test_a_pipeline_stage_skips_the_layers_it_does_not_hold():
     with torch.no_grad():
         expected = alone(input_ids).last_hidden_state
         torch.testing.assert_close(stage(input_ids).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def pipeline_stages(model) -> list:
+    """The two stages transformers' pipeline split (`apply_pipeline_parallelism`) makes of a two-layer causal LM, in
+    one process: the first holds the embeddings and layer 0 and hands on its hidden states, the second holds layer 1,
+    the final norm and the head (and the embeddings only where the head is tied to them)."""
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    first.model.layers[1] = first.model.norm = first.lm_head = PipelineIdentityLayer()
+    second.model.layers[0] = PipelineIdentityLayer()
+    if not model.config.tie_word_embeddings:
+        second.model.embed_tokens = PipelineIdentityLayer()
+    return [first, second]
+
+
+def greedy_through_stages(stages: list, inputs: dict, cache_class: type, steps: int = 4):
+    """Greedy tokens and every step's logits, the loop of generate() with each stage as one rank of a pipeline runs
+    it: its own cache and generate()'s inputs for it (`prepare_inputs_for_generation`, which builds the mask ahead for
+    a static cache); the first stage reads the token ids, each later one the hidden states handed on; the last gives
+    the logits. A single stage is the whole model."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    size = {"max_cache_len": ids.shape[1] + steps} if cache_class is StaticCache else {}
+    caches = [cache_class(config=stage.config, **size) for stage in stages]
+    step_logits = []
+    for step in range(steps):
+        hidden = None
+        for stage, cache in zip(stages, caches):
+            stage_inputs = stage.prepare_inputs_for_generation(
+                ids, next_sequence_length=1 if step else None, cache=cache, attention_mask=mask,
+                position_ids=position_ids, use_cache=True, is_first_iteration=not step,
+            )  # fmt: skip
+            if hidden is not None:
+                stage_inputs["inputs_embeds"] = hidden
+                del stage_inputs["input_ids"]
+            if stage is stages[-1]:
+                step_logits.append(stage(**stage_inputs).logits[:, -1])
+            else:
+                hidden = stage.model(**stage_inputs).last_hidden_state
+        ids = torch.cat([ids, step_logits[-1].argmax(-1, keepdim=True)], dim=-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=-1)
+    return ids, torch.stack(step_logits, dim=1)
+
+
+@pytest.mark.parametrize("cache_class", [DynamicCache, StaticCache], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("encoding", ["t5_bias", "alibi", "rope", "cope"])
+@pytest.mark.parametrize("config_class", CAUSAL_FAMILIES, ids=lambda c: c.model_type)
+def test_pipeline_stages_generate_the_one_process_tokens(config_class, encoding, cache_class):
+    """Greedy decoding with a KV cache through two pipeline stages gives one process's logits at every step: the
+    second stage, which never writes layer 0's cache, sizes its mask, query slots and bias from its own layer's.
+    The one-stage loop is checked against generate() itself, so the loop is generate()'s."""
+    model = perturbed(build(AutoModelForCausalLM, tiny_config(config_class, encoding), attn_implementation="sdpa"))
+    inputs = {
+        "input_ids": torch.tensor([[5, 9, 14, 3, 22, 7, 30], [0, 0, 11, 4, 19, 8, 6]]),
+        "attention_mask": torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]]),
+    }
+    with torch.no_grad():
+        tokens, logits = greedy_through_stages([model], inputs, cache_class)
+        cache_implementation = "static" if cache_class is StaticCache else "dynamic"
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                   cache_implementation=cache_implementation)  # fmt: skip
+        assert torch.equal(tokens, generated)
+        staged_tokens, staged_logits = greedy_through_stages(pipeline_stages(model), inputs, cache_class)
+    torch.testing.assert_close(staged_logits, logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(staged_tokens, tokens)
 
 
 def test_tied_heads_are_sharded_with_their_embedding():
