@@ -6,10 +6,6 @@ and gradients in a real two-process torchrun over gloo (torch's ring algorithm o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +15,12 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, TrainingArg
 
 from hf_posvariants import FAMILIES
 from hf_posvariants.configuration_posvariants import context_parallel_encodings
+from hf_posvariants.training import pipeline
 from hf_posvariants.training.context_parallel import check_context_parallel_request, requested_cp_size
 from tests.conftest import ENCODINGS, build, family_with, tiny_config
-from tests.test_tensor_parallel import CAUSAL_FAMILIES, perturbed
+from tests.test_tensor_parallel import CAUSAL_FAMILIES, perturbed, run_worker
+from tests.test_training import tiny_argv
 
-ROOT = Path(__file__).resolve().parents[1]
 CP_SIZE = 2
 # What the README promises: the encodings read from `position_ids` alone.
 SPLITTING = ["binary", "index", "learned", "nope", "rope", "sinusoidal", "xpos"]
@@ -132,14 +129,7 @@ def test_context_parallel_matches_one_process(tmp_path):
         expected[name] = (logits.detach(), gradients)
         settings[name] = {"folder": name, "kernel_calls": kernel_calls, "rotate": rotate}
     (tmp_path / "cases.json").write_text(json.dumps(settings))
-    driver = tmp_path / "cp_worker.py"
-    driver.write_text(CP_WORKER)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(CP_SIZE), str(driver), str(tmp_path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_worker(CP_WORKER, tmp_path, CP_SIZE)
     for rank in range(CP_SIZE):
         for name, (logits, gradients) in expected.items():
             outputs = torch.load(tmp_path / f"{name}.rank{rank}.pt")
@@ -214,3 +204,12 @@ def test_a_training_run_reads_cp_size_as_accelerate_does(monkeypatch):
         check_context_parallel_request(tiny_config(llama, "rope"), False, "sdpa", plain)
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "1")
     check_context_parallel_request(tiny_config(llama, "t5_bias"), True, "sdpa", plain)
+
+
+def test_train_py_refuses_before_preparing_the_data(tmp_path, monkeypatch):
+    """`accelerate launch --parallelism_config_cp_size 2` exports these; the run stops before packing blocks."""
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
+    monkeypatch.setattr(pipeline, "task_inputs", lambda *args: pytest.fail("the data was prepared"))
+    with pytest.raises(ValueError, match=r"cp_size=2\) is not supported for position_encoding='alibi'"):
+        pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--model.position_encoding", "alibi"))
