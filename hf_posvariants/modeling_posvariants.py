@@ -52,6 +52,7 @@ from .position_encodings import (
     ScoreBias,
 )
 
+
 # Encoding kinds read from `position_ids` alone, the only ones a continuous batch (a paged KV cache) carries.
 PAGED_CACHE_KINDS = POSITION_IDS_KINDS
 
@@ -178,7 +179,7 @@ class PosVarPreTrainedModel(PreTrainedModel):
         """transformers' answer (no sliding window), and ours: `check_context_parallel` passes. accelerate reads it
         when it prepares a model for `cp_size` > 1 and refuses a model that says no."""
         try:
-            self.check_context_parallel(2)
+            self.check_context_parallel(2)  # any size above 1: the answer does not depend on it
         except ValueError:
             return False
         return super().supports_context_parallel
