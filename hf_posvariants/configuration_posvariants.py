@@ -48,6 +48,20 @@ def tensor_parallel_encodings() -> list[str]:
     ]  # fmt: skip
 
 
+def context_parallel_encodings() -> list[str]:
+    """The selectable encodings a sequence split over ranks carries: those read from each token's `position_ids`."""
+    encodings = selectable_position_encodings()
+    return sorted(name for name in encodings if POSITION_ENCODINGS[name].reads_position_ids_only())
+
+
+# Context parallelism (torch's ring attention, which accelerate's `cp_size` runs) splits queries, keys and values over
+# ranks and intercepts SDPA's causal kernel alone, without a mask: the attention must call SDPA with `is_causal` and
+# nothing of size (queries × keys). Differential attention does so on GPUs (a call per value half); DeBERTa adds
+# position terms computed over all keys.
+CONTEXT_PARALLEL_VARIANTS = ("standard", "differential")
+CONTEXT_PARALLEL_BACKENDS = ("sdpa",)
+
+
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
 # Scalar keys of `rope_parameters`: what each must satisfy to give finite, meaningful frequencies.
 ROPE_NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
@@ -429,6 +443,37 @@ class PosVarConfig(PreTrainedConfig):
                     f"Tensor parallelism (tp_size={tp_size}) needs {field}={getattr(self, field)} to be a multiple of "
                     f"{multiple}{' (head pairs per rank)' if multiple != tp_size else ''}; choose a tp_size that "
                     "divides it."
+                )
+
+    def check_context_parallel(self, cp_size: int, is_causal: bool, attn_implementation: str | None = None) -> None:
+        """Refuse, naming the field and value, a configuration that cannot run with its sequence split over `cp_size`
+        ranks (torch's context parallel, accelerate's `cp_size`): a bidirectional model (`is_causal` False), a backend
+        (`attn_implementation`, by default the config's) other than SDPA, or an encoding computed across keys (a bias
+        folded into a (B, H, Q, K) mask, CoPE's counts, a length-normalised index, DeBERTa's relative terms)."""
+        prefix = f"Context parallelism (cp_size={cp_size})"
+        attn_implementation = attn_implementation or self._attn_implementation
+        if not is_causal:
+            raise ValueError(
+                f"{prefix} runs causal attention only (its load balancing and SDPA's is_causal): this model attends "
+                "bidirectionally (a masked-LM or classification head, or is_decoder=False); allowed are causal "
+                "language models (AutoModelForCausalLM), or cp_size=1."
+            )
+        if self.attention_variant not in CONTEXT_PARALLEL_VARIANTS:
+            raise ValueError(
+                f"{prefix} is not supported for attention_variant={self.attention_variant!r}; allowed values are "
+                f"{list(CONTEXT_PARALLEL_VARIANTS)} (or cp_size=1)."
+            )
+        if attn_implementation not in CONTEXT_PARALLEL_BACKENDS:
+            raise ValueError(
+                f"{prefix} is not supported for attn_implementation={attn_implementation!r}: torch splits SDPA's "
+                f"kernel only; allowed values are {list(CONTEXT_PARALLEL_BACKENDS)} (or cp_size=1)."
+            )
+        for field, value, encoding in self.position_components():
+            if not encoding.reads_position_ids_only():
+                raise ValueError(
+                    f"{prefix} is not supported for {field}={value!r} ({encoding.kind}): it is computed across all "
+                    "keys (a (queries × keys) bias or count, or the whole length), which a rank holding a piece of "
+                    f"the sequence does not see; allowed encodings are {context_parallel_encodings()} (or cp_size=1)."
                 )
 
     def position_components(self) -> list[tuple[str, str, type]]:

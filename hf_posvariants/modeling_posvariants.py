@@ -43,11 +43,18 @@ from .attention import ATTENTION_VARIANTS, PosVarAttention, fold_bias_into_mask
 from .bias_route import BiasRoute, choose_bias_route
 from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from .lm_loss import LM_LOSSES
-from .position_encodings import POSITION_ENCODINGS, ContextualPositions, PositionEncoding, Positions, ScoreBias
+from .position_encodings import (
+    POSITION_ENCODINGS,
+    POSITION_IDS_KINDS,
+    ContextualPositions,
+    PositionEncoding,
+    Positions,
+    ScoreBias,
+)
 
 
 # Encoding kinds read from `position_ids` alone, the only ones a continuous batch (a paged KV cache) carries.
-PAGED_CACHE_KINDS = ("absolute", "rotary", "none")
+PAGED_CACHE_KINDS = POSITION_IDS_KINDS
 
 
 class RMSNorm(nn.Module):
@@ -161,6 +168,21 @@ class PosVarPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # no graph break in training or static-cache decoding (tests/test_compile.py)
     _can_record_outputs = {"hidden_states": PosVarBlock, "attentions": PosVarAttention}
+
+    def check_context_parallel(self, cp_size: int) -> None:
+        """Refuse, naming the field, a model that cannot run with its sequence split over `cp_size` ranks (torch's
+        context parallel, accelerate's `cp_size`); see `PosVarConfig.check_context_parallel`."""
+        self.config.check_context_parallel(cp_size, is_causal=self.base_model.is_causal)
+
+    @property
+    def supports_context_parallel(self) -> bool:
+        """transformers' answer (no sliding window), and ours: `check_context_parallel` passes. accelerate reads it
+        when it prepares a model for `cp_size` > 1 and refuses a model that says no."""
+        try:
+            self.check_context_parallel(2)  # any size above 1: the answer does not depend on it
+        except ValueError:
+            return False
+        return super().supports_context_parallel
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -461,7 +483,7 @@ class PosVarModel(PosVarPreTrainedModel):
         the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
         q/k): a bias or relative positions need key positions that the paged batch does not carry."""
         for field, value, encoding in self.config.position_components():
-            if encoding.kind not in PAGED_CACHE_KINDS or not encoding.cacheable:
+            if not encoding.reads_position_ids_only():
                 raise ValueError(
                     f"Continuous batching (a paged KV cache) cannot run {field}={value!r} "
                     f"({encoding.kind}): it needs each key's position, which a paged batch does not carry. Use "

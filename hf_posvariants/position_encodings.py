@@ -33,6 +33,9 @@ from .bias_route import MASK_BIAS_BACKENDS, SCORE_BIAS_BACKENDS, BiasRoute
 from .validation import choice_error, require_positive
 
 PositionKind = Literal["absolute", "rotary", "bias", "relative", "contextual", "none"]
+# The kinds whose encoding is a function of each token's own `position_ids` (added to the embeddings or rotated into
+# queries and keys), reading nothing across keys.
+POSITION_IDS_KINDS: tuple[PositionKind, ...] = ("absolute", "rotary", "none")
 
 POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
 
@@ -174,6 +177,12 @@ class PositionEncoding(nn.Module):
     @classmethod
     def validate_config(cls, config) -> None:
         """Refuse settings this encoding cannot run (called by the config's validation while it is in use)."""
+
+    @classmethod
+    def reads_position_ids_only(cls) -> bool:
+        """Whether the encoding is read from each token's `position_ids` alone, unchanged as the sequence grows: so a
+        paged KV cache and a sequence split over ranks (context parallelism) carry it with the tokens."""
+        return cls.kind in POSITION_IDS_KINDS and cls.cacheable
 
     def add_to_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
         return inputs_embeds

@@ -91,6 +91,19 @@ GREEDY = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_lo
           "return_dict_in_generate": True}  # fmt: skip
 
 
+def run_worker(source: str, folder: Path, processes: int) -> None:
+    """`source` as a script in `folder`, run by `torchrun --nproc_per_node processes` with `folder` as its argument and
+    this checkout on the path; fails the test with its error output if a rank fails."""
+    driver = folder / "worker.py"
+    driver.write_text(source)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(driver), str(folder)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def gradients(model, inputs: dict) -> list[tuple[str, torch.Tensor]]:
     """(name, gradient) of every parameter, accumulated over one backward of the causal-LM loss per row of `inputs`
     (padding ignored), as gradient accumulation does over micro-batches."""
@@ -149,14 +162,7 @@ def test_tensor_parallel_matches_one_process_or_refuses(tmp_path):
         expected[name] = (logits, tokens, dict(gradients(reference, inputs)), step_logits)
         claims[name] = splits(config)
     (tmp_path / "cases.json").write_text(json.dumps(list(expected)))
-    driver = tmp_path / "tp_worker.py"
-    driver.write_text(TP_WORKER)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(TP_SIZE), str(driver), str(tmp_path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_worker(TP_WORKER, tmp_path, TP_SIZE)
     for rank in range(TP_SIZE):
         refusals = json.loads((tmp_path / f"refusals.rank{rank}.json").read_text())
         assert sorted(refusals) == sorted(name for name, claimed in claims.items() if not claimed)

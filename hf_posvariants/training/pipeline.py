@@ -60,6 +60,7 @@ from .data import (
     pack_blocks,
     text_column_of,
 )
+from .context_parallel import check_context_parallel_request
 from .distributed import check_trainable_on, distributed_config_from, load_distributed, trainer_class
 from .export import make_remote_loadable
 from .hub import CARD_FILE, HubPusher, render_model_card
@@ -502,6 +503,10 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
         tokenizer = load_or_train_tokenizer(model_args, TextColumn(splits["train"], text_column), plan.resume_from)
     config = build_config(model_args, model_fields, tokenizer)
     check_block_size(config, data_args.block_size)
+    # `auto` trains on flex only for a learned score bias, which no split sequence carries: SDPA for the rest.
+    check_context_parallel_request(config, (model_args.objective, model_args.task) == ("clm", "lm"),
+                                   "sdpa" if model_args.attn_implementation == AUTO_BACKEND
+                                   else model_args.attn_implementation, training_args)  # fmt: skip
 
     datasets_, collator, compute_metrics, preprocess = task_inputs(
         model_args, data_args, training_args, splits, text_column, tokenizer, config
