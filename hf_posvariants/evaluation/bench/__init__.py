@@ -30,8 +30,8 @@ from hf_posvariants.evaluation.bench.measurement import (
     peak_memory_mib,
     run_benchmark,
     run_kernel_benchmark,
-    run_points,
 )
+from hf_posvariants.evaluation.bench.points import run_points
 from hf_posvariants.evaluation.bench.report import kernel_markdown_report, markdown_report, suite_markdown_report
 
 __all__ = [
