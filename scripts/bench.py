@@ -16,7 +16,7 @@ ours built to match it), `deberta` (DebertaV2 and BERT), `differential` (DiffLla
 `long_context` and `bias_training` (score biases against RoPE), `training_targets` (the training-step targets of
 bias encodings, DeBERTa and differential attention, each at its own length), `kernels` (the attention kernel
 alone, forward + backward, by torch.utils.benchmark), `gpu` (the GPU baseline's rows, each case in a process of
-its own, bf16, a precompile process compiling ahead into one shared cache, within a time budget; --dry-run runs
+its own, bf16, precompile processes compiling ahead into one shared cache, within a time budget; --dry-run runs
 them tiny on the CPU, uncompiled). Prints the ratios measured in this run (for `gpu` also where the time went)
 and writes bench.json and bench.md. See hf_posvariants/evaluation/bench/ for the method.
 """
@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-cache", type=Path,
                         help="gpu: the folder every case's process compiles into and loads from (default: "
                              "OUT_DIR/compile_cache; kept, so a second run on the machine compiles nothing anew)")
-    parser.add_argument("--no-precompile", action="store_true",
-                        help="gpu: no precompile process; each case that compiles does it in its own process")
+    parser.add_argument("--precompile-jobs", type=int,
+                        help="gpu: processes compiling ahead at a time, beside the cases (default 2; 1 with "
+                             "--dry-run; 0: each case that compiles does it in its own process)")
     parser.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=list(ROW_GROUPS),
                         help="gpu: the groups of rows to measure (default: all, in this order)")
     parser.add_argument("--start-method", choices=START_METHODS, default="forkserver",
@@ -102,15 +103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def gpu_run(args: argparse.Namespace) -> dict:
     """The GPU rows on `--device` (bf16), or with --dry-run tiny on the CPU: fp32, one round, nothing compiled."""
     common = dict(budget_s=args.budget_s, peak_tflops=args.peak_tflops, start_method=args.start_method,
-                  groups=tuple(args.rows), compile_cache=args.compile_cache or args.out_dir / "compile_cache",
-                  precompile=not args.no_precompile)
+                  groups=tuple(args.rows), compile_cache=args.compile_cache or args.out_dir / "compile_cache")
     if args.dry_run:
         return run_gpu_suite("cpu", TINY_SIZES, amp=False, warmup=0, rounds=1, compile=False, jobs=args.jobs or 2,
-                             **common)
+                             precompile_jobs=1 if args.precompile_jobs is None else args.precompile_jobs, **common)
     if not args.device.startswith("cuda"):
         raise SystemExit(f"--case-set gpu needs --device cuda (got {args.device!r}); --dry-run runs it on the CPU.")
+    precompile_jobs = 2 if args.precompile_jobs is None else args.precompile_jobs
     return run_gpu_suite(args.device, GPU_SIZES, amp=True, warmup=args.warmup, rounds=args.rounds,
-                         jobs=args.jobs or 1, **common)
+                         jobs=args.jobs or 1, precompile_jobs=precompile_jobs, **common)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -573,41 +573,46 @@ def test_device_check_passes_on_the_cpu_and_names_a_failing_check(monkeypatch):
 
 
 def send_signal_on_start(signals: dict[str, signal.Signals]) -> Callable[[str], None]:
-    """A log for `run_points` that sends a process, as it starts, the signal given for the start of its label
-    ("precompile" for the precompile process): a real crash or hang of that process."""
+    """A log for `run_points` that sends the first process to start whose label starts with a key of `signals`
+    ("precompile" for a precompile process) that key's signal: a real crash or hang of that process."""
+    signals = dict(signals)
+
     def log(message: str) -> None:
         started = re.match(r"started (.*) \(pid (\d+)\)$", message)
-        for label, sent in signals.items():
-            if started and started.group(1).startswith(label):
-                os.kill(int(started.group(2)), sent)
+        for label in [label for label in signals if started and started.group(1).startswith(label)]:
+            os.kill(int(started.group(2)), signals.pop(label))
 
     return log
 
 
 def test_a_failing_crashing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
-    """A case that raises, one whose process dies of a signal, one past its timeout, and a precompile process
-    that dies: each is reported, and the cases after them are measured."""
+    """A case that raises, one whose process dies of a signal, one past its timeout, and one of two precompile
+    processes that dies: each is reported, and the cases after them are measured (the other precompile done)."""
     shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
     rope = bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope")
     unknown = bench.Point(bench.Case("ours", "posvar_nothing", "causal", "sdpa"), shape, 16, "train")
     crashing = bench.Point(rope, shape, 16, "forward")
     hanging = bench.Point(rope, shape, 16, "train", timeout_s=0.01)
-    compiled = bench.Point(dataclasses.replace(rope, compiled=True), shape, 16, "train")
+    compiled = [bench.Point(dataclasses.replace(rope, position_encoding=encoding, compiled=True), shape, 16, "train")
+                for encoding in ("rope", "alibi")]
     fine = bench.Point(bench.Case("ours", "posvar_llama", "causal", "eager", "rope"), shape, 16, "train")
     log = send_signal_on_start({crashing.label: signal.SIGSEGV, "precompile": signal.SIGKILL})
-    timings, spent = bench.run_points([unknown, crashing, hanging, compiled, fine], "cpu", amp=False, warmup=0,
-                                      rounds=1, compile=False, log=log)
+    timings, spent = bench.run_points([unknown, crashing, hanging, *compiled, fine], "cpu", amp=False, warmup=0,
+                                      rounds=1, compile=False, log=log, precompile_jobs=2)
     assert "posvar_nothing" in timings[0].error
     assert timings[1].error == "process died: signal SIGSEGV"
     assert timings[2].error.startswith("timed out after")
     assert timings[3].precompile["error"] == "process died: signal SIGKILL"
+    assert "error" not in timings[4].precompile and timings[4].precompile["seconds"] > 0
     assert all(timing.error is None and timing.median_ms > 0 for timing in timings[3:])
     assert spent["not_measured_budget"] == 0
+    with pytest.raises(ValueError, match="precompile_jobs=-1"):
+        bench.run_points([fine], "cpu", amp=False, warmup=0, rounds=1, precompile_jobs=-1)
 
 
 @pytest.mark.slow
 def test_a_compiled_case_loads_what_the_precompile_process_compiled(tmp_path):
-    """Compiled for real (inductor's CPU code): the precompile process compiles the step's graphs into the suite's
+    """Compiled for real (inductor's CPU code): a precompile process compiles the step's graphs into the suite's
     cache, and the case's own process finds every graph there instead of compiling it."""
     shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
     compiled = bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope", compiled=True), shape, 16,

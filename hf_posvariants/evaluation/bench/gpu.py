@@ -177,7 +177,7 @@ class _Suite:
 
     def compiled_rows(self) -> None:
         """torch.compile of the whole forward: MFU compiled and not, of Llama and of ours (the compile itself
-        is done ahead by the precompile process; its seconds are reported apart from the step's)."""
+        is done ahead by a precompile process; its seconds are reported apart from the step's)."""
         hf_compiled = self.train(self.hf_llama(compiled=True))
         rope_compiled = self.train(self.ours(self.rope, compiled=True))
         self.compare("Llama compiled / not, training (SDPA)", hf_compiled, self.train(self.hf_llama()))
@@ -259,19 +259,19 @@ def run_gpu_suite(device: str = "cuda", sizes: SuiteSizes = GPU_SIZES, amp: bool
                   rounds: int = 5, compile: bool = True, jobs: int = 1, budget_s: float | None = DEFAULT_BUDGET_S,
                   peak_tflops: float | None = None, start_method: str = "forkserver", log=print,
                   groups: tuple[str, ...] = ROW_GROUPS, compile_cache: Path | None = None,
-                  precompile: bool = True) -> dict:
+                  precompile_jobs: int = 1) -> dict:
     """Every point of `gpu_suite(sizes, groups)` in its own process within `budget_s`, compiles done ahead into
     `compile_cache`, and the ratios (see `points.run_points`)."""
     points, ratios = gpu_suite(sizes, groups)
     timings, spent = run_points(points, device, amp, warmup, rounds, compile, jobs, budget_s, start_method, log,
-                                compile_cache, precompile)
+                                compile_cache, precompile_jobs)
     peak = device_peak_tflops(device, amp, peak_tflops)
     return {
         "case_set": "gpu", "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "precision": "bf16 autocast" if amp else "fp32", "compile": compile, "warmup": warmup, "rounds": rounds,
         "sizes": asdict(sizes), "row_groups": list(groups), "peak_tflops": peak, "seconds": spent["seconds"],
-        "budget_s": budget_s, "jobs": jobs, "precompile": precompile,
+        "budget_s": budget_s, "jobs": jobs, "precompile_jobs": precompile_jobs,
         "compile_cache": str(compile_cache) if compile_cache else None, "time_spent": spent,
         "memory_method": "cuda.max_memory_allocated minus the built model" if device.startswith("cuda")
         else "VmHWM minus the resident set with the model built",

@@ -1,21 +1,22 @@
-"""Each `Point` in a process of its own, within a time budget, its compiles done ahead by a precompile process.
+"""Each `Point` in a process of its own, within a time budget, its compiles done ahead by precompile processes.
 
 A point's process measures one case alone: peak memory over its first two steps, then timed steps without
 interleaving (a lent GPU is not shared). A fault there (a CUDA illegal memory access poisons every later case of a
 process) cannot touch the next point.
 
 Compiling is what made the GPU suite outgrow its time: a cold flex or torch.compile graph takes tens of seconds to
-minutes, and every point that compiles did so inside its own timed process, one after another. Here a precompile
-process starts with the suite and runs the first step of every point that compiles (flex attention, torch.compile),
-in the order the rows will want them, while the points that compile nothing are measured beside it. Every process
-of the suite shares one compile cache (`compile_environment`: inductor's FX graph and AOTAutograd caches, Triton's
-kernels, in one folder), so a compiling point's own process finds its graphs there and loads them instead of
-compiling; such a point starts once the precompile process is done with it (or failed it: then it compiles alone).
+minutes, and every point that compiles did so inside its own timed process, one after another. Here precompile
+processes (`precompile_jobs` at a time) start with the suite and run the first step of every point that compiles
+(flex attention, torch.compile), one point at a time each, in the order the rows will want them, while the points
+that compile nothing are measured beside them. Every process of the suite shares one compile cache
+(`compile_environment`: inductor's FX graph and AOTAutograd caches, Triton's kernels, in one folder), so a compiling
+point's own process finds its graphs there and loads them instead of compiling; such a point starts once its
+precompile is done (or failed: then it compiles alone).
 `budget_s` bounds the whole: a point still running at the end is stopped and, like every point not started by then,
 reported as not measured for the budget; `Point.timeout_s` bounds each process, so a hang cannot eat the budget.
 
 Every timing says where its process's time went (`PointTiming.phases`, the wall seconds seen from the suite, the
-seconds the precompile process spent on it) and what the compile caches did there (`PointTiming.compile_cache`).
+seconds its precompile took) and what the compile caches did there (`PointTiming.compile_cache`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class PointTiming(Timing):
     """What one point's process measured, or why it has no figures, and where its time went: `phases` (seconds in
     its process: building, the first step — compiling or loading compiled code included —, the other steps, the
     FLOP count), `process_s` (its process's wall seconds as the suite saw them), `compile_cache` (the cache folder
-    its process used, that cache's hits and misses there), `precompile` (for a point that compiles: the seconds the
-    precompile process spent on it, the error it met, its cache counts for this point)."""
+    its process used, that cache's hits and misses there), `precompile` (for a point that compiles: the seconds its
+    first step took in a precompile process, the error it met there, the cache counts of that step)."""
 
     def __init__(self, point: Point):
         super().__init__(point.case, point.task, point.length)
@@ -196,17 +197,19 @@ def _point_process(point: Point, settings: dict, connection) -> None:
         connection.close()
 
 
-def _precompile_process(indexed: list[tuple[int, Point]], settings: dict, connection) -> None:
-    """The body of the precompile process: the first step of each point in turn, which compiles what the point's
-    own process will find in the cache. It stops at the first failure (on a GPU it may have poisoned the
-    process); the suite starts a fresh one for the points left."""
+def _precompile_process(settings: dict, connection) -> None:
+    """The body of a precompile process: for each point the suite sends, its first step, which compiles what the
+    point's own process will find in the cache; None ends it. After a failure it ends too (on a GPU the failure
+    may have poisoned the process): the suite starts a fresh one for the points left."""
     try:
-        prepare_process(settings)
-        for index, point in indexed:
-            connection.send({"start": index})
-            before = compile_cache_state()
-            begin = time.perf_counter()
+        prepared = False
+        while (point := connection.recv()) is not None:
+            before, begin = None, time.perf_counter()
             try:
+                if not prepared:  # here, so that a failure to prepare is one point's failure
+                    prepare_process(settings)
+                    prepared = True
+                before = compile_cache_state()
                 step = point_step(point, settings["device"], settings["amp"])
                 step()
                 synchronize(settings["device"])
@@ -214,10 +217,9 @@ def _precompile_process(indexed: list[tuple[int, Point]], settings: dict, connec
                 if settings["device"].startswith("cuda"):
                     torch.cuda.empty_cache()
             except BaseException as error:  # noqa: BLE001 — the point's own process meets it again and reports it
-                connection.send({"done": index, "seconds": time.perf_counter() - begin, "error": describe(error)})
+                connection.send({"seconds": time.perf_counter() - begin, "error": describe(error)})
                 return
-            connection.send({"done": index, "seconds": time.perf_counter() - begin,
-                             "compile_cache": compile_cache_state(since=before)})
+            connection.send({"seconds": time.perf_counter() - begin, "compile_cache": compile_cache_state(before)})
     finally:
         connection.close()
 
@@ -225,15 +227,18 @@ def _precompile_process(indexed: list[tuple[int, Point]], settings: dict, connec
 # ---- the suite's side ------------------------------------------------------------------------------
 
 class _Child:
-    """A process of the suite and the receiving end of its pipe."""
+    """A process of the suite and the suite's end of its pipe (both ways if `duplex`: a precompile process is
+    sent its points one at a time)."""
 
-    def __init__(self, context, target: Callable, args: tuple):
-        receiver, sender = context.Pipe(duplex=False)
+    def __init__(self, context, target: Callable, args: tuple, duplex: bool = False):
+        receiver, sender = context.Pipe(duplex=duplex)
         self.process = context.Process(target=target, args=(*args, sender), daemon=True)
         self.process.start()
         sender.close()
         self.receiver = receiver
         self.started = time.monotonic()
+        self.point: int | None = None  # a precompile process's point at hand
+        self.since = 0.0
 
     def messages(self) -> list[dict]:
         """What it has sent so far."""
@@ -271,22 +276,20 @@ START_METHODS = ("forkserver", "spawn")
 
 class _SuiteRun:
     """The state of one `run_points`: the points waiting, the point processes running (at most `jobs`), the
-    precompile process and what it has done, the deadline."""
+    precompile processes (at most `precompile_jobs`) and what they have done, the deadline."""
 
-    def __init__(self, points: list[Point], settings: dict, jobs: int, budget_s: float | None, precompile: bool,
+    def __init__(self, points: list[Point], settings: dict, jobs: int, budget_s: float | None, precompile_jobs: int,
                  context, log: Callable[[str], None]):
         self.points, self.settings, self.jobs, self.context, self.log = points, settings, jobs, context, log
+        self.precompile_jobs = precompile_jobs
         self.begin = time.monotonic()
         self.deadline = self.begin + budget_s if budget_s else float("inf")
         self.timings = [PointTiming(point) for point in points]
         self.waiting = list(range(len(points)))
         self.running: dict[int, _Child] = {}
-        # index → "pending", "ready" or "failed", for the points the precompile process takes
-        self.precompiled = {index: "pending" for index, point in enumerate(points) if precompile and point.compiles}
-        self.compiler: _Child | None = None
-        self.compiler_points: list[int] = []  # the points given to the precompile process running
-        self.compiling: int | None = None
-        self.compiling_since = 0.0
+        # index → "pending", "compiling", "ready" or "failed", for the points the precompile processes take
+        self.precompiled = {index: "pending" for index, point in enumerate(points) if precompile_jobs and point.compiles}
+        self.compilers: list[_Child] = []
         self.idle_s = 0.0  # seconds with no point process running while points waited (for their compiles)
 
     def ready(self, index: int) -> bool:
@@ -297,24 +300,36 @@ class _SuiteRun:
             if time.monotonic() >= self.deadline:
                 self.spend_budget()
                 break
-            self.start_compiler()
+            self.start_compiles()
             self.start_points()
             waited = time.monotonic()
             self.wait()
             if not self.running and self.waiting:
                 self.idle_s += time.monotonic() - waited
-            self.collect_compiler()
+            self.collect_compiles()
             self.collect_points()
-        if self.compiler is not None:
-            self.end_compiler(NOT_MEASURED_BUDGET)
+        for compiler in list(self.compilers):
+            self.end_compiler(compiler, NOT_MEASURED_BUDGET)
         return self.timings
 
-    def start_compiler(self) -> None:
-        pending = [(index, self.points[index]) for index, state in self.precompiled.items() if state == "pending"]
-        if self.compiler is None and pending:
-            self.compiler = _Child(self.context, _precompile_process, (pending, self.settings))
-            self.compiler_points = [index for index, _ in pending]
-            self.log(f"started precompile: {len(pending)} points (pid {self.compiler.process.pid})")
+    def start_compiles(self) -> None:
+        """Each idle precompile process gets the next point waiting for its compile (in the points' order); one
+        starts while fewer than `precompile_jobs` run and points wait; an idle one with nothing left ends."""
+        pending = [index for index, state in self.precompiled.items() if state == "pending"]
+        while len(self.compilers) < self.precompile_jobs and len(pending) > sum(c.point is None for c in self.compilers):
+            compiler = _Child(self.context, _precompile_process, (self.settings,), duplex=True)
+            self.compilers.append(compiler)
+            self.log(f"started precompile process (pid {compiler.process.pid})")
+        for compiler in [compiler for compiler in self.compilers if compiler.point is None]:
+            if pending:
+                compiler.point, compiler.since = pending.pop(0), time.monotonic()
+                self.precompiled[compiler.point] = "compiling"
+            try:
+                compiler.receiver.send(self.points[compiler.point] if compiler.point is not None else None)
+            except OSError:  # it died: its point fails below, so that every start makes progress
+                pass
+            if compiler.point is None:
+                self.end_compiler(compiler)
 
     def start_points(self) -> None:
         for index in [index for index in self.waiting if self.ready(index)]:
@@ -331,47 +346,35 @@ class _SuiteRun:
     def wait(self) -> None:
         """Until a process sends or ends, or the nearest time limit: a process must not run past its own unnoticed."""
         ends = [self.end_by(index) for index in self.running] + [self.deadline]
-        if self.compiling is not None:
-            ends.append(self.compiling_since + self.points[self.compiling].timeout_s)
+        ends += [compiler.since + self.points[compiler.point].timeout_s for compiler in self.compilers]
         wait_s = min(0.5, max(0.0, min(ends) - time.monotonic()))
-        children = list(self.running.values()) + ([self.compiler] if self.compiler else [])
+        children = list(self.running.values()) + self.compilers
         multiprocessing.connection.wait([child.receiver for child in children], timeout=wait_s)
 
-    def collect_compiler(self) -> None:
-        if self.compiler is None:
-            return
-        ended = self.compiler.ended()  # before reading: everything an ended process sent is read below
-        for message in self.compiler.messages():
-            if "start" in message:
-                self.compiling, self.compiling_since = message["start"], time.monotonic()
-                continue
-            index = message.pop("done")
-            self.timings[index].precompile = message
-            self.precompiled[index] = "failed" if "error" in message else "ready"
-            self.compiling = None
-            outcome = f"failed ({message['error']})" if "error" in message else "done"
-            self.log(f"precompile {outcome} in {message['seconds']:.1f} s: {self.points[index].label}")
-        over = self.compiling is not None and time.monotonic() - self.compiling_since > self.points[self.compiling].timeout_s
-        if over or ended:
-            self.end_compiler("timed out" if over else f"process died: {self.compiler.exit_note()}")
+    def collect_compiles(self) -> None:
+        for compiler in list(self.compilers):
+            ended = compiler.ended()  # before reading: everything an ended process sent is read below
+            for message in compiler.messages():
+                index, compiler.point = compiler.point, None
+                self.timings[index].precompile = message
+                self.precompiled[index] = "failed" if "error" in message else "ready"
+                outcome = f"failed ({message['error']})" if "error" in message else "done"
+                self.log(f"precompile {outcome} in {message['seconds']:.1f} s: {self.points[index].label}")
+                if "error" in message:  # the process ends itself after a failure
+                    self.end_compiler(compiler)
+            over = compiler.point is not None and time.monotonic() - compiler.since > self.points[compiler.point].timeout_s
+            if compiler in self.compilers and (over or ended):
+                self.end_compiler(compiler, "timed out" if over else f"process died: {compiler.exit_note()}")
 
-    def end_compiler(self, why: str) -> None:
-        """Stop the precompile process; the point it was on fails with `why` (or, if it died between points or
-        before its first, the next it had: each start makes progress), the next start takes the rest. It ends
-        by itself, exit code 0, after its last point or its first failure."""
-        self.compiler.stop()
-        died = self.compiler.process.exitcode != 0
-        self.compiler = None
-        if self.compiling is None and died:
-            self.compiling = next((index for index in self.compiler_points if self.precompiled[index] == "pending"),
-                                  None)
-            self.compiling_since = time.monotonic()
-        if self.compiling is not None:
-            seconds = time.monotonic() - self.compiling_since
-            self.timings[self.compiling].precompile = {"seconds": seconds, "error": why}
-            self.precompiled[self.compiling] = "failed"
-            self.log(f"precompile {why} after {seconds:.0f} s: {self.points[self.compiling].label}")
-            self.compiling = None
+    def end_compiler(self, compiler: _Child, why: str = "") -> None:
+        """Stop a precompile process; the point it was on, if any, fails with `why`."""
+        compiler.stop()
+        self.compilers.remove(compiler)
+        if compiler.point is not None:
+            seconds = time.monotonic() - compiler.since
+            self.timings[compiler.point].precompile = {"seconds": seconds, "error": why}
+            self.precompiled[compiler.point] = "failed"
+            self.log(f"precompile {why} after {seconds:.0f} s: {self.points[compiler.point].label}")
 
     def collect_points(self) -> None:
         for index, child in list(self.running.items()):
@@ -433,9 +436,9 @@ def phase_note(phases: dict[str, float]) -> str:
 def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds: int, compile: bool = True,
                jobs: int = 1, budget_s: float | None = None, start_method: str = "forkserver",
                log: Callable[[str], None] = print, compile_cache: Path | None = None,
-               precompile: bool = True) -> tuple[list[PointTiming], dict]:
-    """Each point in a fresh process, `jobs` at a time, in the order given (a point that compiles once the
-    precompile process is done with it); a point that fails, crashes or runs past its `timeout_s` becomes a timing
+               precompile_jobs: int = 1) -> tuple[list[PointTiming], dict]:
+    """Each point in a fresh process, `jobs` at a time, in the order given (a point that compiles once its
+    precompile is done); a point that fails, crashes or runs past its `timeout_s` becomes a timing
     with that error, one still running or not started when `budget_s` is spent one that says it was not measured.
     Returns the timings and where the time went (`_SuiteRun.summary`).
 
@@ -444,9 +447,11 @@ def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds:
     `start_method="spawn"` starts each from scratch instead (seconds of imports per point). `compile=False` runs
     torch.compile and flex attention uncompiled (a dry run checks that every point builds, runs and reports,
     not what code generation makes of it). `compile_cache`: the folder every process compiles into (default:
-    inductor's own); `precompile=False` leaves each point to compile in its own process."""
+    inductor's own); `precompile_jobs`: precompile processes at a time (0: each point compiles in its own)."""
     if start_method not in START_METHODS:
         raise ValueError(f"start_method={start_method!r} is not supported; allowed values are {list(START_METHODS)}.")
+    if jobs < 1 or precompile_jobs < 0:
+        raise ValueError(f"jobs={jobs} must be ≥ 1 and precompile_jobs={precompile_jobs} ≥ 0.")
     # torch's CUDA check through NVML leaves the driver uninitialised in the server the processes fork from.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     context = multiprocessing.get_context(start_method)
@@ -454,9 +459,9 @@ def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds:
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
     settings = {"device": device, "amp": amp, "warmup": warmup, "rounds": rounds, "compile": compile,
                 "threads": max(1, (os.cpu_count() or 1) // max(jobs, 1)),
-                # the precompile process's compile workers leave a core to each point process
-                "compile_threads": max(1, (os.cpu_count() or 1) - jobs),
+                # the precompile processes' compile workers share the cores a point process leaves
+                "compile_threads": max(1, ((os.cpu_count() or 1) - jobs) // max(precompile_jobs, 1)),
                 "environment": compile_environment(compile_cache) if compile_cache else {}}
-    suite = _SuiteRun(points, settings, jobs, budget_s, precompile, context, log)
+    suite = _SuiteRun(points, settings, jobs, budget_s, precompile_jobs, context, log)
     timings = suite.run()
     return timings, suite.summary()

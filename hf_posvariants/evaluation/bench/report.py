@@ -88,13 +88,13 @@ def suite_ratio_table(result: dict) -> str:
 
 def suite_time_summary(result: dict) -> str:
     """Where a point suite's time went: the whole against its budget, then each point's process by phase, the
-    seconds its compile took in the precompile process and in its own (the first step beyond a timed one), and
+    seconds its compile took in a precompile process and in its own (the first step beyond a timed one), and
     what inductor's FX graph cache did in its process."""
     spent, budget = result["time_spent"], result["budget_s"]
     intro = (
         f"Suite {spent['seconds']:.0f} s of a {f'{budget:.0f} s' if budget else 'unbounded'} budget: point processes "
-        f"{spent['point_process_s']:.0f} s ({result['jobs']} at a time), the precompile process "
-        f"{spent['precompile_s']:.0f} s beside them, no point running while points waited for their compiles "
+        f"{spent['point_process_s']:.0f} s ({result['jobs']} at a time), precompile processes "
+        f"{spent['precompile_s']:.0f} s beside them ({result['precompile_jobs']} at a time), no point running while points waited for their compiles "
         f"{spent['idle_s']:.0f} s; {spent['not_measured_budget']} points not measured for the budget. Compile cache: "
         f"{result['compile_cache'] or 'inductor default'}."
     )
