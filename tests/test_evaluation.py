@@ -586,8 +586,9 @@ def send_signal_on_start(signals: dict[str, signal.Signals]) -> Callable[[str], 
 
 
 def test_a_failing_crashing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
-    """A case that raises, one whose process dies of a signal, one past its timeout, and one of two precompile
-    processes that dies: each is reported, and the cases after them are measured (the other precompile done)."""
+    """A case that raises, one whose process dies of a signal, one past its timeout, one of two precompile
+    processes that dies, a precompile past its case's timeout: each is reported, and the cases after them are
+    measured (the other precompile done)."""
     shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
     rope = bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope")
     unknown = bench.Point(bench.Case("ours", "posvar_nothing", "causal", "sdpa"), shape, 16, "train")
@@ -596,16 +597,18 @@ def test_a_failing_crashing_or_hanging_case_becomes_a_row_and_the_next_still_run
     compiled = [bench.Point(dataclasses.replace(rope, position_encoding=encoding, compiled=True), shape, 16, "train")
                 for encoding in ("rope", "alibi")]
     fine = bench.Point(bench.Case("ours", "posvar_llama", "causal", "eager", "rope"), shape, 16, "train")
+    slow_compile = dataclasses.replace(compiled[0], task="forward", timeout_s=0.01)
     log = send_signal_on_start({crashing.label: signal.SIGSEGV, "precompile": signal.SIGKILL})
-    timings, spent = bench.run_points([unknown, crashing, hanging, *compiled, fine], "cpu", amp=False, warmup=0,
-                                      rounds=1, compile=False, log=log, precompile_jobs=2)
+    timings, spent = bench.run_points([unknown, crashing, hanging, *compiled, fine, slow_compile], "cpu", amp=False,
+                                      warmup=0, rounds=1, compile=False, log=log, precompile_jobs=2)
     assert "posvar_nothing" in timings[0].error
     assert timings[1].error == "process died: signal SIGSEGV"
     assert timings[2].error.startswith("timed out after")
     assert timings[3].precompile["error"] == "process died: signal SIGKILL"
     assert "error" not in timings[4].precompile and timings[4].precompile["seconds"] > 0
-    assert all(timing.error is None and timing.median_ms > 0 for timing in timings[3:])
-    assert spent["not_measured_budget"] == 0
+    assert all(timing.error is None and timing.median_ms > 0 for timing in timings[3:6])
+    assert timings[6].precompile["error"] == "timed out" and timings[6].error.startswith("not run: its precompile")
+    assert timings[6].process_s is None and spent["not_measured_budget"] == 0
     with pytest.raises(ValueError, match="precompile_jobs=-1"):
         bench.run_points([fine], "cpu", amp=False, warmup=0, rounds=1, precompile_jobs=-1)
 

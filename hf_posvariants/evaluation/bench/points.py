@@ -11,7 +11,8 @@ processes (`precompile_jobs` at a time) start with the suite and run the first s
 that compile nothing are measured beside them. Every process of the suite shares one compile cache
 (`compile_environment`: inductor's FX graph and AOTAutograd caches, Triton's kernels, in one folder), so a compiling
 point's own process finds its graphs there and loads them instead of compiling; such a point starts once its
-precompile is done (or failed: then it compiles alone).
+precompile is done, or failed (then it compiles alone: a failure may be its precompile process's, poisoned by an
+earlier point), except past its timeout (it would time out again, and is reported as not run).
 `budget_s` bounds the whole: a point still running at the end is stopped and, like every point not started by then,
 reported as not measured for the budget; `Point.timeout_s` bounds each process, so a hang cannot eat the budget.
 
@@ -363,8 +364,14 @@ class _SuiteRun:
                 if "error" in message:  # the process ends itself after a failure
                     self.end_compiler(compiler)
             over = compiler.point is not None and time.monotonic() - compiler.since > self.points[compiler.point].timeout_s
-            if compiler in self.compilers and (over or ended):
-                self.end_compiler(compiler, "timed out" if over else f"process died: {compiler.exit_note()}")
+            if compiler in self.compilers and over:
+                # its own process would spend as long again: it is not run
+                index = compiler.point
+                self.end_compiler(compiler, "timed out")
+                self.timings[index].error = f"not run: its precompile timed out after {self.points[index].timeout_s:.0f} s"
+                self.waiting.remove(index)
+            elif compiler in self.compilers and ended:
+                self.end_compiler(compiler, f"process died: {compiler.exit_note()}")
 
     def end_compiler(self, compiler: _Child, why: str = "") -> None:
         """Stop a precompile process; the point it was on, if any, fails with `why`."""
@@ -458,7 +465,8 @@ def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds:
     if start_method == "forkserver":
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
     settings = {"device": device, "amp": amp, "warmup": warmup, "rounds": rounds, "compile": compile,
-                "threads": max(1, (os.cpu_count() or 1) // max(jobs, 1)),
+                # on a CPU the processes running at once share its cores
+                "threads": max(1, (os.cpu_count() or 1) // (jobs + precompile_jobs)),
                 # the precompile processes' compile workers share the cores a point process leaves
                 "compile_threads": max(1, ((os.cpu_count() or 1) - jobs) // max(precompile_jobs, 1)),
                 "environment": compile_environment(compile_cache) if compile_cache else {}}
