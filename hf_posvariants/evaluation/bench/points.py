@@ -23,6 +23,7 @@ seconds its precompile took) and what the compile caches did there (`PointTiming
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -215,6 +216,7 @@ def _precompile_process(settings: dict, connection) -> None:
                 step()
                 synchronize(settings["device"])
                 del step
+                gc.collect()  # a compiled forward and its model hold each other: free the model before the next
                 if settings["device"].startswith("cuda"):
                     torch.cuda.empty_cache()
             except BaseException as error:  # noqa: BLE001 — the point's own process meets it again and reports it
