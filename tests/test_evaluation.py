@@ -490,6 +490,8 @@ def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_p
         assert bool(timing["precompile"]) == timing["compiles"], timing["label"]
         if timing["precompile"] and not timing["precompile"].get("error"):
             assert timing["precompile"]["compile_cache"]["dir"] == cache
+            precompiled = timing["precompile"]["started_s"] + timing["precompile"]["seconds"]
+            assert timing["started_s"] >= precompiled, timing["label"]  # it waited for its compile
         if timing["error"] is None:
             assert timing["compile_cache"]["dir"] == cache
             assert timing["compile_cache"]["triton_dir"] == str(Path(cache) / "triton")
@@ -520,7 +522,7 @@ def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_p
     assert measured and all(r["time"] > 0 for r in measured)
     report = (tmp_path / "bench.md").read_text()
     assert "| ratio | time | peak memory | MFU |" in report and cpu_limit in report
-    assert "## Where the time went" in report and "| compile s (first step − step) | precompile s |" in report
+    assert "## Where the time went" in report and "| compile s (first step − step) | precompile s from start s |" in report
 
 
 def test_gpu_suite_points_take_turns_by_group_each_denominator_first():

@@ -54,14 +54,16 @@ NOT_MEASURED_BUDGET = "not measured: budget"
 class PointTiming(Timing):
     """What one point's process measured, or why it has no figures, and where its time went: `phases` (seconds in
     its process: building, the first step — compiling or loading compiled code included —, the other steps, the
-    FLOP count), `process_s` (its process's wall seconds as the suite saw them), `compile_cache` (the cache folder
-    its process used, that cache's hits and misses there), `precompile` (for a point that compiles: the seconds its
-    first step took in a precompile process, the error it met there, the cache counts of that step)."""
+    FLOP count), `started_s` and `process_s` (when its process started, in seconds since the suite did, and its wall
+    seconds as the suite saw them), `compile_cache` (the cache folder its process used, that cache's hits and misses
+    there), `precompile` (for a point that compiles: when its precompile started, the seconds its first step took in
+    a precompile process, the error it met there, the cache counts of that step)."""
 
     def __init__(self, point: Point):
         super().__init__(point.case, point.task, point.length)
         self.point = point
         self.phases: dict[str, float] = {}
+        self.started_s: float | None = None
         self.process_s: float | None = None
         self.compile_cache: dict = {}
         self.precompile: dict = {}
@@ -77,7 +79,8 @@ class PointTiming(Timing):
         return super().as_dict(peak_tflops) | {
             "label": self.point.label, "shape": asdict(self.point.shape), "new_tokens": new_tokens,
             "per_token_ms": median / new_tokens if median and new_tokens else None,
-            "compiles": self.point.compiles, "phases": self.phases, "process_s": self.process_s,
+            "compiles": self.point.compiles, "phases": self.phases, "started_s": self.started_s,
+            "process_s": self.process_s,
             "compile_s": self.compile_s(), "compile_cache": self.compile_cache, "precompile": self.precompile,
         }
 
@@ -341,6 +344,7 @@ class _SuiteRun:
             self.waiting.remove(index)
             child = _Child(self.context, _point_process, (self.points[index], self.settings))
             self.running[index] = child
+            self.timings[index].started_s = child.started - self.begin
             self.log(f"started {self.points[index].label} (pid {child.process.pid})")
 
     def end_by(self, index: int) -> float:
@@ -359,7 +363,7 @@ class _SuiteRun:
             ended = compiler.ended()  # before reading: everything an ended process sent is read below
             for message in compiler.messages():
                 index, compiler.point = compiler.point, None
-                self.timings[index].precompile = message
+                self.timings[index].precompile = {"started_s": compiler.since - self.begin} | message
                 self.precompiled[index] = "failed" if "error" in message else "ready"
                 outcome = f"failed ({message['error']})" if "error" in message else "done"
                 self.log(f"precompile {outcome} in {message['seconds']:.1f} s: {self.points[index].label}")
@@ -381,7 +385,8 @@ class _SuiteRun:
         self.compilers.remove(compiler)
         if compiler.point is not None:
             seconds = time.monotonic() - compiler.since
-            self.timings[compiler.point].precompile = {"seconds": seconds, "error": why}
+            self.timings[compiler.point].precompile = {"started_s": compiler.since - self.begin, "seconds": seconds,
+                                                       "error": why}
             self.precompiled[compiler.point] = "failed"
             self.log(f"precompile {why} after {seconds:.0f} s: {self.points[compiler.point].label}")
 

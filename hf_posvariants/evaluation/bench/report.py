@@ -87,9 +87,10 @@ def suite_ratio_table(result: dict) -> str:
 
 
 def suite_time_summary(result: dict) -> str:
-    """Where a point suite's time went: the whole against its budget, then each point's process by phase, the
-    seconds its compile took in a precompile process and in its own (the first step beyond a timed one), and
-    what inductor's FX graph cache did in its process."""
+    """Where a point suite's time went: the whole against its budget, then each point's process (when it started,
+    in seconds since the suite did, and its seconds by phase), the seconds its compile took in its own process (the
+    first step beyond a timed one) and in a precompile process (and when that started), and what inductor's FX graph
+    cache did in its process."""
     spent, budget = result["time_spent"], result["budget_s"]
     intro = (
         f"Suite {spent['seconds']:.0f} s of a {f'{budget:.0f} s' if budget else 'unbounded'} budget: point processes "
@@ -101,16 +102,19 @@ def suite_time_summary(result: dict) -> str:
     rows = []
     for timing in result["timings"]:
         phases, cache, precompile = timing["phases"], timing["compile_cache"], timing["precompile"]
-        precompiled = (f"{precompile['seconds']:.1f}" + (f" (failed: {precompile['error'][:60]})"
-                                                          if precompile.get("error") else "")) if precompile else ""
-        rows.append([timing["label"], _number(timing["process_s"]), _number(phases.get("build")),
+        precompiled = (f"{precompile['seconds']:.1f} from {precompile['started_s']:.0f}"
+                       + (f" (failed: {precompile['error'][:60]})" if precompile.get("error") else "")
+                       ) if precompile else ""
+        rows.append([timing["label"], _number(timing["started_s"]), _number(timing["process_s"]),
+                     _number(phases.get("build")),
                      _number(phases.get("first step")), _number(phases.get("steps")), _number(phases.get("FLOP count")),
                      _number(timing["median_ms"], 2), _number(timing["compile_s"]), precompiled,
                      f"{cache['fx_graph_hits']} / {cache['fx_graph_misses']}" if cache else "",
                      (timing["error"] or "measured")[:80]])
     return "\n".join([intro, "", markdown_table(
-        ["case", "process s", "build s", "first step s", "other steps s", "FLOP count s", "step ms",
-         "compile s (first step − step)", "precompile s", "FX graph cache hits / misses", "outcome"], rows)])
+        ["case", "start s", "process s", "build s", "first step s", "other steps s", "FLOP count s", "step ms",
+         "compile s (first step − step)", "precompile s from start s", "FX graph cache hits / misses", "outcome"],
+        rows)])
 
 
 def suite_markdown_report(result: dict) -> str:
