@@ -8,7 +8,7 @@
     PYTHONPATH=$PWD python scripts/bench.py --device cuda --amp --lengths 1024 2048   # GPU: CUDA events, bf16, MFU
     PYTHONPATH=$PWD python scripts/bench.py --quick            # seconds; what the tests run
     PYTHONPATH=$PWD python scripts/bench.py --case-set training_targets --threads 1 --clock cpu
-    PYTHONPATH=$PWD python scripts/bench.py --case-set gpu     # one CUDA GPU, under 8 minutes: every GPU row
+    PYTHONPATH=$PWD python scripts/bench.py --case-set gpu     # one CUDA GPU, in 450 s (--budget-s): every GPU row
     PYTHONPATH=$PWD python scripts/bench.py --case-set gpu --dry-run   # the same suite on the CPU, tiny sizes
 
 Case sets: `variants` (every family × encoding × backend, and each transformers reference against the case of
@@ -16,8 +16,9 @@ ours built to match it), `deberta` (DebertaV2 and BERT), `differential` (DiffLla
 `long_context` and `bias_training` (score biases against RoPE), `training_targets` (the training-step targets of
 bias encodings, DeBERTa and differential attention, each at its own length), `kernels` (the attention kernel
 alone, forward + backward, by torch.utils.benchmark), `gpu` (the GPU baseline's rows, each case in a process of
-its own, bf16; --dry-run runs them tiny on the CPU, uncompiled). Prints the ratios measured in this run and
-writes bench.json and bench.md. See hf_posvariants/evaluation/bench/ for the method.
+its own, bf16, precompile processes compiling ahead into one shared cache, within a time budget; --dry-run runs
+them tiny on the CPU, uncompiled). Prints the ratios measured in this run (for `gpu` also where the time went)
+and writes bench.json and bench.md. See hf_posvariants/evaluation/bench/ for the method.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from hf_posvariants.evaluation.bench import (
     run_kernel_benchmark,
     suite_markdown_report,
 )
-from hf_posvariants.evaluation.bench.measurement import DEFAULT_LENGTHS, START_METHODS
-from hf_posvariants.evaluation.bench.gpu import GPU_SIZES, ROW_GROUPS, TINY_SIZES, run_gpu_suite
-from hf_posvariants.evaluation.bench.report import suite_ratio_table
+from hf_posvariants.evaluation.bench.gpu import DEFAULT_BUDGET_S, GPU_SIZES, ROW_GROUPS, TINY_SIZES, run_gpu_suite
+from hf_posvariants.evaluation.bench.measurement import DEFAULT_LENGTHS
+from hf_posvariants.evaluation.bench.points import START_METHODS
+from hf_posvariants.evaluation.bench.report import suite_ratio_table, suite_time_summary
 
 KERNELS = "kernels"
 GPU = "gpu"
@@ -81,8 +83,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="gpu: the same suite tiny on the CPU, one round, nothing compiled (checks that it runs)")
     parser.add_argument("--jobs", type=int, help="gpu: cases run at a time (default 1; 2 with --dry-run)")
-    parser.add_argument("--time-budget", type=float, default=480.0,
-                        help="gpu: seconds for the whole suite; cases not started by then are reported as not run")
+    parser.add_argument("--budget-s", "--time-budget", dest="budget_s", type=float, default=DEFAULT_BUDGET_S,
+                        help="gpu: seconds for the whole suite; a case still running then is stopped and, like every "
+                             "case not started, reported as 'not measured: budget'")
+    parser.add_argument("--compile-cache", type=Path,
+                        help="gpu: the folder every case's process compiles into and loads from (default: "
+                             "OUT_DIR/compile_cache; kept, so a second run on the machine compiles nothing anew)")
+    parser.add_argument("--precompile-jobs", type=int,
+                        help="gpu: processes compiling ahead at a time, beside the cases (default 2; 1 with "
+                             "--dry-run; 0: each case that compiles does it in its own process)")
     parser.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=list(ROW_GROUPS),
                         help="gpu: the groups of rows to measure (default: all, in this order)")
     parser.add_argument("--start-method", choices=START_METHODS, default="forkserver",
@@ -93,15 +102,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def gpu_run(args: argparse.Namespace) -> dict:
     """The GPU rows on `--device` (bf16), or with --dry-run tiny on the CPU: fp32, one round, nothing compiled."""
+    common = dict(budget_s=args.budget_s, peak_tflops=args.peak_tflops, start_method=args.start_method,
+                  groups=tuple(args.rows), compile_cache=args.compile_cache or args.out_dir / "compile_cache")
     if args.dry_run:
         return run_gpu_suite("cpu", TINY_SIZES, amp=False, warmup=0, rounds=1, compile=False, jobs=args.jobs or 2,
-                             budget_s=args.time_budget, peak_tflops=args.peak_tflops, start_method=args.start_method,
-                             groups=tuple(args.rows))
+                             precompile_jobs=1 if args.precompile_jobs is None else args.precompile_jobs, **common)
     if not args.device.startswith("cuda"):
         raise SystemExit(f"--case-set gpu needs --device cuda (got {args.device!r}); --dry-run runs it on the CPU.")
+    precompile_jobs = 2 if args.precompile_jobs is None else args.precompile_jobs
     return run_gpu_suite(args.device, GPU_SIZES, amp=True, warmup=args.warmup, rounds=args.rounds,
-                         jobs=args.jobs or 1, budget_s=args.time_budget, peak_tflops=args.peak_tflops,
-                         start_method=args.start_method, groups=tuple(args.rows))
+                         jobs=args.jobs or 1, precompile_jobs=precompile_jobs, **common)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.case_set == GPU:
         result = gpu_run(args)
         report = suite_markdown_report(result)
-        summary = suite_ratio_table(result)
+        summary = suite_ratio_table(result) + "\n" + suite_time_summary(result)
     elif args.case_set == KERNELS:
         lengths, min_run_time = ([32], 0.05) if args.quick else (args.lengths or DEFAULT_LENGTHS, args.min_run_time)
         result = run_kernel_benchmark(args.backends, args.batch_size, args.heads, lengths,

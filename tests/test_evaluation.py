@@ -3,10 +3,15 @@ finite, and known cases hold (Trainer eval loss, uniform attention, an oracle's 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import os
+import re
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -476,8 +481,26 @@ def test_training_targets_run_each_case_at_its_own_length_only(tmp_path):
 
 def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_path):
     """The GPU rows, tiny on the CPU: every case runs in its own process and reports, except what the CPU cannot
-    do (flex attention has no backward there), and the ratio table names every group of the GPU baseline."""
+    do (flex attention has no backward there), and the ratio table names every group of the GPU baseline. The
+    precompile process ran the first step of every case that compiles, and it and every case's process used the
+    suite's compile cache."""
     result = script("bench").main(["--case-set", "gpu", "--dry-run", "--out-dir", str(tmp_path)])
+    cache = str((tmp_path / "compile_cache").resolve())
+    for timing in result["timings"]:
+        assert bool(timing["precompile"]) == timing["compiles"], timing["label"]
+        if timing["precompile"] and not timing["precompile"].get("error"):
+            assert timing["precompile"]["compile_cache"]["dir"] == cache
+            precompiled = timing["precompile"]["started_s"] + timing["precompile"]["seconds"]
+            assert timing["started_s"] >= precompiled, timing["label"]  # it waited for its compile
+        if timing["error"] is None:
+            assert timing["compile_cache"]["dir"] == cache
+            assert timing["compile_cache"]["triton_dir"] == str(Path(cache) / "triton")
+            assert timing["process_s"] >= timing["phases"]["build"] + timing["phases"]["first step"] > 0
+    compiled = [t for t in result["timings"] if t["case"].get("compiled")]
+    assert {t["case"]["model_type"] for t in compiled} == {"LlamaForCausalLM", "posvar_llama"}
+    assert all(t["error"] is None and t["compile_s"] is not None and not t["precompile"].get("error")
+               for t in compiled)
+    assert result["time_spent"]["precompile_s"] > 0 and result["time_spent"]["not_measured_budget"] == 0
     cpu_limit = "FlexAttention does not support backward on CPU"
     for timing in result["timings"]:
         needs_flex_backward = timing["case"]["backend"] == "flex_attention" and timing["task"] in ("train", "kernel")
@@ -492,12 +515,29 @@ def test_gpu_suite_dry_run_measures_every_row_each_case_in_its_own_process(tmp_p
     names = " | ".join(r["name"] for r in result["ratios"])
     for row in ("/ Llama, training (SDPA)", "Llama eager / SDPA", "alibi / rope", "t5_bias / rope",
                 "on flex / rope on SDPA, training", "forward at 64", "forward at 128", "/ DebertaV2", "/ BERT SDPA",
-                "/ DiffLlama", "compiled / not", "generate per token", "kernel: flex, T5 bucket table"):
+                "/ DiffLlama", "Llama compiled / not", "posvar_llama rope compiled / not", "generate per token",
+                "kernel: flex, T5 bucket table"):
         assert row in names, row
     measured = [r for r in result["ratios"] if not r["numerator_error"] and not r["denominator_error"]]
     assert measured and all(r["time"] > 0 for r in measured)
     report = (tmp_path / "bench.md").read_text()
-    assert "| ratio | time | peak memory |" in report and cpu_limit in report
+    assert "| ratio | time | peak memory | MFU |" in report and cpu_limit in report
+    assert "## Where the time went" in report and "| compile s (first step − step) | precompile s from start s |" in report
+
+
+def test_gpu_suite_points_take_turns_by_group_each_denominator_first():
+    """A spent budget must leave every row group measured: the first ratio of every group comes before the
+    second of any."""
+    from hf_posvariants.evaluation.bench.gpu import ROW_GROUPS, TINY_SIZES, gpu_suite
+
+    points, ratios = gpu_suite(TINY_SIZES)
+    firsts = [gpu_suite(TINY_SIZES, (group,))[1][0] for group in ROW_GROUPS]
+    seconds = [r for r in ratios if r not in firsts]
+    last_first = max(points.index(p) for r in firsts for p in (r.numerator, r.denominator))
+    assert last_first < len(set(p for r in firsts for p in (r.numerator, r.denominator)))
+    assert all(points.index(r.denominator) < points.index(r.numerator) for r in firsts)
+    assert any(points.index(r.numerator) > last_first for r in seconds)
+    assert len(points) == len(set(points)) == len({p for r in ratios for p in (r.numerator, r.denominator)})
 
 
 def test_gpu_suite_rows_pick_groups_and_keep_their_denominators():
@@ -534,17 +574,80 @@ def test_device_check_passes_on_the_cpu_and_names_a_failing_check(monkeypatch):
         device_check.check_cases(["t5"])
 
 
-def test_a_failing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
+def send_signal_on_start(signals: dict[str, signal.Signals]) -> Callable[[str], None]:
+    """A log for `run_points` that sends the first process to start whose label starts with a key of `signals`
+    ("precompile" for a precompile process) that key's signal: a real crash or hang of that process."""
+    signals = dict(signals)
+
+    def log(message: str) -> None:
+        started = re.match(r"started (.*) \(pid (\d+)\)$", message)
+        for label in [label for label in signals if started and started.group(1).startswith(label)]:
+            os.kill(int(started.group(2)), signals.pop(label))
+
+    return log
+
+
+def test_a_failing_crashing_or_hanging_case_becomes_a_row_and_the_next_still_runs():
+    """A case that raises, one whose process dies of a signal, one past its timeout, one of two precompile
+    processes that dies, a precompile past its case's timeout: each is reported, and the cases after them are
+    measured (the other precompile done)."""
     shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    rope = bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope")
     unknown = bench.Point(bench.Case("ours", "posvar_nothing", "causal", "sdpa"), shape, 16, "train")
-    hanging = bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope"), shape, 16, "train",
-                          timeout_s=0.01)
+    crashing = bench.Point(rope, shape, 16, "forward")
+    hanging = bench.Point(rope, shape, 16, "train", timeout_s=0.01)
+    compiled = [bench.Point(dataclasses.replace(rope, position_encoding=encoding, compiled=True), shape, 16, "train")
+                for encoding in ("rope", "alibi")]
     fine = bench.Point(bench.Case("ours", "posvar_llama", "causal", "eager", "rope"), shape, 16, "train")
-    timings = bench.run_points([unknown, hanging, fine], "cpu", amp=False, warmup=0, rounds=1, compile=False,
-                               log=lambda message: None)
+    slow_compile = dataclasses.replace(compiled[0], task="forward", timeout_s=0.001)
+    log = send_signal_on_start({crashing.label: signal.SIGSEGV, "precompile": signal.SIGKILL})
+    timings, spent = bench.run_points([unknown, crashing, hanging, *compiled, fine, slow_compile], "cpu", amp=False,
+                                      warmup=0, rounds=1, compile=False, log=log, precompile_jobs=2)
     assert "posvar_nothing" in timings[0].error
-    assert timings[1].error.startswith("timed out after")
-    assert timings[2].error is None and timings[2].median_ms > 0
+    assert timings[1].error == "process died: signal SIGSEGV"
+    assert timings[2].error.startswith("timed out after")
+    assert timings[3].precompile["error"] == "process died: signal SIGKILL"
+    assert "error" not in timings[4].precompile and timings[4].precompile["seconds"] > 0
+    assert all(timing.error is None and timing.median_ms > 0 for timing in timings[3:6])
+    assert timings[6].precompile["error"] == "timed out" and timings[6].error.startswith("not run: its precompile")
+    assert timings[6].process_s is None and spent["not_measured_budget"] == 0
+    with pytest.raises(ValueError, match="precompile_jobs=-1"):
+        bench.run_points([fine], "cpu", amp=False, warmup=0, rounds=1, precompile_jobs=-1)
+
+
+@pytest.mark.slow
+def test_a_compiled_case_loads_what_the_precompile_process_compiled(tmp_path):
+    """Compiled for real (inductor's CPU code): a precompile process compiles the step's graphs into the suite's
+    cache, and the case's own process finds every graph there instead of compiling it."""
+    shape = bench.BenchShape(32, 2, 4, 64, 97, 2)
+    compiled = bench.Point(bench.Case("ours", "posvar_llama", "causal", "sdpa", "rope", compiled=True), shape, 16,
+                           "train", timeout_s=600)
+    (timing,), spent = bench.run_points([compiled], "cpu", amp=False, warmup=1, rounds=2, compile=True,
+                                        log=lambda message: None, compile_cache=tmp_path)
+    assert timing.error is None and not timing.precompile.get("error")
+    assert timing.precompile["compile_cache"]["fx_graph_misses"] > 0
+    assert timing.compile_cache["dir"] == str(tmp_path.resolve())
+    assert timing.compile_cache["fx_graph_hits"] > 0 and timing.compile_cache["fx_graph_misses"] == 0
+    assert timing.compile_cache["autograd_hits"] > 0
+    assert timing.compile_s() < timing.precompile["seconds"]
+
+
+def test_a_spent_budget_stops_the_case_running_and_reports_it_and_the_rest_as_not_measured():
+    """A case that would not finish (its process stopped by SIGSTOP) is stopped at the suite's deadline; it and
+    the cases not started appear in the ratio table as not measured for the budget, and the suite returns."""
+    from hf_posvariants.evaluation.bench.gpu import TINY_SIZES, gpu_suite, run_gpu_suite
+    from hf_posvariants.evaluation.bench.report import suite_ratio_table, suite_time_summary
+
+    points, _ = gpu_suite(TINY_SIZES, ("generate",))
+    result = run_gpu_suite("cpu", TINY_SIZES, amp=False, warmup=0, rounds=1, compile=False, budget_s=1.5,
+                           log=send_signal_on_start({points[0].label: signal.SIGSTOP}), groups=("generate",))
+    errors = [timing["error"] for timing in result["timings"]]
+    assert errors[0].startswith("not measured: budget (stopped after")
+    assert errors[1:] == ["not measured: budget (not started)"] * (len(points) - 1)
+    assert result["time_spent"]["not_measured_budget"] == len(points) and 1.5 <= result["seconds"] < 30
+    table = suite_ratio_table(result)
+    assert all("not measured: budget" in line for line in table.splitlines()[2:])
+    assert f"{len(points)} points not measured for the budget" in suite_time_summary(result)
 
 
 def test_points_refuse_a_task_that_does_not_fit_their_case():

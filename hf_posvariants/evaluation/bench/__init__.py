@@ -1,7 +1,8 @@
 """Speed, memory and FLOP rate of our variants against transformers' own models: the one benchmark.
 
 `cases` says what to measure (cases, case sets and their targets), `measurement` runs them (interleaved in
-one process, or each point in a process of its own), `report` writes the Markdown, `gpu` holds the GPU rows.
+one process), `points` runs each point in a process of its own within a time budget, its compiles done ahead,
+`report` writes the Markdown, `gpu` holds the GPU rows.
 `scripts/bench.py` is the command line.
 """
 
@@ -30,8 +31,8 @@ from hf_posvariants.evaluation.bench.measurement import (
     peak_memory_mib,
     run_benchmark,
     run_kernel_benchmark,
-    run_points,
 )
+from hf_posvariants.evaluation.bench.points import run_points
 from hf_posvariants.evaluation.bench.report import kernel_markdown_report, markdown_report, suite_markdown_report
 
 __all__ = [

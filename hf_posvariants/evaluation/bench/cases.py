@@ -527,6 +527,11 @@ class Point:
     def label(self) -> str:
         return f"{self.case.label} {self.task} {self.shape.batch_size}×{self.length}"
 
+    @property
+    def compiles(self) -> bool:
+        """Whether its step generates code: a model under torch.compile, or flex attention (always compiled)."""
+        return getattr(self.case, "compiled", False) or self.case.backend == "flex_attention"
+
 
 @dataclass(frozen=True)
 class PointRatio:

@@ -22,8 +22,7 @@ allocator caching, so it bounds from above what the step needs, measured the sam
 Kernel-only cases (`KernelCase`) time the attention kernel alone, forward and backward, with
 `torch.utils.benchmark`: what a backend can gain at most, without the rest of a training step.
 
-`run_points` measures `Point`s instead (the GPU suite): each case alone, in a process of its own, its
-memory over its first two steps, then timed without interleaving (a lent GPU is not shared).
+`points.run_points` measures `Point`s instead (the GPU suite): each case alone, in a process of its own.
 """
 
 from __future__ import annotations
@@ -32,8 +31,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import statistics
 import subprocess
@@ -59,7 +56,6 @@ from hf_posvariants.evaluation.bench.cases import (
     BenchShape,
     Case,
     KernelCase,
-    Point,
     Ratio,
     RatioSpec,
     deberta_buckets,
@@ -562,162 +558,3 @@ def run_kernel_benchmark(backends: list[str], batch: int, heads: int, lengths: l
         "shape": {"batch": batch, "heads": heads, "head_dim": head_dim, "dtype": str(dtype)},
         "timings": results, "ratios": ratios,
     }
-
-
-
-# ---- each point in its own process --------------------------------------------------------------------
-
-class PointTiming(Timing):
-    """What one point's process measured, or why it has no figures."""
-
-    def __init__(self, point: Point):
-        super().__init__(point.case, point.task, point.length)
-        self.point = point
-
-    def as_dict(self, peak_tflops: float | None = None) -> dict:
-        median, new_tokens = self.median_ms, self.point.new_tokens
-        return super().as_dict(peak_tflops) | {
-            "label": self.point.label, "shape": asdict(self.point.shape), "new_tokens": new_tokens,
-            "per_token_ms": median / new_tokens if median and new_tokens else None,
-        }
-
-
-def point_step(point: Point, device: str, amp: bool) -> Callable[[], None]:
-    if isinstance(point.case, KernelCase):
-        shape = point.shape
-        return kernel_step(point.case, shape.batch_size, shape.num_attention_heads, point.length,
-                           shape.hidden_size // shape.num_attention_heads, device,
-                           torch.bfloat16 if amp else torch.float32)
-    runner = Runner(point.case, point.shape, point.length, device, amp, point.new_tokens)
-    return functools.partial(runner.step, point.task)
-
-
-MEMORY_STEPS = 2
-
-
-def measure_point(point: Point, device: str, amp: bool, warmup: int, rounds: int) -> PointTiming:
-    """In this process: peak memory over the first two steps (after one for a step that keeps nothing, so a
-    compiled kernel is not counted), which count as warm-up, the rest of `warmup`, `rounds` timed steps, then
-    the model FLOPs."""
-    step = point_step(point, device, amp)
-    if point.task != "train":
-        step()
-    synchronize(device)
-    if device.startswith("cuda"):
-        built = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
-        built = process_status_mib("VmRSS")
-    for _ in range(MEMORY_STEPS):
-        step()
-    synchronize(device)
-    if device.startswith("cuda"):
-        peak = (torch.cuda.max_memory_allocated() - built) / 2**20
-    else:
-        peak = process_status_mib("VmHWM") - built
-    for _ in range(warmup - MEMORY_STEPS):
-        step()
-    timing = PointTiming(point)
-    timing.peak_memory_mib = peak
-    timing.seconds = [timed_seconds(step, device, "wall") for _ in range(rounds)]
-    del step
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    if isinstance(point.case, Case) and point.task != "generate" and eager_scores_fit(point.shape, point.length):
-        timing.flops = model_flops(point.case, point.shape, point.length, point.task, device, amp)
-    return timing
-
-
-def _point_process(point: Point, settings: dict, connection) -> None:
-    """The body of one point's process: its figures or its error go back through `connection`."""
-    try:
-        if not settings["compile"]:
-            torch.compiler.set_stance("force_eager")  # torch.compile and flex run uncompiled: no code generation
-        if not settings["device"].startswith("cuda"):
-            torch.set_num_threads(settings["threads"])
-        timing = measure_point(point, settings["device"], settings["amp"], settings["warmup"], settings["rounds"])
-        connection.send({"seconds": timing.seconds, "peak_memory_mib": timing.peak_memory_mib,
-                         "flops": timing.flops})
-    except BaseException as error:  # noqa: BLE001 — every failure is a row of the table
-        connection.send({"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
-    finally:
-        connection.close()
-
-
-# What the forkserver imports once for every point's process: none of it touches a GPU.
-FORKSERVER_PRELOAD = [__name__, "torch._dynamo", "torch._inductor.compile_fx", "torch.nn.attention.flex_attention"]
-START_METHODS = ("forkserver", "spawn")
-
-
-def run_points(points: list[Point], device: str, amp: bool, warmup: int, rounds: int, compile: bool = True,
-               jobs: int = 1, budget_s: float | None = None, start_method: str = "forkserver",
-               log=print) -> list[PointTiming]:
-    """Each point in a fresh process, `jobs` at a time, in the order given; a point that fails, crashes or
-    runs past its `timeout_s` (or past what is left of `budget_s` for all) becomes a timing with that error,
-    and a point not started within the budget one saying so.
-
-    The processes fork from a server that imported torch, transformers and this package once and never
-    touched a GPU (multiprocessing's forkserver): each starts in milliseconds with a CUDA context of its own;
-    `start_method="spawn"` starts each from scratch instead (seconds of imports per point). `compile=False` runs
-    torch.compile and flex attention uncompiled (a dry run checks that every point builds, runs and reports,
-    not what code generation makes of it)."""
-    if start_method not in START_METHODS:
-        raise ValueError(f"start_method={start_method!r} is not supported; allowed values are {list(START_METHODS)}.")
-    # torch's CUDA check through NVML leaves the driver uninitialised in the server the processes fork from.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        context.set_forkserver_preload(FORKSERVER_PRELOAD)
-    settings = {"device": device, "amp": amp, "warmup": warmup, "rounds": rounds, "compile": compile,
-                "threads": max(1, (os.cpu_count() or 1) // max(jobs, 1))}
-    deadline = time.monotonic() + budget_s if budget_s else float("inf")
-    timings = [PointTiming(point) for point in points]
-    waiting = list(range(len(points)))
-    running: dict[int, tuple] = {}  # index → (process, receiving end, start, time it must end by)
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            index = waiting.pop(0)
-            now = time.monotonic()
-            if now >= deadline:
-                timings[index].error = "not run: the suite's time budget was spent"
-                continue
-            receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_point_process, args=(points[index], settings, sender), daemon=True)
-            process.start()
-            sender.close()
-            running[index] = (process, receiver, now, min(now + points[index].timeout_s, deadline))
-            log(f"started {points[index].label}")
-        if not running:
-            continue
-        # Wake at the nearest deadline at the latest: a point must not finish unnoticed past its own.
-        nearest_end = min(entry[3] for entry in running.values())
-        wait_s = min(0.5, max(0.0, nearest_end - time.monotonic()))
-        multiprocessing.connection.wait([entry[1] for entry in running.values()], timeout=wait_s)
-        for index, (process, receiver, started, end_by) in list(running.items()):
-            if receiver.poll():
-                _record(timings[index], receiver)
-            elif process.exitcode is None and time.monotonic() < end_by:
-                continue
-            elif process.exitcode is None:
-                process.kill()
-                timings[index].error = f"timed out after {time.monotonic() - started:.0f} s"
-            process.join()
-            receiver.close()
-            if timings[index].error is None and not timings[index].seconds:
-                timings[index].error = f"process died: exit code {process.exitcode}"
-            del running[index]
-            outcome = f"failed ({timings[index].error})" if timings[index].error else "done"
-            log(f"{outcome} in {time.monotonic() - started:.1f} s: {points[index].label}")
-    return timings
-
-
-def _record(timing: PointTiming, receiver) -> None:
-    try:
-        result = receiver.recv()
-    except EOFError:  # the process ended without a word: `run_points` reports its exit code
-        return
-    timing.error = result.get("error")
-    timing.seconds = result.get("seconds", [])
-    timing.peak_memory_mib = result.get("peak_memory_mib")
-    timing.flops = result.get("flops")

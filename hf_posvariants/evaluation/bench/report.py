@@ -69,20 +69,56 @@ def kernel_markdown_report(result: dict) -> str:
     ])
 
 
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
 def suite_ratio_table(result: dict) -> str:
     """The ratios of a point suite (`gpu.run_gpu_suite`): time and peak memory of each pair measured in the
-    run, or why a side has no figure."""
+    run, the MFU of each side, or why a side has no figure."""
     rows = []
     for ratio in result["ratios"]:
         errors = "; ".join(f"{side}: {ratio[side + '_error']}" for side in ("numerator", "denominator")
                            if ratio[side + "_error"])
-        rows.append([ratio["name"], _times(ratio["time"]), _times(ratio["memory"]), ratio["numerator"],
-                     ratio["denominator"], errors])
-    return markdown_table(["ratio", "time", "peak memory", "numerator", "denominator", "missing because"], rows)
+        mfu = " / ".join(map(_percent, (ratio["numerator_mfu"], ratio["denominator_mfu"])))
+        rows.append([ratio["name"], _times(ratio["time"]), _times(ratio["memory"]), mfu if mfu != " / " else "",
+                     ratio["numerator"], ratio["denominator"], errors])
+    return markdown_table(["ratio", "time", "peak memory", "MFU", "numerator", "denominator", "missing because"], rows)
+
+
+def suite_time_summary(result: dict) -> str:
+    """Where a point suite's time went: the whole against its budget, then each point's process (when it started,
+    in seconds since the suite did, and its seconds by phase), the seconds its compile took in its own process (the
+    first step beyond a timed one) and in a precompile process (and when that started), and what inductor's FX graph
+    cache did in its process."""
+    spent, budget = result["time_spent"], result["budget_s"]
+    intro = (
+        f"Suite {spent['seconds']:.0f} s of a {f'{budget:.0f} s' if budget else 'unbounded'} budget: point processes "
+        f"{spent['point_process_s']:.0f} s ({result['jobs']} at a time), precompile processes "
+        f"{spent['precompile_s']:.0f} s beside them ({result['precompile_jobs']} at a time), no point running while points waited for their compiles "
+        f"{spent['idle_s']:.0f} s; {spent['not_measured_budget']} points not measured for the budget. Compile cache: "
+        f"{result['compile_cache'] or 'inductor default'}."
+    )
+    rows = []
+    for timing in result["timings"]:
+        phases, cache, precompile = timing["phases"], timing["compile_cache"], timing["precompile"]
+        precompiled = (f"{precompile['seconds']:.1f} from {precompile['started_s']:.0f}"
+                       + (f" (failed: {precompile['error'][:60]})" if precompile.get("error") else "")
+                       ) if precompile else ""
+        rows.append([timing["label"], _number(timing["started_s"]), _number(timing["process_s"]),
+                     _number(phases.get("build")),
+                     _number(phases.get("first step")), _number(phases.get("steps")), _number(phases.get("FLOP count")),
+                     _number(timing["median_ms"], 2), _number(timing["compile_s"]), precompiled,
+                     f"{cache['fx_graph_hits']} / {cache['fx_graph_misses']}" if cache else "",
+                     (timing["error"] or "measured")[:80]])
+    return "\n".join([intro, "", markdown_table(
+        ["case", "start s", "process s", "build s", "first step s", "other steps s", "FLOP count s", "step ms",
+         "compile s (first step − step)", "precompile s from start s", "FX graph cache hits / misses", "outcome"],
+        rows)])
 
 
 def suite_markdown_report(result: dict) -> str:
-    """The report of a point suite: the setting, the ratio table, every point's figures."""
+    """The report of a point suite: the setting, the ratio table, where the time went, every point's figures."""
     peak = result["peak_tflops"]
     intro = (
         f"Device: {result['device']}, torch {result['torch']}, transformers {result['transformers']}, "
@@ -100,6 +136,6 @@ def suite_markdown_report(result: dict) -> str:
                        mfu, note])
     return "\n".join([
         f"# Speed and memory: case set `{result['case_set']}`", "", intro, "", "## Ratios (measured in this run)", "",
-        suite_ratio_table(result), "## Every case", "",
+        suite_ratio_table(result), "## Where the time went", "", suite_time_summary(result), "## Every case", "",
         markdown_table(["case", "median ms", "peak MiB", "MFU", "note"], points),
     ])
