@@ -293,6 +293,10 @@ def parse(argv: list[str]):
     for name in ("model_name_or_path", "tokenizer_name"):
         check_local_source(getattr(model_args, name), name)
     distributed_config = distributed_config_from(model_args.distributed)
+    if distributed_config is not None and training_args.deepspeed_plugin is not None:
+        raise ValueError("distributed (transformers' DistributedConfig) and DeepSpeed (the deepspeed key, or accelerate's "
+                         "DeepSpeed config) would both shard the model; allowed is one of them: drop the `distributed:` "
+                         "mapping, or launch without DeepSpeed.")  # fmt: skip
     if distributed_config is not None:  # reading the device sets up the process group: only for a distributed run
         check_trainable_on(distributed_config, training_args.device.type)
     return model_args, data_args, training_args, model_fields
@@ -613,6 +617,12 @@ def summary(output_dir: str, metrics: dict, head, pusher: HubPusher | None) -> s
     return "\n".join(lines)
 
 
+def parameter_count(model) -> int:
+    """The model's parameters, each counted once. Under DeepSpeed ZeRO-3 a parameter holds an empty tensor outside
+    forward (its rank's part is elsewhere), so `num_parameters()` would count 0: its full size is `ds_numel`."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
+
+
 def run_record(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, model,
                plan: RunPlan, settings: dict) -> dict:
     """What the model card and a re-run read about the run (training_args.bin has the rest, for the Trainer)."""
@@ -625,7 +635,7 @@ def run_record(model_args: ModelArguments, data_args: DataArguments, training_ar
         **({"dataset": Path(data_args.train_file).resolve().name, "dataset_sha256": content_hash(data_args.train_file)}
            if data_args.train_file else {"dataset": data_args.dataset_name}),
         "block_size": data_args.block_size,
-        "num_parameters": model.num_parameters(),
+        "num_parameters": parameter_count(model),
         **{key: getattr(training_args, key) for key in (
             "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed")},
