@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_posvariants import position_encodings
 from hf_posvariants.training import pipeline
+from hf_posvariants.training.zero3 import weight_files
 from tests.conftest import FAMILY_CONFIGS, tiny_config
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
@@ -98,6 +99,18 @@ def test_fire_is_refused_under_zero3_with_the_reason(monkeypatch):
         AutoModelForCausalLM.from_config(tiny_config(config_class, "t5_bias"))
 
 
+def test_weight_files_name_the_file_of_every_tensor_whole_or_sharded(tmp_path):
+    """What a resumed ZeRO-3 run reads its final weights from (`load_into_partitioned`): one file or shards."""
+    model = AutoModelForCausalLM.from_config(tiny_config(FAMILY_CONFIGS[0], "t5_bias"))
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    whole, shards = weight_files(tmp_path / "whole"), weight_files(tmp_path / "shards")
+    assert set(whole.values()) == {tmp_path / "whole" / "model.safetensors"} and len(set(shards.values())) > 2
+    assert whole.keys() == shards.keys() and "model.position_encoding.relative_attention_bias.weight" in shards
+    for name, path in shards.items():
+        torch.testing.assert_close(load_file(path)[name], load_file(whole[name])[name], rtol=0, atol=0)
+
+
 # accelerate 1.16 gives DeepSpeed a process group only on an accelerator: in CPU processes its PartialState finds no
 # backend, records one process, and every rank takes itself for rank 0. DeepSpeed's own CPU accelerator talks gloo;
 # the drivers below name that backend to accelerate, as a GPU machine would name NCCL. Nothing else is changed.
@@ -131,7 +144,7 @@ class StopAfterSave(TrainerCallback):
             raise KeyboardInterrupt(f"stopped after the checkpoint of step {state.global_step}")
 
 class Record(TrainerCallback):
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
         # Every parameter is ZeRO-3's, and the rank holds half of them (tensors under the persistence threshold whole).
         held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_id"))
         whole = sum(p.ds_numel for p in model.parameters() if hasattr(p, "ds_id"))
@@ -148,7 +161,7 @@ with open(os.path.join(sys.argv[3], f"rank{os.environ['RANK']}.json"), "w") as f
 # with the same config built in one process: every parameter equal on both ranks, every buffer and every
 # deterministic parameter equal to one process's, every random one drawn (transformers draws them in another order
 # under zero.Init, so not the same numbers) with one process's spread.
-ZERO3_INIT = GLOO_FOR_DEEPSPEED + """
+ZERO3_INIT = """
 import copy, json, sys
 import deepspeed
 import torch
@@ -203,7 +216,8 @@ for config_class, heads in FAMILIES.items():
                         problems.append(f"{case}: {name} should be {expected.flatten()[0].item()} everywhere")
                 elif bool((got == got.flatten()[0]).all()):
                     problems.append(f"{case}: {name} was left constant, one process draws it")
-                elif expected.numel() >= 256 and not 0.85 < got.std().item() / expected.std().item() < 1.15:
+                # Two samples' spreads: at 1024 values the ratio's noise is ~3%; another init scheme is off by 2-5x.
+                elif expected.numel() >= 1024 and not 0.8 < got.std().item() / expected.std().item() < 1.25:
                     problems.append(f"{case}: {name} std {got.std().item():.3g}, one process {expected.std().item():.3g}")
 if deepspeed.comm.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
@@ -241,13 +255,15 @@ def test_every_family_and_encoding_initialises_under_zero3(tmp_path):
     assert report["built"] > 70
 
 
-# (objective, family, encoding): the causal families with a rotary, a learned-bias and a fixed-bias encoding (the
-# transformer family ties its embeddings), and DeBERTa as a masked LM.
+# (objective, family, encoding, the steps whose checkpoint a launch stops after): the causal families with a rotary,
+# a learned-bias and a fixed-bias encoding, and DeBERTa as a masked LM. The transformer family ties its embeddings;
+# it also stops after the last step's checkpoint (before the final model is written), whose weights the same command
+# then loads into the partitioned model without training further.
 ZERO3_CASES = [
-    ("clm", "posvar_llama", "rope"),
-    ("clm", "posvar_transformer", "t5_bias"),
-    ("clm", "posvar_diff", "alibi"),
-    ("mlm", "posvar_deberta", "nope"),
+    ("clm", "posvar_llama", "rope", (2,)),
+    ("clm", "posvar_transformer", "t5_bias", (2, 4)),
+    ("clm", "posvar_diff", "alibi", (2,)),
+    ("mlm", "posvar_deberta", "nope", (2,)),
 ]
 # DeBERTa's disentangled attention: a key head per query head, short log buckets.
 DEBERTA_FIELDS = ["--model.attention_variant", "disentangled", "--model.num_key_value_heads", "4",
@@ -261,8 +277,8 @@ def zero3_argv(output_dir: Path, objective: str, family: str, encoding: str, *ex
 
 @needs_deepspeed
 @pytest.mark.slow  # per case: a one-process start and reference, then two launches of 2 processes: 2-3 min on 2 cores
-@pytest.mark.parametrize(("objective", "family", "encoding"), ZERO3_CASES, ids=lambda value: value)
-def test_two_process_zero3_checkpoints_resumes_and_matches_one_process(tmp_path, objective, family, encoding):
+@pytest.mark.parametrize(("objective", "family", "encoding", "stops"), ZERO3_CASES, ids=str)
+def test_two_process_zero3_checkpoints_resumes_and_matches_one_process(tmp_path, objective, family, encoding, stops):
     """Both runs fine-tune the same starting weights (a fresh ZeRO-3 model draws them in another order, see above):
     4 steps, a checkpoint every 2, 8 blocks a step: one process accumulates the two micro-batches of 4 that the two
     ranks take (the masked-LM collator draws masks from each micro-batch's tokens)."""
@@ -278,16 +294,19 @@ def test_two_process_zero3_checkpoints_resumes_and_matches_one_process(tmp_path,
     # use_cpu: the tiny recipes set it, and accelerate then runs plain CPU data parallelism instead of DeepSpeed.
     argv = zero3_argv(tmp_path / "zero3", objective, family, encoding, *run, "--per_device_train_batch_size", "4",
                       "--use_cpu", "false")  # fmt: skip
-    stopped = accelerate_launch(driver, json.dumps(argv), "2", str(tmp_path))
-    assert stopped.returncode != 0 and "stopped after the checkpoint of step 2" in stopped.stderr, stopped.stderr[-4000:]
-    checkpoint = tmp_path / "zero3" / "checkpoint-2"
-    shards = sorted(path.name for path in (checkpoint / "global_step2").iterdir())
-    # DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer state.
-    assert shards == sorted(f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1)
-                            for kind in ("model", "optim"))  # fmt: skip
-    assert not (tmp_path / "zero3" / "checkpoint-4").exists()
+    for step in stops:  # the same command each time
+        stopped = accelerate_launch(driver, json.dumps(argv), str(step), str(tmp_path))
+        assert stopped.returncode != 0, stopped.stderr[-4000:]
+        assert f"stopped after the checkpoint of step {step}" in stopped.stderr, stopped.stderr[-4000:]
+        checkpoint = tmp_path / "zero3" / f"checkpoint-{step}"
+        shards = sorted(path.name for path in (checkpoint / f"global_step{step}").iterdir())
+        # DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer state.
+        assert shards == sorted(f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1)
+                                for kind in ("model", "optim"))  # fmt: skip
+        assert not (tmp_path / "zero3" / f"checkpoint-{step + 2}").exists()
+        assert not (tmp_path / "zero3" / "model.safetensors").exists()
 
-    resumed = accelerate_launch(driver, json.dumps(argv), "0", str(tmp_path))  # the same command
+    resumed = accelerate_launch(driver, json.dumps(argv), "0", str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"Resuming from {checkpoint}" in resumed.stdout
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

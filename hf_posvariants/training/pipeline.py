@@ -39,6 +39,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -83,6 +84,7 @@ from .run_folder import (
     write_run_record,
 )
 from .tokenizer import train_tokenizer
+from .zero3 import load_into_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -566,7 +568,10 @@ def fit(trainer: Trainer, plan: RunPlan) -> dict:
     if plan.resume_from is not None:
         resumed = TrainerState.load_from_json(str(Path(plan.resume_from, TRAINER_STATE_NAME)))
         if _at_last_step(resumed, trainer.args):
-            trainer._load_from_checkpoint(plan.resume_from)
+            if is_deepspeed_zero3_enabled():  # partitioned, and the Trainer's DeepSpeed engine starts in train()
+                load_into_partitioned(trainer.model, plan.resume_from)
+            else:
+                trainer._load_from_checkpoint(plan.resume_from)
             trainer.state = resumed
             return {}
     metrics = trainer.train(resume_from_checkpoint=plan.resume_from).metrics
