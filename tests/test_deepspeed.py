@@ -21,26 +21,28 @@ from transformers import AutoModelForCausalLM
 
 from hf_posvariants import position_encodings
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.zero3 import weight_files
+from hf_posvariants.training.zero3 import parameter_count, weight_files
 from tests.conftest import FAMILY_CONFIGS, tiny_config
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
 DEEPSPEED_CONFIG = ROOT / "configs" / "scale_out" / "deepspeed_zero3.json"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[deepspeed])")
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED,
+                                     reason="deepspeed is not installed (pip install -e .[deepspeed])")
 
 
-def launcher_environment(*extra: str) -> dict[str, str]:
-    """The environment `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` gives each process,
-    computed as its DeepSpeed launcher computes it (no process is started)."""
+def deepspeed_launch(*extra: str) -> tuple[list[str] | None, dict[str, str]]:
+    """What `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` would run through DeepSpeed's
+    runner (None: torchrun on this machine instead) and the environment each process gets, computed as accelerate's
+    DeepSpeed launcher computes them (no process is started)."""
     parsed = launch_command_parser().parse_args(["--config_file", str(ACCELERATE_CONFIG), *extra, "scripts/train.py"])
     args, defaults, precision_from_config = _validate_launch_command(parsed)
     assert args.use_deepspeed, "the config does not select accelerate's DeepSpeed launcher"
     # As `accelerate.commands.launch.launch_command` sets it before calling the DeepSpeed launcher.
     fields = [*defaults.deepspeed_config, *(["mixed_precision"] if precision_from_config else [])]
     args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-    return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_deepspeed_cmd_env(args)
 
 
 def test_accelerate_config_selects_zero3_from_the_shipped_json(monkeypatch):
@@ -48,9 +50,12 @@ def test_accelerate_config_selects_zero3_from_the_shipped_json(monkeypatch):
     where the README's commands run): ZeRO stage 3, the model built partitioned, and the weights gathered into
     model.safetensors at every save (checkpoint sealing, `from_pretrained` and the Hub read that file)."""
     with pytest.raises(ValueError, match="num_processes"):
-        launcher_environment()  # no silent process count on a machine without GPUs
+        deepspeed_launch()  # no silent process count on a machine without GPUs
+    # 8 machines start like ddp.yaml's, torchrun on each, not through DeepSpeed's runner (pdsh over ssh, a hostfile).
+    nodes = ("--num_processes", "64", "--num_machines", "8", "--machine_rank", "3", "--main_process_ip", "HOST")
+    assert deepspeed_launch(*nodes)[0] is None
     monkeypatch.chdir(ROOT)
-    for key, value in launcher_environment("--num_processes", "2").items():
+    for key, value in deepspeed_launch("--num_processes", "2")[1].items():
         if key.startswith("ACCELERATE_"):
             monkeypatch.setenv(key, value)
     plugin = DeepSpeedPlugin()  # refuses accelerate-side settings that the JSON would silently override
@@ -97,6 +102,16 @@ def test_fire_is_refused_under_zero3_with_the_reason(monkeypatch):
         with pytest.raises(ValueError, match=r"position_encoding='fire' cannot be built under DeepSpeed ZeRO-3"):
             AutoModelForCausalLM.from_config(tiny_config(config_class, "fire"))
         AutoModelForCausalLM.from_config(tiny_config(config_class, "t5_bias"))
+
+
+def test_parameter_count_counts_partitioned_parameters_whole():
+    """The run record's count: ZeRO-3 leaves each parameter an empty tensor outside forward and its size in
+    `ds_numel` (as the slow test below checks on real partitions); transformers' count then reads 0."""
+    model = AutoModelForCausalLM.from_config(tiny_config(FAMILY_CONFIGS[0], "t5_bias"))
+    whole = model.num_parameters()
+    for parameter in model.parameters():
+        parameter.ds_numel, parameter.data = parameter.numel(), torch.empty(0)
+    assert model.num_parameters() == 0 and parameter_count(model) == whole
 
 
 def test_weight_files_name_the_file_of_every_tensor_whole_or_sharded(tmp_path):
@@ -218,7 +233,8 @@ for config_class, heads in FAMILIES.items():
                     problems.append(f"{case}: {name} was left constant, one process draws it")
                 # Two samples' spreads: at 1024 values the ratio's noise is ~3%; another init scheme is off by 2-5x.
                 elif expected.numel() >= 1024 and not 0.8 < got.std().item() / expected.std().item() < 1.25:
-                    problems.append(f"{case}: {name} std {got.std().item():.3g}, one process {expected.std().item():.3g}")
+                    spreads = f"std {got.std().item():.3g}, one process {expected.std().item():.3g}"
+                    problems.append(f"{case}: {name} {spreads}")
 if deepspeed.comm.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump({"built": built, "refused": refused, "problems": problems}, f)
@@ -249,8 +265,9 @@ def test_every_family_and_encoding_initialises_under_zero3(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "init.json").read_text())
     assert report["problems"] == []
-    assert sorted(report["refused"]) == [f"{family}/fire/{head}" for family in ("posvar_diff", "posvar_llama", "posvar_transformer")
-                                          for head in ("AutoModelForCausalLM", "AutoModelForMaskedLM")]  # fmt: skip
+    families = ("posvar_diff", "posvar_llama", "posvar_transformer")
+    heads = ("AutoModelForCausalLM", "AutoModelForMaskedLM")
+    assert sorted(report["refused"]) == [f"{family}/fire/{head}" for family in families for head in heads]
     assert all("cannot be built under DeepSpeed ZeRO-3" in error for error in report["refused"].values())
     assert report["built"] > 70
 

@@ -84,7 +84,7 @@ from .run_folder import (
     write_run_record,
 )
 from .tokenizer import train_tokenizer
-from .zero3 import load_into_partitioned
+from .zero3 import load_into_partitioned, parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -296,9 +296,9 @@ def parse(argv: list[str]):
         check_local_source(getattr(model_args, name), name)
     distributed_config = distributed_config_from(model_args.distributed)
     if distributed_config is not None and training_args.deepspeed_plugin is not None:
-        raise ValueError("distributed (transformers' DistributedConfig) and DeepSpeed (the deepspeed key, or accelerate's "
-                         "DeepSpeed config) would both shard the model; allowed is one of them: drop the `distributed:` "
-                         "mapping, or launch without DeepSpeed.")  # fmt: skip
+        raise ValueError("distributed (transformers' DistributedConfig) and DeepSpeed (the deepspeed key, or "
+                         "accelerate's DeepSpeed config) would both shard the model; allowed is one of them: drop the "
+                         "`distributed:` mapping, or launch without DeepSpeed.")  # fmt: skip
     if distributed_config is not None:  # reading the device sets up the process group: only for a distributed run
         check_trainable_on(distributed_config, training_args.device.type)
     return model_args, data_args, training_args, model_fields
@@ -620,12 +620,6 @@ def summary(output_dir: str, metrics: dict, head, pusher: HubPusher | None) -> s
         f"  tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
     ]
     return "\n".join(lines)
-
-
-def parameter_count(model) -> int:
-    """The model's parameters, each counted once. Under DeepSpeed ZeRO-3 a parameter holds an empty tensor outside
-    forward (its rank's part is elsewhere), so `num_parameters()` would count 0: its full size is `ds_numel`."""
-    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def run_record(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, model,

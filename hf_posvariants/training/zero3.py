@@ -1,4 +1,5 @@
-"""A checkpoint's gathered weights into a model that DeepSpeed ZeRO-3 keeps partitioned.
+"""What the pipeline reads of a model that DeepSpeed ZeRO-3 keeps partitioned: each parameter holds an empty tensor
+outside forward, its rank's part and full size (`ds_numel`) elsewhere.
 
 The Trainer loads weights into such a model only through its DeepSpeed engine, which exists once `train()` has
 started. A run resumed at its last step is not trained further (`pipeline.fit`): its final weights go in here, with
@@ -14,6 +15,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters, each counted once, whole also where ZeRO-3 partitioned them (`num_parameters()`
+    would count their empty tensors: 0)."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def weight_files(folder: str | Path) -> dict[str, Path]:
