@@ -87,8 +87,11 @@ def test_deepspeed_parses_the_json_as_the_trainer_fills_it(tmp_path):
 
 
 @needs_deepspeed
-def test_deepspeed_and_a_distributed_mapping_are_refused_together(tmp_path):
+def test_deepspeed_with_a_distributed_mapping_or_on_use_cpu_is_refused(tmp_path):
     argv = tiny_argv(tmp_path, "clm", "posvar_llama", "--deepspeed", str(DEEPSPEED_CONFIG))
+    with pytest.raises(ValueError, match=r"use_cpu=true cannot run DeepSpeed: .* add --use_cpu false"):
+        pipeline.parse(argv)  # the tiny recipe's use_cpu: true
+    argv.extend(["--use_cpu", "false"])
     with pytest.raises(ValueError, match=r"distributed .* and DeepSpeed .* would both shard the model; allowed is one"):
         pipeline.parse([*argv, "--distributed", json.dumps({"fsdp_size": 2})])
     assert pipeline.parse(argv)[2].hf_deepspeed_config.is_zero3()

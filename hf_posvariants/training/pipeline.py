@@ -295,6 +295,11 @@ def parse(argv: list[str]):
     for name in ("model_name_or_path", "tokenizer_name"):
         check_local_source(getattr(model_args, name), name)
     distributed_config = distributed_config_from(model_args.distributed)
+    if training_args.deepspeed_plugin is not None and training_args.use_cpu:
+        # accelerate then starts CPU processes without DeepSpeed's engine, while transformers still builds the model
+        # partitioned for ZeRO-3: it would fail at the first step, or train nothing.
+        raise ValueError("use_cpu=true cannot run DeepSpeed: accelerate starts plain CPU processes then. Allowed with "
+                         "DeepSpeed is use_cpu=false (the tiny recipes set true: add --use_cpu false).")
     if distributed_config is not None and training_args.deepspeed_plugin is not None:
         raise ValueError("distributed (transformers' DistributedConfig) and DeepSpeed (the deepspeed key, or "
                          "accelerate's DeepSpeed config) would both shard the model; allowed is one of them: drop the "
