@@ -27,6 +27,7 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 from torch import nn
 from torch.utils._pytree import register_dataclass
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .bias_route import MASK_BIAS_BACKENDS, SCORE_BIAS_BACKENDS, BiasRoute
@@ -1019,6 +1020,15 @@ class FIREBias(ScoreBiasEncoding):
         require_positive(config, cls.config_fields, "position_encoding='fire'")
 
     def __init__(self, config, is_causal):
+        if is_deepspeed_zero3_enabled():
+            # DeepSpeed (0.19.8) broadcasts each new parameter as bytes (`view(torch.uint8)`), which a 0-d tensor
+            # cannot give; making c and ℓ 1-d would break loading every FIRE checkpoint saved so far.
+            raise ValueError(
+                "position_encoding='fire' cannot be built under DeepSpeed ZeRO-3: its scalar parameters c and ℓ "
+                "(distance_scale, threshold_scale) are 0-dimensional, which DeepSpeed's zero.Init cannot partition. "
+                "Train 'fire' with FSDP2 (a `distributed:` mapping) or DDP; allowed under ZeRO-3 are the other "
+                "position encodings."
+            )
         super().__init__(config, is_causal)
         self.initial_threshold = config.fire_threshold
         self.mlp = nn.Sequential(nn.Linear(1, config.fire_mlp_width), nn.ReLU(), nn.Linear(config.fire_mlp_width, config.num_attention_heads))

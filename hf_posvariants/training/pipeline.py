@@ -39,6 +39,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -84,6 +85,7 @@ from .run_folder import (
     write_run_record,
 )
 from .tokenizer import train_tokenizer
+from .zero3 import load_into_partitioned, parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +296,15 @@ def parse(argv: list[str]):
     for name in ("model_name_or_path", "tokenizer_name"):
         check_local_source(getattr(model_args, name), name)
     distributed_config = distributed_config_from(model_args.distributed)
+    if training_args.deepspeed_plugin is not None and training_args.use_cpu:
+        # accelerate then starts CPU processes without DeepSpeed's engine, while transformers still builds the model
+        # partitioned for ZeRO-3: it would fail at the first step, or train nothing.
+        raise ValueError("use_cpu=true cannot run DeepSpeed: accelerate starts plain CPU processes then. Allowed with "
+                         "DeepSpeed is use_cpu=false (the tiny recipes set true: add --use_cpu false).")
+    if distributed_config is not None and training_args.deepspeed_plugin is not None:
+        raise ValueError("distributed (transformers' DistributedConfig) and DeepSpeed (the deepspeed key, or "
+                         "accelerate's DeepSpeed config) would both shard the model; allowed is one of them: drop the "
+                         "`distributed:` mapping, or launch without DeepSpeed.")  # fmt: skip
     if distributed_config is not None:  # reading the device sets up the process group: only for a distributed run
         check_trainable_on(distributed_config, training_args.device.type)
     return model_args, data_args, training_args, model_fields
@@ -567,7 +578,10 @@ def fit(trainer: Trainer, plan: RunPlan) -> dict:
     if plan.resume_from is not None:
         resumed = TrainerState.load_from_json(str(Path(plan.resume_from, TRAINER_STATE_NAME)))
         if _at_last_step(resumed, trainer.args):
-            trainer._load_from_checkpoint(plan.resume_from)
+            if is_deepspeed_zero3_enabled():  # partitioned, and the Trainer's DeepSpeed engine starts in train()
+                load_into_partitioned(trainer.model, plan.resume_from)
+            else:
+                trainer._load_from_checkpoint(plan.resume_from)
             trainer.state = resumed
             return {}
     metrics = trainer.train(resume_from_checkpoint=plan.resume_from).metrics
@@ -630,7 +644,7 @@ def run_record(model_args: ModelArguments, data_args: DataArguments, training_ar
         **({"dataset": Path(data_args.train_file).resolve().name, "dataset_sha256": content_hash(data_args.train_file)}
            if data_args.train_file else {"dataset": data_args.dataset_name}),
         "block_size": data_args.block_size,
-        "num_parameters": model.num_parameters(),
+        "num_parameters": parameter_count(model),
         **{key: getattr(training_args, key) for key in (
             "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed")},
