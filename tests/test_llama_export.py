@@ -4,7 +4,12 @@ without remote code, and a clear refusal of every configuration that is not exac
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -186,3 +191,85 @@ def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub,
     card = files["README.md"].decode()
     assert "trust_remote_code" not in card and "- llama" in card and "custom_code" not in card
     assert not (tmp_path / "run" / "README.md").exists()  # the trained folder is left as it was
+
+
+def export_script(*argv: str, cwd, before: str = "") -> subprocess.CompletedProcess:
+    """scripts/export_llama.py in a fresh process; `before` runs first (a fault to inject)."""
+    code = f"import runpy, sys\n{textwrap.dedent(before)}\nsys.argv = ['export_llama.py', *sys.argv[1:]]\n" \
+           f"runpy.run_path({str(ROOT / 'scripts' / 'export_llama.py')!r}, run_name='__main__')"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+# The export process kills itself (SIGKILL) once the weights are written, as the tokenizer is about to be.
+KILLED_AFTER_THE_WEIGHTS = """
+import os, signal
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+PreTrainedTokenizerBase.save_pretrained = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_an_export_killed_halfway_leaves_no_half_written_folder(tmp_path):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    killed = export_script(source, str(tmp_path / "out"), cwd=tmp_path, before=KILLED_AFTER_THE_WEIGHTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "out").exists()  # not a config and weights without their tokenizer, loadable as if whole
+    export_llama(source, tmp_path / "out")  # the same command again: the kill's leftover is cleared
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_an_overwrite_killed_halfway_keeps_the_earlier_export(tmp_path):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    whole = folder_files(export_llama(source, tmp_path / "out"))
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(whole)
+    killed = export_script(source, str(tmp_path / "out"), "--overwrite", cwd=tmp_path, before=KILLED_AFTER_THE_WEIGHTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert folder_files(tmp_path / "out") == whole
+    assert folder_files(export_llama(source, tmp_path / "out", overwrite=True)) == whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_export_refuses_a_folder_with_files_unless_told_to_overwrite(tmp_path, capsys):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    assert script["main"]([source, str(mine)]) == 2
+    assert "already holds files (config.json, notes.txt); pass --overwrite" in capsys.readouterr().err
+    assert folder_files(mine) == {"config.json": b"{}", "notes.txt": b"mine"}
+    assert script["main"]([source, str(mine), "--overwrite"]) == 0
+    assert "notes.txt" not in folder_files(mine)
+    assert json.loads((mine / "config.json").read_text())["model_type"] == "llama"
+    (tmp_path / "empty").mkdir()
+    assert script["main"]([source, str(tmp_path / "empty")]) == 0
+
+
+def test_export_never_writes_over_its_source(tmp_path, capsys):
+    run = tmp_path / "run"
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), run)
+    before = folder_files(run)
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    for output in (source, str(tmp_path), f"{source}/../run/"):
+        assert script["main"]([source, output, "--overwrite"]) == 2
+        assert "is (or holds) the source folder" in capsys.readouterr().err
+    assert folder_files(run) == before
+
+
+def test_export_names_a_source_that_holds_no_model(tmp_path, capsys):
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    assert script["main"]([str(tmp_path / "typo"), str(tmp_path / "out")]) == 2
+    assert f"source={str(tmp_path / 'typo')!r} is not a folder" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"  # a run killed before its end: only checkpoints hold a model
+    save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), unfinished / "checkpoint-20")
+    (unfinished / "checkpoint-10").mkdir()
+    assert script["main"]([str(unfinished), str(tmp_path / "out")]) == 2
+    assert "holds no saved model (no config.json" in (err := capsys.readouterr().err)
+    assert "['checkpoint-10', 'checkpoint-20']" in err
+    assert script["main"]([str(unfinished / "checkpoint-20"), str(tmp_path / "out")]) == 0

@@ -28,6 +28,7 @@ from transformers import (
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
+from ..training.run_folder import checkpoints, folder_written_whole
 
 # Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
 LLAMA_FIELDS: dict[str, str] = {
@@ -138,22 +139,54 @@ def convert_to_llama(model: PosVarForCausalLM) -> LlamaForCausalLM:
     return llama.to(model.device).train(model.training)
 
 
-def export_llama(source: str | Path, destination: str | Path) -> Path:
+def export_llama(source: str | Path, destination: str | Path, overwrite: bool = False) -> Path:
     """Write the posvariants causal-LM folder `source` as a plain Llama folder: weights and config, the tokenizer
-    when `source` has one, and the run record and results. The config is checked before any weight is read."""
+    when `source` has one, and the run record and results. The config is checked before any weight is read. A
+    `destination` that holds files is refused unless `overwrite` (then it is replaced whole); the export is written
+    beside it and renamed into place, so an interrupted export leaves no half-written folder."""
     source, destination = Path(source), Path(destination)
+    check_source_folder(source)
     config = AutoConfig.from_pretrained(source)
     check_exportable(config, (config.architectures or [None])[0])
+    check_destination(source, destination, overwrite)
     model = AutoModelForCausalLM.from_pretrained(source)
-    convert_to_llama(model).save_pretrained(destination)
-    try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
-    except (OSError, ValueError):
-        pass  # a folder without a tokenizer: the weights alone
-    for name in RECORD_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
+    with folder_written_whole(destination) as partial:
+        convert_to_llama(model).save_pretrained(partial)
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+        except (OSError, ValueError):
+            pass  # a folder without a tokenizer: the weights alone
+        for name in RECORD_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, partial / name)
     return destination
+
+
+def check_source_folder(source: Path) -> None:
+    """Refuse a source that is not a saved model folder, naming the checkpoints of a run that has not finished."""
+    if not source.is_dir():
+        raise ValueError(f"source={str(source)!r} is not a folder; give the folder scripts/train.py or "
+                         "save_pretrained wrote (a run folder or one of its checkpoint-N folders).")  # fmt: skip
+    if not (source / "config.json").is_file():
+        saved = [path.name for path in checkpoints(source)]
+        hint = f"; its checkpoints {saved} each hold one" if saved else ""
+        raise ValueError(f"source={str(source)!r} holds no saved model (no config.json: a run writes its model when "
+                         f"it finishes){hint}.")  # fmt: skip
+
+
+def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
+    """Refuse to write over the source, or over a folder holding files unless `overwrite` says to replace it."""
+    if source.resolve().is_relative_to(destination.resolve()):
+        raise ValueError(f"output={str(destination)!r} is (or holds) the source folder {str(source)!r}: the export "
+                         "would replace the model it reads. Choose another output folder.")  # fmt: skip
+    if destination.exists() and not destination.is_dir():
+        raise ValueError(f"output={str(destination)!r} is a file, not a folder.")
+    contents = sorted(path.name for path in destination.iterdir()) if destination.is_dir() else []
+    if contents and not overwrite:
+        shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+        raise ValueError(f"output={str(destination)!r} already holds files ({shown}); pass --overwrite "
+                         "(overwrite=True) to replace the folder and everything in it, or choose an empty or new "
+                         "folder.")  # fmt: skip
 
 
 def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:
