@@ -22,7 +22,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers import AutoConfig
 
-import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
+from hf_posvariants import FAMILIES, PosVarConfig  # (registers the families, so AutoConfig knows posvar_* types)
 from hf_posvariants.conversion import export_llama
 from hf_posvariants.training.export import make_remote_loadable
 from hf_posvariants.training.hub import CARD_FILE, TEMPLATE, HubPusher, render_model_card, select_files
@@ -44,6 +44,12 @@ def main(argv=None) -> list[str]:
         return push_as_llama(args)
 
     config = AutoConfig.from_pretrained(args.folder)
+    if not isinstance(config, PosVarConfig):  # the card and the remote code describe a posvariants family
+        raise ValueError(
+            f"{args.folder} holds model_type={config.model_type!r}, not a posvariants model (allowed: "
+            f"{sorted(family.model_type for family in FAMILIES)}); an export_llama.py folder is pushed from its "
+            "trained folder with --as-llama."
+        )
     selection = select_files(args.folder)  # refuses a folder holding secret-looking files
     if selection.left_out:
         print(f"Left out (not model files): {', '.join(selection.left_out)}")
@@ -72,6 +78,7 @@ def card_preview(card) -> str:
 def push_as_llama(args) -> list[str]:
     """--as-llama: the folder exported as a plain LlamaForCausalLM into a temporary folder, with its card, listed
     (--dry_run) or pushed; the trained folder itself is left as it is."""
+    select_files(args.folder)  # the trained folder holding secret-looking files stops this push too
     pusher = None
     if not args.dry_run:
         pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)

@@ -228,6 +228,9 @@ def test_push_sends_the_allow_list_only_and_refuses_secret_looking_files(tmp_pat
     with pytest.raises(ValueError, match="refusing to push") as refusal:
         script["main"]([str(tmp_path), "someone/tiny", "--token", TOKEN])
     assert all(name in str(refusal.value) for name in SECRETS) and not hub.instances
+    with pytest.raises(ValueError, match="refusing to push"):  # the Llama export would leave them out, but says so
+        script["main"]([str(tmp_path), "someone/tiny", "--as-llama", "--token", TOKEN])
+    assert not hub.instances
     for name in SECRETS:
         (tmp_path / name).unlink()
     capsys.readouterr()

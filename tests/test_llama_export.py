@@ -273,3 +273,14 @@ def test_export_names_a_source_that_holds_no_model(tmp_path, capsys):
     assert "holds no saved model (no config.json" in (err := capsys.readouterr().err)
     assert "['checkpoint-10', 'checkpoint-20']" in err
     assert script["main"]([str(unfinished / "checkpoint-20"), str(tmp_path / "out")]) == 0
+
+
+def test_pushing_an_exported_llama_folder_itself_is_refused_by_name(tmp_path, hub, monkeypatch):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    exported = str(export_llama(source, tmp_path / "llama"))
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    for extra in (["--dry_run"], ["--token", TOKEN]):
+        with pytest.raises(ValueError, match="model_type='llama', not a posvariants model .*--as-llama"):
+            script["main"]([exported, "someone/tiny-llama", *extra])
+    assert not hub.instances and "README.md" not in folder_files(tmp_path / "llama")
