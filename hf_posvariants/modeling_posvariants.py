@@ -50,6 +50,11 @@ from .position_encodings import POSITION_ENCODINGS, ContextualPositions, Positio
 PAGED_CACHE_KINDS = ("absolute", "rotary", "none")
 
 
+def runs_on_paged_cache(encoding: type[PositionEncoding]) -> bool:
+    """Whether continuous batching can run the encoding: read from `position_ids` alone, and kept in a KV cache."""
+    return encoding.kind in PAGED_CACHE_KINDS and encoding.cacheable
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like transformers' Llama."""
 
@@ -461,11 +466,13 @@ class PosVarModel(PosVarPreTrainedModel):
         the layer, so an encoding can only be read from `position_ids` (added to the embeddings or rotated into
         q/k): a bias or relative positions need key positions that the paged batch does not carry."""
         for field, value, encoding in self.config.position_components():
-            if encoding.kind not in PAGED_CACHE_KINDS or not encoding.cacheable:
+            if not runs_on_paged_cache(encoding):
+                why = ("its codes change as the sequence grows, so it keeps no KV cache" if not encoding.cacheable
+                       else "it needs each key's position, which a paged batch does not carry")  # fmt: skip
+                allowed = [name for name, entry in POSITION_ENCODINGS.items() if runs_on_paged_cache(entry)]
                 raise ValueError(
-                    f"Continuous batching (a paged KV cache) cannot run {field}={value!r} "
-                    f"({encoding.kind}): it needs each key's position, which a paged batch does not carry. Use "
-                    f"generate(); continuous batching takes encodings of the kinds {list(PAGED_CACHE_KINDS)}."
+                    f"Continuous batching (a paged KV cache) cannot run {field}={value!r} ({encoding.kind}): {why}. "
+                    f"Use generate(); continuous batching takes the position encodings {allowed}."
                 )
 
     def encoding_named(self, name: str) -> PositionEncoding:
