@@ -284,3 +284,17 @@ def test_pushing_an_exported_llama_folder_itself_is_refused_by_name(tmp_path, hu
         with pytest.raises(ValueError, match="model_type='llama', not a posvariants model .*--as-llama"):
             script["main"]([exported, "someone/tiny-llama", *extra])
     assert not hub.instances and "README.md" not in folder_files(tmp_path / "llama")
+
+
+def test_a_tokenizer_that_does_not_load_stops_the_export_and_a_missing_one_is_named(tmp_path):
+    run = tmp_path / "run"
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), run)
+    (run / "tokenizer_config.json").write_text((run / "tokenizer_config.json").read_text()[:40])  # cut short
+    with pytest.raises(ValueError, match="the tokenizer in .* does not load"):
+        export_llama(source, tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        (run / name).unlink(missing_ok=True)
+    with pytest.warns(UserWarning, match="holds no tokenizer, so the export has the weights alone"):
+        export_llama(source, tmp_path / "out")
+    assert {"config.json", "model.safetensors"} <= set(folder_files(tmp_path / "out"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 
 from transformers import (
@@ -67,6 +68,7 @@ UNUSED_BY_LLAMA = frozenset({
     "is_decoder", "classifier_pooling", "classifier_dropout", "hidden_dropout",
 })  # fmt: skip
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Run records and results that travel with the weights (the model card and evaluation harnesses read them).
 RECORD_FILES = ("run_args.json", "all_results.json", "train_results.json", "eval_results.json")
 
@@ -152,14 +154,28 @@ def export_llama(source: str | Path, destination: str | Path, overwrite: bool = 
     model = AutoModelForCausalLM.from_pretrained(source)
     with folder_written_whole(destination) as partial:
         convert_to_llama(model).save_pretrained(partial)
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(partial)
-        except (OSError, ValueError):
-            pass  # a folder without a tokenizer: the weights alone
+        copy_tokenizer(source, partial)
         for name in RECORD_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, partial / name)
     return destination
+
+
+def copy_tokenizer(source: Path, destination: Path) -> None:
+    """Save the source's tokenizer into `destination`. A folder without one (no tokenizer_config.json, which every
+    saved tokenizer has) exports the weights alone, with a warning; a tokenizer that is there but does not load is
+    an error, not an export without it."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if (source / TOKENIZER_CONFIG_FILE).is_file():
+            raise ValueError(f"the tokenizer in {str(source)!r} does not load ({type(error).__name__}: {error}); "
+                             "repair or replace its tokenizer files and export again.") from error  # fmt: skip
+        warnings.warn(f"{str(source)!r} holds no tokenizer, so the export has the weights alone: save the tokenizer "
+                      "the model was trained with into it (tokenizer.save_pretrained) before serving it.", UserWarning,
+                      stacklevel=3)  # fmt: skip
+        return
+    tokenizer.save_pretrained(destination)
 
 
 def check_source_folder(source: Path) -> None:
