@@ -26,6 +26,7 @@ from hf_posvariants import FAMILIES, PosVarConfig  # (registers the families, so
 from hf_posvariants.conversion import export_llama
 from hf_posvariants.training.export import make_remote_loadable
 from hf_posvariants.training.hub import CARD_FILE, TEMPLATE, HubPusher, render_model_card, select_files
+from hf_posvariants.training.run_folder import check_model_folder
 
 
 def main(argv=None) -> list[str]:
@@ -40,6 +41,7 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--as-llama", "--as_llama", dest="as_llama", action="store_true",
                         help="push the model exported as a plain LlamaForCausalLM (refused unless exactly a Llama)")
     args = parser.parse_args(argv)
+    check_model_folder(Path(args.folder), "folder")
     if args.as_llama:
         return push_as_llama(args)
 

@@ -273,6 +273,12 @@ def test_export_names_a_source_that_holds_no_model(tmp_path, capsys):
     assert "holds no saved model (no config.json" in (err := capsys.readouterr().err)
     assert "['checkpoint-10', 'checkpoint-20']" in err
     assert script["main"]([str(unfinished / "checkpoint-20"), str(tmp_path / "out")]) == 0
+    push = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))["main"]
+    for extra in ([], ["--as-llama"]):
+        with pytest.raises(ValueError, match=r"folder=.* holds no saved model .*\['checkpoint-10', 'checkpoint-20'\]"):
+            push([str(unfinished), "someone/tiny", "--dry_run", *extra])
+        with pytest.raises(ValueError, match="folder=.* is not a folder"):
+            push([str(tmp_path / "typo"), "someone/tiny", "--dry_run", *extra])
 
 
 def test_pushing_an_exported_llama_folder_itself_is_refused_by_name(tmp_path, hub, monkeypatch):

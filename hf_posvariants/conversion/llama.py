@@ -29,7 +29,7 @@ from transformers import (
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
-from ..training.run_folder import checkpoints, folder_written_whole
+from ..training.run_folder import check_model_folder, folder_written_whole
 
 # Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
 LLAMA_FIELDS: dict[str, str] = {
@@ -147,7 +147,7 @@ def export_llama(source: str | Path, destination: str | Path, overwrite: bool = 
     `destination` that holds files is refused unless `overwrite` (then it is replaced whole); the export is written
     beside it and renamed into place, so an interrupted export leaves no half-written folder."""
     source, destination = Path(source), Path(destination)
-    check_source_folder(source)
+    check_model_folder(source, "source")
     config = AutoConfig.from_pretrained(source)
     check_exportable(config, (config.architectures or [None])[0])
     check_destination(source, destination, overwrite)
@@ -176,18 +176,6 @@ def copy_tokenizer(source: Path, destination: Path) -> None:
                       stacklevel=3)  # fmt: skip
         return
     tokenizer.save_pretrained(destination)
-
-
-def check_source_folder(source: Path) -> None:
-    """Refuse a source that is not a saved model folder, naming the checkpoints of a run that has not finished."""
-    if not source.is_dir():
-        raise ValueError(f"source={str(source)!r} is not a folder; give the folder scripts/train.py or "
-                         "save_pretrained wrote (a run folder or one of its checkpoint-N folders).")  # fmt: skip
-    if not (source / "config.json").is_file():
-        saved = [path.name for path in checkpoints(source)]
-        hint = f"; its checkpoints {saved} each hold one" if saved else ""
-        raise ValueError(f"source={str(source)!r} holds no saved model (no config.json: a run writes its model when "
-                         f"it finishes){hint}.")  # fmt: skip
 
 
 def check_destination(source: Path, destination: Path, overwrite: bool) -> None:

@@ -230,6 +230,18 @@ def checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def check_model_folder(folder: Path, field: str) -> None:
+    """Refuse a `field` that is not a saved model folder, naming the checkpoints of a run that has not finished."""
+    if not folder.is_dir():
+        raise ValueError(f"{field}={str(folder)!r} is not a folder; give the folder scripts/train.py or "
+                         "save_pretrained wrote (a run folder or one of its checkpoint-N folders).")  # fmt: skip
+    if not (folder / "config.json").is_file():
+        saved = [path.name for path in checkpoints(folder)]
+        hint = f"; its checkpoints {saved} each hold one" if saved else ""
+        raise ValueError(f"{field}={str(folder)!r} holds no saved model (no config.json: a run writes its model "
+                         f"when it finishes){hint}.")  # fmt: skip
+
+
 def is_complete(checkpoint: str | Path, run_id: str | None = None) -> bool:
     """Whether the checkpoint's record was written (it is written last), by run `run_id` if given."""
     record = read_run_record(checkpoint)
