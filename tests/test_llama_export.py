@@ -234,19 +234,25 @@ def test_an_overwrite_killed_halfway_keeps_the_earlier_export(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
 
 
-def test_export_refuses_a_folder_with_files_unless_told_to_overwrite(tmp_path, capsys):
+def test_export_replaces_an_earlier_export_only_when_told_and_never_a_users_folder(tmp_path, capsys):
     source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
     script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    out = str(tmp_path / "out")
+    assert script["main"]([source, out]) == 0
+    assert script["main"]([source, out]) == 2  # the same command twice
+    assert "already holds a model (config.json, generation_config.json, " in capsys.readouterr().err
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"stale")
+    assert script["main"]([source, out, "--overwrite"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != b"stale"
     mine = tmp_path / "mine"
-    mine.mkdir()
+    (mine / "data").mkdir(parents=True)
     (mine / "notes.txt").write_text("mine")
     (mine / "config.json").write_text("{}")
-    assert script["main"]([source, str(mine)]) == 2
-    assert "already holds files (config.json, notes.txt); pass --overwrite" in capsys.readouterr().err
-    assert folder_files(mine) == {"config.json": b"{}", "notes.txt": b"mine"}
-    assert script["main"]([source, str(mine), "--overwrite"]) == 0
-    assert "notes.txt" not in folder_files(mine)
-    assert json.loads((mine / "config.json").read_text())["model_type"] == "llama"
+    for extra in ([], ["--overwrite"]):
+        assert script["main"]([source, str(mine), *extra]) == 2
+        assert "holds more than model files (data, notes.txt): an export never replaces it" in capsys.readouterr().err
+    assert sorted(path.name for path in mine.iterdir()) == ["config.json", "data", "notes.txt"]
+    assert (mine / "config.json").read_text() == "{}"
     (tmp_path / "empty").mkdir()
     assert script["main"]([source, str(tmp_path / "empty")]) == 0
 

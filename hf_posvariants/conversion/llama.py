@@ -14,6 +14,7 @@ else is refused naming the field, its value and what a Llama has.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from transformers import (
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
+from ..training.hub import MODEL_FILES
 from ..training.run_folder import check_model_folder, folder_written_whole
 
 # Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
@@ -179,18 +181,26 @@ def copy_tokenizer(source: Path, destination: Path) -> None:
 
 
 def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
-    """Refuse to write over the source, or over a folder holding files unless `overwrite` says to replace it."""
+    """Refuse to write over the source, over a folder holding files unless `overwrite`, and ever over one holding
+    anything but model files (an earlier export is replaced; a folder of the user's is never deleted)."""
     if source.resolve().is_relative_to(destination.resolve()):
         raise ValueError(f"output={str(destination)!r} is (or holds) the source folder {str(source)!r}: the export "
                          "would replace the model it reads. Choose another output folder.")  # fmt: skip
     if destination.exists() and not destination.is_dir():
         raise ValueError(f"output={str(destination)!r} is a file, not a folder.")
-    contents = sorted(path.name for path in destination.iterdir()) if destination.is_dir() else []
+    contents = sorted(destination.iterdir()) if destination.is_dir() else []
+    foreign = [path.name for path in contents
+               if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES)]
+    if foreign:
+        raise ValueError(f"output={str(destination)!r} holds more than model files ({_listed(foreign)}): an export "
+                         "never replaces it. Choose an empty or new folder.")  # fmt: skip
     if contents and not overwrite:
-        shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
-        raise ValueError(f"output={str(destination)!r} already holds files ({shown}); pass --overwrite "
-                         "(overwrite=True) to replace the folder and everything in it, or choose an empty or new "
-                         "folder.")  # fmt: skip
+        raise ValueError(f"output={str(destination)!r} already holds a model ({_listed([p.name for p in contents])}); "
+                         "pass --overwrite (overwrite=True) to replace it, or choose an empty or new folder.")  # fmt: skip
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:
