@@ -3,8 +3,9 @@
 
     python scripts/push_to_hub.py runs/tiny_clm your-name/tiny-posvar-llama [--private] [--dry_run] [--as-llama]
 
-The folder is first made loadable without this package (full `auto_map`, flat model code), then
-README.md is rendered from the package's model_cards/posvariants.md, and the model files (weights, config, code,
+A staged copy of the folder (links to its files; the folder itself is left as it is) is made loadable without
+this package (full `auto_map`, flat model code), README.md is rendered from the package's
+model_cards/posvariants.md, and the model files (weights, config, code,
 tokenizer, card, run record and results; no checkpoints, optimizer states or pickles) go up in one
 commit. Only files on that allow list are sent: any other file is left out and named, a file that looks
 like a secret (.env, *.pem, id_rsa*, *credentials*, *secret*, *token*, …) stops the push, and the card and
@@ -15,8 +16,11 @@ The token comes from `--token`, HF_TOKEN or `hf auth login`, and is never writte
 """
 
 import argparse
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -64,12 +68,28 @@ def main(argv=None) -> list[str]:
         return files
     pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)
     pusher.check_access()
-    make_remote_loadable(args.folder, type(config))
-    render_model_card(args.folder, args.repo_id, args.template).save(f"{args.folder}/{CARD_FILE}")
-    pusher.push_final(args.folder, "Upload posvariants model")
-    files = select_files(args.folder).files
+    with staged(Path(args.folder)) as folder:
+        make_remote_loadable(folder, type(config))
+        render_model_card(args.folder, args.repo_id, args.template).save(folder / CARD_FILE)
+        pusher.push_final(folder, "Upload posvariants model")
+        files = select_files(folder).files
     print(f"Pushed {len(files)} files to https://huggingface.co/{args.repo_id}")
     return files
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A temporary folder of links to `folder`'s files, less the two a push writes (config.json with the full
+    auto_map is copied, the card is rendered anew): the trained folder is left as it was, so a sealed checkpoint's
+    files keep the sizes its record holds and resuming still takes it."""
+    with tempfile.TemporaryDirectory() as staging:
+        stage = Path(staging)
+        for path in folder.iterdir():
+            if path.name == "config.json":
+                shutil.copy2(path, stage / path.name)
+            elif path.is_file() and path.name != CARD_FILE:
+                (stage / path.name).symlink_to(path.resolve())
+        yield stage
 
 
 def card_preview(card) -> str:
