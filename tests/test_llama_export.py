@@ -190,6 +190,7 @@ def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub,
     assert json.loads(files["config.json"])["model_type"] == "llama"
     card = files["README.md"].decode()
     assert "trust_remote_code" not in card and "- llama" in card and "custom_code" not in card
+    assert "| `model_type` | `llama` |" in card  # as its config.json says
     assert not (tmp_path / "run" / "README.md").exists()  # the trained folder is left as it was
 
 
