@@ -195,8 +195,9 @@ def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
         raise ValueError(f"output={str(destination)!r} holds more than model files ({_listed(foreign)}): an export "
                          "never replaces it. Choose an empty or new folder.")  # fmt: skip
     if contents and not overwrite:
-        raise ValueError(f"output={str(destination)!r} already holds a model ({_listed([p.name for p in contents])}); "
-                         "pass --overwrite (overwrite=True) to replace it, or choose an empty or new folder.")  # fmt: skip
+        names = _listed([path.name for path in contents])
+        raise ValueError(f"output={str(destination)!r} already holds a model ({names}); pass --overwrite "
+                         "(overwrite=True) to replace it, or choose an empty or new folder.")  # fmt: skip
 
 
 def _listed(names: list[str]) -> str:
