@@ -45,16 +45,11 @@ from .configuration_posvariants import PosVarConfig, PosVarLlamaConfig, PosVarTr
 from .lm_loss import LM_LOSSES
 from .position_encodings import (
     POSITION_ENCODINGS,
-    POSITION_IDS_KINDS,
     ContextualPositions,
     PositionEncoding,
     Positions,
     ScoreBias,
 )
-
-
-# Encoding kinds read from `position_ids` alone, the only ones a continuous batch (a paged KV cache) carries.
-PAGED_CACHE_KINDS = POSITION_IDS_KINDS
 
 
 class RMSNorm(nn.Module):
@@ -484,10 +479,12 @@ class PosVarModel(PosVarPreTrainedModel):
         q/k): a bias or relative positions need key positions that the paged batch does not carry."""
         for field, value, encoding in self.config.position_components():
             if not encoding.reads_position_ids_only():
+                why = ("its codes change as the sequence grows, so it keeps no KV cache" if not encoding.cacheable
+                       else "it needs each key's position, which a paged batch does not carry")  # fmt: skip
+                allowed = [name for name, entry in POSITION_ENCODINGS.items() if entry.reads_position_ids_only()]
                 raise ValueError(
-                    f"Continuous batching (a paged KV cache) cannot run {field}={value!r} "
-                    f"({encoding.kind}): it needs each key's position, which a paged batch does not carry. Use "
-                    f"generate(); continuous batching takes encodings of the kinds {list(PAGED_CACHE_KINDS)}."
+                    f"Continuous batching (a paged KV cache) cannot run {field}={value!r} ({encoding.kind}): {why}. "
+                    f"Use generate(); continuous batching takes the position encodings {allowed}."
                 )
 
     def encoding_named(self, name: str) -> PositionEncoding:

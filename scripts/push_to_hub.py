@@ -3,8 +3,9 @@
 
     python scripts/push_to_hub.py runs/tiny_clm your-name/tiny-posvar-llama [--private] [--dry_run] [--as-llama]
 
-The folder is first made loadable without this package (full `auto_map`, flat model code), then
-README.md is rendered from the package's model_cards/posvariants.md, and the model files (weights, config, code,
+A staged copy of the folder (links to its files; the folder itself is left as it is) is made loadable without
+this package (full `auto_map`, flat model code), README.md is rendered from the package's
+model_cards/posvariants.md, and the model files (weights, config, code,
 tokenizer, card, run record and results; no checkpoints, optimizer states or pickles) go up in one
 commit. Only files on that allow list are sent: any other file is left out and named, a file that looks
 like a secret (.env, *.pem, id_rsa*, *credentials*, *secret*, *token*, …) stops the push, and the card and
@@ -15,17 +16,21 @@ The token comes from `--token`, HF_TOKEN or `hf auth login`, and is never writte
 """
 
 import argparse
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi
 from transformers import AutoConfig
 
-import hf_posvariants  # noqa: F401  (registers the families, so AutoConfig knows posvar_* types)
+from hf_posvariants import FAMILIES, PosVarConfig  # (registers the families, so AutoConfig knows posvar_* types)
 from hf_posvariants.conversion import export_llama
 from hf_posvariants.training.export import make_remote_loadable
 from hf_posvariants.training.hub import CARD_FILE, TEMPLATE, HubPusher, render_model_card, select_files
+from hf_posvariants.training.run_folder import check_model_folder
 
 
 def main(argv=None) -> list[str]:
@@ -40,10 +45,17 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--as-llama", "--as_llama", dest="as_llama", action="store_true",
                         help="push the model exported as a plain LlamaForCausalLM (refused unless exactly a Llama)")
     args = parser.parse_args(argv)
+    check_model_folder(Path(args.folder), "folder")
     if args.as_llama:
         return push_as_llama(args)
 
     config = AutoConfig.from_pretrained(args.folder)
+    if not isinstance(config, PosVarConfig):  # the card and the remote code describe a posvariants family
+        raise ValueError(
+            f"{args.folder} holds model_type={config.model_type!r}, not a posvariants model (allowed: "
+            f"{sorted(family.model_type for family in FAMILIES)}); an export_llama.py folder is pushed from its "
+            "trained folder with --as-llama."
+        )
     selection = select_files(args.folder)  # refuses a folder holding secret-looking files
     if selection.left_out:
         print(f"Left out (not model files): {', '.join(selection.left_out)}")
@@ -56,12 +68,28 @@ def main(argv=None) -> list[str]:
         return files
     pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)
     pusher.check_access()
-    make_remote_loadable(args.folder, type(config))
-    render_model_card(args.folder, args.repo_id, args.template).save(f"{args.folder}/{CARD_FILE}")
-    pusher.push_final(args.folder, "Upload posvariants model")
-    files = select_files(args.folder).files
+    with staged(Path(args.folder)) as folder:
+        make_remote_loadable(folder, type(config))
+        render_model_card(args.folder, args.repo_id, args.template).save(folder / CARD_FILE)
+        pusher.push_final(folder, "Upload posvariants model")
+        files = select_files(folder).files
     print(f"Pushed {len(files)} files to https://huggingface.co/{args.repo_id}")
     return files
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A temporary folder of links to `folder`'s files, less the two a push writes (config.json with the full
+    auto_map is copied, the card is rendered anew): the trained folder is left as it was, so a sealed checkpoint's
+    files keep the sizes its record holds and resuming still takes it."""
+    with tempfile.TemporaryDirectory() as staging:
+        stage = Path(staging)
+        for path in folder.iterdir():
+            if path.name == "config.json":
+                shutil.copy2(path, stage / path.name)
+            elif path.is_file() and path.name != CARD_FILE:
+                (stage / path.name).symlink_to(path.resolve())
+        yield stage
 
 
 def card_preview(card) -> str:
@@ -72,6 +100,7 @@ def card_preview(card) -> str:
 def push_as_llama(args) -> list[str]:
     """--as-llama: the folder exported as a plain LlamaForCausalLM into a temporary folder, with its card, listed
     (--dry_run) or pushed; the trained folder itself is left as it is."""
+    select_files(args.folder)  # the trained folder holding secret-looking files stops this push too
     pusher = None
     if not args.dry_run:
         pusher = HubPusher(HfApi(token=args.token), args.repo_id, "end", private=args.private)

@@ -4,6 +4,7 @@ the rest are refused before a request is queued, naming the encoding."""
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from hf_posvariants import PosVarLlamaConfig
-from hf_posvariants.modeling_posvariants import PAGED_CACHE_KINDS
 from hf_posvariants.position_encodings import POSITION_ENCODINGS
 
 from conftest import ENCODINGS, FAMILY_CONFIGS, build, tiny_config
@@ -23,8 +23,7 @@ PAGED = ContinuousBatchingConfig(page_size=16, num_blocks=16, max_batch_tokens=8
 
 
 def runs_on_paged_cache(encoding: str) -> bool:
-    entry = POSITION_ENCODINGS[encoding]
-    return entry.kind in PAGED_CACHE_KINDS and entry.cacheable
+    return POSITION_ENCODINGS[encoding].reads_position_ids_only()
 
 
 def generate_each(model) -> list[list[int]]:
@@ -74,3 +73,15 @@ def test_continuous_batching_names_the_scheduled_encoding_it_cannot_run():
     model = build(AutoModelForCausalLM, config, "sdpa")
     with pytest.raises(ValueError, match=r"Continuous batching .* layer_position_encodings='alibi' \(bias\)"):
         model.generate_batch(inputs=PROMPTS, generation_config=GREEDY, continuous_batching_config=PAGED)
+
+
+def test_a_non_cacheable_encoding_is_refused_for_what_it_is():
+    """normalized_index is an absolute encoding, a kind the paged cache takes, but it keeps no KV cache at all."""
+    model = build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "normalized_index"), "sdpa")
+    with pytest.raises(ValueError, match="position_encoding='normalized_index'") as refusal:
+        model.generate_batch(inputs=PROMPTS, generation_config=GREEDY, continuous_batching_config=PAGED)
+    message = str(refusal.value)
+    assert "keeps no KV cache" in message and "needs each key's position" not in message
+    allowed = re.search(r"takes the position encodings (\[.*\])", message).group(1)
+    assert set(ast.literal_eval(allowed)) == {name for name in POSITION_ENCODINGS if runs_on_paged_cache(name)}
+    assert "rope" in allowed and "normalized_index" not in allowed

@@ -13,7 +13,8 @@ import warnings
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from hf_posvariants import PosVarDiffConfig, PosVarLlamaConfig
+from hf_posvariants import PosVarDiffConfig, PosVarLlamaConfig, lm_eval
+from hf_posvariants.evaluation.data import byte_tokenizer
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.hub import render_model_card
 from tests.conftest import build, tiny_config
@@ -72,6 +73,40 @@ def test_lm_eval_through_the_package_loads_a_plain_pretrained_folder(tmp_path):
 
     plain = run("lm_eval")
     assert plain.returncode != 0 and "trust_remote_code=True" in plain.stderr  # nothing registered the family
+    (folder / "run_args.json").write_text(json.dumps({"block_size": 16}))
     through_package = run("hf_posvariants.lm_eval")
     assert through_package.returncode == 0, through_package.stderr[-3000:]
     assert "scored PosVarLlamaForCausalLM at 32" in through_package.stdout
+    assert "max_length=32 scores windows of 32 tokens, beyond the 16" in through_package.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "hf", "--model_args", "pretrained=F,max_length=32", "--tasks", "wikitext"],
+    ["--model_args=pretrained=F,max_length=32", "--tasks", "wikitext"],
+    ["run", "-a", "pretrained=F", "max_length=32", "--tasks", "wikitext"],
+    ["--model_args", '{"pretrained": "F", "max_length": 32}'],
+])  # fmt: skip
+def test_the_model_arguments_are_read_in_every_form_the_harness_takes(argv):
+    assert lm_eval.model_args(argv) == {"pretrained": "F", "max_length": "32"}
+
+
+def test_scoring_beyond_the_trained_length_warns(tmp_path):
+    folder = tmp_path / "model"
+    build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")).save_pretrained(folder)  # 64 positions
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(folder)  # no model_max_length: no trained length known, nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lm_eval.warn_beyond_trained_length({"pretrained": str(folder)})
+    tokenizer.model_max_length = 24
+    tokenizer.save_pretrained(folder)
+    with pytest.warns(UserWarning, match="with no max_length, .* max_position_embeddings=64 tokens, beyond the 24 "
+                                         ".*Pass max_length=24"):  # fmt: skip
+        lm_eval.warn_beyond_trained_length({"pretrained": str(folder)})
+    (folder / "run_args.json").write_text(json.dumps({"block_size": 16}))  # the run record says first
+    with pytest.warns(UserWarning, match="max_length=24 scores windows of 24 tokens, beyond the 16"):
+        lm_eval.warn_beyond_trained_length({"pretrained": str(folder), "max_length": "24"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lm_eval.warn_beyond_trained_length({"pretrained": str(folder), "max_length": "16"})
+        lm_eval.warn_beyond_trained_length({"pretrained": "someone/model", "max_length": "4096"})  # a Hub id

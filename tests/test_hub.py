@@ -15,6 +15,7 @@ from huggingface_hub.utils import get_token
 
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.hub import public_record
+from hf_posvariants.training.run_folder import damage
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 TOKEN = "hf_DoNotLeakThisToken0123456789"
@@ -228,6 +229,9 @@ def test_push_sends_the_allow_list_only_and_refuses_secret_looking_files(tmp_pat
     with pytest.raises(ValueError, match="refusing to push") as refusal:
         script["main"]([str(tmp_path), "someone/tiny", "--token", TOKEN])
     assert all(name in str(refusal.value) for name in SECRETS) and not hub.instances
+    with pytest.raises(ValueError, match="refusing to push"):  # the Llama export would leave them out, but says so
+        script["main"]([str(tmp_path), "someone/tiny", "--as-llama", "--token", TOKEN])
+    assert not hub.instances
     for name in SECRETS:
         (tmp_path / name).unlink()
     capsys.readouterr()
@@ -253,3 +257,19 @@ def test_public_record_keeps_hub_ids_and_names_local_paths(tmp_path, monkeypatch
               "text_column": "text", "steps": 4, "note": None}  # fmt: skip
     assert public_record(record) == {"init": "base", "tokenizer": "someone/tokenizer", "files": ["data.txt", "x.json"],
                                      "text_column": "text", "steps": 4, "note": None}  # fmt: skip
+
+
+def test_pushing_a_checkpoint_elsewhere_leaves_it_as_sealed(tmp_path, hub, monkeypatch):
+    """A run pushed while training sealed its checkpoints with their card; the push script sends a checkpoint to
+    another repository (another card) without touching the folder, so resuming still takes it."""
+    argv = push_argv(tmp_path, "every_save", "--hub_token", TOKEN, "--save_total_limit", "3")
+    pipeline.main(argv)
+    checkpoint = tmp_path / "checkpoint-4"
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir() if path.is_file()}
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    sent = script["main"]([str(checkpoint), "someone-else/a-longer-repository-name", "--token", TOKEN])
+    card = hub.instances[-1].commits[0]["files"]["README.md"].decode()
+    assert "someone-else/a-longer-repository-name" in card and "README.md" in sent
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir() if path.is_file()} == before
+    assert damage(checkpoint) is None  # what resuming verifies before it takes a checkpoint

@@ -4,7 +4,12 @@ without remote code, and a clear refusal of every configuration that is not exac
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -185,4 +190,124 @@ def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub,
     assert json.loads(files["config.json"])["model_type"] == "llama"
     card = files["README.md"].decode()
     assert "trust_remote_code" not in card and "- llama" in card and "custom_code" not in card
+    assert "| `model_type` | `llama` |" in card  # as its config.json says
     assert not (tmp_path / "run" / "README.md").exists()  # the trained folder is left as it was
+
+
+def export_script(*argv: str, cwd, before: str = "") -> subprocess.CompletedProcess:
+    """scripts/export_llama.py in a fresh process; `before` runs first (a fault to inject)."""
+    code = f"import runpy, sys\n{textwrap.dedent(before)}\nsys.argv = ['export_llama.py', *sys.argv[1:]]\n" \
+           f"runpy.run_path({str(ROOT / 'scripts' / 'export_llama.py')!r}, run_name='__main__')"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+# The export process kills itself (SIGKILL) once the weights are written, as the tokenizer is about to be.
+KILLED_AFTER_THE_WEIGHTS = """
+import os, signal
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+PreTrainedTokenizerBase.save_pretrained = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_an_export_killed_halfway_leaves_no_half_written_folder(tmp_path):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    killed = export_script(source, str(tmp_path / "out"), cwd=tmp_path, before=KILLED_AFTER_THE_WEIGHTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "out").exists()  # not a config and weights without their tokenizer, loadable as if whole
+    export_llama(source, tmp_path / "out")  # the same command again: the kill's leftover is cleared
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_an_overwrite_killed_halfway_keeps_the_earlier_export(tmp_path):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    whole = folder_files(export_llama(source, tmp_path / "out"))
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(whole)
+    killed = export_script(source, str(tmp_path / "out"), "--overwrite", cwd=tmp_path, before=KILLED_AFTER_THE_WEIGHTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert folder_files(tmp_path / "out") == whole
+    assert folder_files(export_llama(source, tmp_path / "out", overwrite=True)) == whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_export_replaces_an_earlier_export_only_when_told_and_never_a_users_folder(tmp_path, capsys):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    out = str(tmp_path / "out")
+    assert script["main"]([source, out]) == 0
+    assert script["main"]([source, out]) == 2  # the same command twice
+    assert "already holds a model (config.json, generation_config.json, " in capsys.readouterr().err
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"stale")
+    assert script["main"]([source, out, "--overwrite"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != b"stale"
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    for extra in ([], ["--overwrite"]):
+        assert script["main"]([source, str(mine), *extra]) == 2
+        assert "holds more than model files (data, notes.txt): an export never replaces it" in capsys.readouterr().err
+    assert sorted(path.name for path in mine.iterdir()) == ["config.json", "data", "notes.txt"]
+    assert (mine / "config.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    assert script["main"]([source, str(tmp_path / "empty")]) == 0
+
+
+def test_export_never_writes_over_its_source(tmp_path, capsys):
+    run = tmp_path / "run"
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), run)
+    before = folder_files(run)
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    for output in (source, str(tmp_path), f"{source}/../run/"):
+        assert script["main"]([source, output, "--overwrite"]) == 2
+        assert "is (or holds) the source folder" in capsys.readouterr().err
+    assert folder_files(run) == before
+
+
+def test_export_names_a_source_that_holds_no_model(tmp_path, capsys):
+    script = runpy.run_path(str(ROOT / "scripts" / "export_llama.py"))
+    assert script["main"]([str(tmp_path / "typo"), str(tmp_path / "out")]) == 2
+    assert f"source={str(tmp_path / 'typo')!r} is not a folder" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"  # a run killed before its end: only checkpoints hold a model
+    save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), unfinished / "checkpoint-20")
+    (unfinished / "checkpoint-10").mkdir()
+    assert script["main"]([str(unfinished), str(tmp_path / "out")]) == 2
+    assert "holds no saved model (no config.json" in (err := capsys.readouterr().err)
+    assert "['checkpoint-10', 'checkpoint-20']" in err
+    assert script["main"]([str(unfinished / "checkpoint-20"), str(tmp_path / "out")]) == 0
+    push = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))["main"]
+    for extra in ([], ["--as-llama"]):
+        with pytest.raises(ValueError, match=r"folder=.* holds no saved model .*\['checkpoint-10', 'checkpoint-20'\]"):
+            push([str(unfinished), "someone/tiny", "--dry_run", *extra])
+        with pytest.raises(ValueError, match="folder=.* is not a folder"):
+            push([str(tmp_path / "typo"), "someone/tiny", "--dry_run", *extra])
+
+
+def test_pushing_an_exported_llama_folder_itself_is_refused_by_name(tmp_path, hub, monkeypatch):
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    exported = str(export_llama(source, tmp_path / "llama"))
+    script = runpy.run_path(str(ROOT / "scripts" / "push_to_hub.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HfApi", RecordingHub)
+    for extra in (["--dry_run"], ["--token", TOKEN]):
+        with pytest.raises(ValueError, match="model_type='llama', not a posvariants model .*--as-llama"):
+            script["main"]([exported, "someone/tiny-llama", *extra])
+    assert not hub.instances and "README.md" not in folder_files(tmp_path / "llama")
+
+
+def test_a_tokenizer_that_does_not_load_stops_the_export_and_a_missing_one_is_named(tmp_path):
+    run = tmp_path / "run"
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), run)
+    (run / "tokenizer_config.json").write_text((run / "tokenizer_config.json").read_text()[:40])  # cut short
+    with pytest.raises(ValueError, match="the tokenizer in .* does not load"):
+        export_llama(source, tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        (run / name).unlink(missing_ok=True)
+    with pytest.warns(UserWarning, match="holds no tokenizer, so the export has the weights alone"):
+        export_llama(source, tmp_path / "out")
+    assert {"config.json", "model.safetensors"} <= set(folder_files(tmp_path / "out"))

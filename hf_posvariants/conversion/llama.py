@@ -14,7 +14,9 @@ else is refused naming the field, its value and what a Llama has.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import shutil
+import warnings
 from pathlib import Path
 
 from transformers import (
@@ -28,6 +30,8 @@ from transformers import (
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
+from ..training.hub import MODEL_FILES
+from ..training.run_folder import check_model_folder, folder_written_whole
 
 # Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
 LLAMA_FIELDS: dict[str, str] = {
@@ -66,6 +70,7 @@ UNUSED_BY_LLAMA = frozenset({
     "is_decoder", "classifier_pooling", "classifier_dropout", "hidden_dropout",
 })  # fmt: skip
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Run records and results that travel with the weights (the model card and evaluation harnesses read them).
 RECORD_FILES = ("run_args.json", "all_results.json", "train_results.json", "eval_results.json")
 
@@ -138,22 +143,65 @@ def convert_to_llama(model: PosVarForCausalLM) -> LlamaForCausalLM:
     return llama.to(model.device).train(model.training)
 
 
-def export_llama(source: str | Path, destination: str | Path) -> Path:
+def export_llama(source: str | Path, destination: str | Path, overwrite: bool = False) -> Path:
     """Write the posvariants causal-LM folder `source` as a plain Llama folder: weights and config, the tokenizer
-    when `source` has one, and the run record and results. The config is checked before any weight is read."""
+    when `source` has one, and the run record and results. The config is checked before any weight is read. A
+    `destination` that holds files is refused unless `overwrite` (then it is replaced whole); the export is written
+    beside it and renamed into place, so an interrupted export leaves no half-written folder."""
     source, destination = Path(source), Path(destination)
+    check_model_folder(source, "source")
     config = AutoConfig.from_pretrained(source)
     check_exportable(config, (config.architectures or [None])[0])
+    check_destination(source, destination, overwrite)
     model = AutoModelForCausalLM.from_pretrained(source)
-    convert_to_llama(model).save_pretrained(destination)
-    try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
-    except (OSError, ValueError):
-        pass  # a folder without a tokenizer: the weights alone
-    for name in RECORD_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
+    with folder_written_whole(destination) as partial:
+        convert_to_llama(model).save_pretrained(partial)
+        copy_tokenizer(source, partial)
+        for name in RECORD_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, partial / name)
     return destination
+
+
+def copy_tokenizer(source: Path, destination: Path) -> None:
+    """Save the source's tokenizer into `destination`. A folder without one (no tokenizer_config.json, which every
+    saved tokenizer has) exports the weights alone, with a warning; a tokenizer that is there but does not load is
+    an error, not an export without it."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if (source / TOKENIZER_CONFIG_FILE).is_file():
+            raise ValueError(f"the tokenizer in {str(source)!r} does not load ({type(error).__name__}: {error}); "
+                             "repair or replace its tokenizer files and export again.") from error  # fmt: skip
+        warnings.warn(f"{str(source)!r} holds no tokenizer, so the export has the weights alone: save the tokenizer "
+                      "the model was trained with into it (tokenizer.save_pretrained) before serving it.", UserWarning,
+                      stacklevel=3)  # fmt: skip
+        return
+    tokenizer.save_pretrained(destination)
+
+
+def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
+    """Refuse to write over the source, over a folder holding files unless `overwrite`, and ever over one holding
+    anything but model files (an earlier export is replaced; a folder of the user's is never deleted)."""
+    if source.resolve().is_relative_to(destination.resolve()):
+        raise ValueError(f"output={str(destination)!r} is (or holds) the source folder {str(source)!r}: the export "
+                         "would replace the model it reads. Choose another output folder.")  # fmt: skip
+    if destination.exists() and not destination.is_dir():
+        raise ValueError(f"output={str(destination)!r} is a file, not a folder.")
+    contents = sorted(destination.iterdir()) if destination.is_dir() else []
+    foreign = [path.name for path in contents
+               if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES)]
+    if foreign:
+        raise ValueError(f"output={str(destination)!r} holds more than model files ({_listed(foreign)}): an export "
+                         "never replaces it. Choose an empty or new folder.")  # fmt: skip
+    if contents and not overwrite:
+        names = _listed([path.name for path in contents])
+        raise ValueError(f"output={str(destination)!r} already holds a model ({names}); pass --overwrite "
+                         "(overwrite=True) to replace it, or choose an empty or new folder.")  # fmt: skip
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:

@@ -95,7 +95,9 @@ def render_model_card(
         auto_class=auto_class,
         position_encoding=config["position_encoding"],
         attention_variant=config["attention_variant"],
-        architecture=[(key, config.get(key)) for key in ARCHITECTURE_FIELDS],
+        # The Llama export's config.json says model_type "llama"; the table says what the repository holds.
+        architecture=[(key, "llama" if as_llama and key == "model_type" else config.get(key))
+                      for key in ARCHITECTURE_FIELDS],
         num_parameters=f"{run['num_parameters']:,}" if "num_parameters" in run else "not recorded",
         training_summary=_training_summary(run),
         # With max_steps set, the Trainer ignores num_train_epochs: leave it out rather than mislead.

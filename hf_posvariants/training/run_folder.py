@@ -82,6 +82,30 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     _fsync_folder(path.parent)
 
 
+@contextmanager
+def folder_written_whole(folder: str | Path) -> Iterator[Path]:
+    """A folder to write `folder`'s new contents into (`.NAME.partial` beside it); once the block ends without an
+    error it takes `folder`'s place by renames, so a kill halfway never leaves a half-written `folder` that looks
+    whole. A kill's leftover partial folder is removed by the next write, an error's at once."""
+    folder = Path(folder).resolve()
+    partial, old = (folder.with_name(f".{folder.name}.{suffix}") for suffix in ("partial", "old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.is_dir() and any(folder.iterdir()):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(partial, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, folder)  # rename(2) takes the place of an empty folder
+    _fsync_folder(folder.parent)
+
+
 def _fsync_folder(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
@@ -204,6 +228,18 @@ def checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     found = [path for path in folder.iterdir() if checkpoint_step(path) is not None] if folder.is_dir() else []
     return sorted(found, key=checkpoint_step)
+
+
+def check_model_folder(folder: Path, field: str) -> None:
+    """Refuse a `field` that is not a saved model folder, naming the checkpoints of a run that has not finished."""
+    if not folder.is_dir():
+        raise ValueError(f"{field}={str(folder)!r} is not a folder; give the folder scripts/train.py or "
+                         "save_pretrained wrote (a run folder or one of its checkpoint-N folders).")  # fmt: skip
+    if not (folder / "config.json").is_file():
+        saved = [path.name for path in checkpoints(folder)]
+        hint = f"; its checkpoints {saved} each hold one" if saved else ""
+        raise ValueError(f"{field}={str(folder)!r} holds no saved model (no config.json: a run writes its model "
+                         f"when it finishes){hint}.")  # fmt: skip
 
 
 def is_complete(checkpoint: str | Path, run_id: str | None = None) -> bool:
