@@ -14,7 +14,7 @@ This file imports only the standard library: it travels with remote-code checkpo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ class BiasRoute:
     mask, folded in once per forward. ``gradient``: where a folded learned bias sends its gradient. ``causal``: the
     folded mask holds causality alone besides the bias (no padding, as many queries as keys), so the gradient kernel
     may skip the keys after each query. ``columns``: the shared bias rides in one extra query and key column
-    (`ScoreBias.columns`) and nothing is folded: the mask stays transformers' own.
+    (`ScoreBias.columns`) and nothing is folded: the mask stays transformers' own. ``own_kernel``: the layers add their
+    own bias (DeBERTa's position terms) in a fused CPU kernel of theirs instead of calling the backend, which would take
+    its math kernel for a bias needing a gradient; that kernel adds the mask as the backend would.
     """
 
     carrier: BiasCarrier
@@ -92,6 +94,7 @@ class BiasRoute:
     gradient: BiasGradient = "autograd"
     causal: bool = False
     columns: bool = False
+    own_kernel: bool = False
 
     @property
     def gradient_kernel(self) -> bool:
@@ -111,8 +114,43 @@ def choose_bias_route(
     layers_take_columns: bool,
     single_precision: bool,
     causal_only: bool,
+    training: bool = False,
+    layers_own_kernel: bool = False,
 ) -> BiasRoute:
-    """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
+    """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none): the shared bias's
+    (`shared_bias_route`), and the layers' own kernel where they have one.
+
+    Layers adding their own bias with a fused CPU kernel of theirs (`layers_own_kernel`) run it where the backend's
+    would be replaced by the gradient kernel on CPU, in float32 or wider, uncompiled, with gradients or in `training`
+    mode (reentrant checkpointing runs a training step first without them, and both runs must draw the same attention
+    dropout), unless the mask itself needs a gradient (a learned shared bias folded in), which that kernel does not
+    return.
+    """
+    route = shared_bias_route(backend, device_type, bias, grad_enabled=grad_enabled,
+                              attention_dropout=attention_dropout, compiling=compiling,
+                              layers_take_gradient_kernel=layers_take_gradient_kernel,
+                              layers_take_columns=layers_take_columns, single_precision=single_precision,
+                              causal_only=causal_only)
+    learned_mask = route.folded and not route.gradient_kernel and grad_enabled and bias.requires_grad
+    replaceable = BACKEND_BIAS.get(backend, BackendBias("none")).cpu_gradient_kernel and device_type == "cpu"
+    own_kernel = layers_own_kernel and single_precision and (grad_enabled or training) and not compiling
+    return replace(route, own_kernel=True) if own_kernel and replaceable and not learned_mask else route
+
+
+def shared_bias_route(
+    backend: str,
+    device_type: str,
+    bias: ScoreBias | None,
+    *,
+    grad_enabled: bool,
+    attention_dropout: bool,
+    compiling: bool,
+    layers_take_gradient_kernel: bool,
+    layers_take_columns: bool,
+    single_precision: bool,
+    causal_only: bool,
+) -> BiasRoute:
+    """The route of the shared `bias` (None: none) in a forward on `backend` and `device_type`.
 
     A fixed bias linear in the key (`bias.linear_in_key`) rides in an extra query/key column on a CPU backend that
     allows it, where the kernel computes in float32 or wider (`single_precision`: in bf16 key slots beyond 256 round,
