@@ -117,40 +117,7 @@ def choose_bias_route(
     training: bool = False,
     layers_own_kernel: bool = False,
 ) -> BiasRoute:
-    """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none): the shared bias's
-    (`shared_bias_route`), and the layers' own kernel where they have one.
-
-    Layers adding their own bias with a fused CPU kernel of theirs (`layers_own_kernel`) run it where the backend's
-    would be replaced by the gradient kernel on CPU, in float32 or wider, uncompiled, with gradients or in `training`
-    mode (reentrant checkpointing runs a training step first without them, and both runs must draw the same attention
-    dropout), unless the mask itself needs a gradient (a learned shared bias folded in), which that kernel does not
-    return.
-    """
-    route = shared_bias_route(backend, device_type, bias, grad_enabled=grad_enabled,
-                              attention_dropout=attention_dropout, compiling=compiling,
-                              layers_take_gradient_kernel=layers_take_gradient_kernel,
-                              layers_take_columns=layers_take_columns, single_precision=single_precision,
-                              causal_only=causal_only)
-    learned_mask = route.folded and not route.gradient_kernel and grad_enabled and bias.requires_grad
-    replaceable = BACKEND_BIAS.get(backend, BackendBias("none")).cpu_gradient_kernel and device_type == "cpu"
-    own_kernel = layers_own_kernel and single_precision and (grad_enabled or training) and not compiling
-    return replace(route, own_kernel=True) if own_kernel and replaceable and not learned_mask else route
-
-
-def shared_bias_route(
-    backend: str,
-    device_type: str,
-    bias: ScoreBias | None,
-    *,
-    grad_enabled: bool,
-    attention_dropout: bool,
-    compiling: bool,
-    layers_take_gradient_kernel: bool,
-    layers_take_columns: bool,
-    single_precision: bool,
-    causal_only: bool,
-) -> BiasRoute:
-    """The route of the shared `bias` (None: none) in a forward on `backend` and `device_type`.
+    """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
 
     A fixed bias linear in the key (`bias.linear_in_key`) rides in an extra query/key column on a CPU backend that
     allows it, where the kernel computes in float32 or wider (`single_precision`: in bf16 key slots beyond 256 round,
@@ -161,17 +128,35 @@ def shared_bias_route(
     none), the forward is being compiled, or a layer cannot take that kernel (`layers_take_gradient_kernel`: it adds
     a bias of its own, or computes the maps itself). That kernel skips the keys after each query where the forward's
     mask is causality alone (`causal_only`: causal, unpadded, as many queries as keys).
+
+    Layers adding their own bias with a fused CPU kernel of theirs (`layers_own_kernel`) run it on a CPU backend with
+    the gradient kernel, in float32 or wider, uncompiled, with gradients or in `training` mode (reentrant
+    checkpointing runs a training step first without them, and both runs must draw the same attention dropout),
+    unless the mask itself needs a gradient (a learned shared bias folded in), which that kernel does not return.
     """
     row = BACKEND_BIAS.get(backend, BackendBias("none"))
+    cpu = device_type == "cpu"
+    learned = bias is not None and grad_enabled and bias.requires_grad
+    kernel_allowed = layers_take_gradient_kernel and not (attention_dropout or compiling)
+    route = shared_bias_route(row, bias, cpu, learned, kernel_allowed, single_precision and layers_take_columns,
+                              causal_only)
+    learned_mask = learned and route.folded and not route.gradient_kernel
+    own_kernel = layers_own_kernel and row.cpu_gradient_kernel and cpu and single_precision and not compiling
+    return replace(route, own_kernel=True) if own_kernel and (grad_enabled or training) and not learned_mask else route
+
+
+def shared_bias_route(
+    row: BackendBias, bias: ScoreBias | None, cpu: bool, learned: bool, kernel_allowed: bool, columns_allowed: bool,
+    causal_only: bool,
+) -> BiasRoute:
+    """`choose_bias_route` for the shared `bias` on the backend of `row`: in columns where they are allowed, folded
+    into the mask, or through the gradient kernel where a `learned` bias may take it."""
     if bias is None or row.carrier != "mask":
         return BiasRoute(row.carrier)
     fixed_linear = bias.linear_in_key and not bias.requires_grad
-    if fixed_linear and row.cpu_bias_columns and device_type == "cpu" and single_precision and layers_take_columns:
+    if fixed_linear and row.cpu_bias_columns and cpu and columns_allowed:
         return BiasRoute(row.carrier, columns=True)
-    learned = grad_enabled and bias.requires_grad
-    if not (learned and row.cpu_gradient_kernel and device_type == "cpu") or attention_dropout or compiling:
-        return BiasRoute(row.carrier, folded=True)
-    if not layers_take_gradient_kernel:
+    if not (learned and row.cpu_gradient_kernel and cpu and kernel_allowed):
         return BiasRoute(row.carrier, folded=True)
     gradient = "row" if bias.row is not None else "mask"
     return BiasRoute(row.carrier, folded=True, gradient=gradient, causal=causal_only)
