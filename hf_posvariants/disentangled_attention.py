@@ -22,8 +22,6 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -61,8 +59,8 @@ class DisentangledAttentionCore(torch.autograd.Function):
         batch, heads, query_length, dim = query.shape
         key_length = key.shape[2]
         width = chunk_width(heads, query_length * key_length * query.element_size())
-        indices, blocks = term_indices(index, pos_key, pos_query, width)
-        terms = position_terms(query, key, pos_key, pos_query, indices, blocks)
+        indices = term_indices(index, pos_key, pos_query, width)
+        terms = position_terms(query, key, pos_key, pos_query, indices)
         mask = None if mask is None else mask[..., :key_length]
         blocked = None if mask is None or mask.dtype != torch.bool else ~mask
         weights = query.new_empty(batch, heads, query_length, key_length)
@@ -89,14 +87,14 @@ class DisentangledAttentionCore(torch.autograd.Function):
             probabilities = weights[item, chunk] if kept is None else weights[item, chunk] * kept[item, chunk]
             torch.bmm(probabilities, value[item, chunk], out=output[item, chunk])
         ctx.save_for_backward(query, key, value, pos_key, pos_query, *indices, weights, blocked, kept)
-        ctx.scaling, ctx.width, ctx.blocks = scaling, width, blocks
+        ctx.scaling, ctx.width = scaling, width
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept = ctx.saved_tensors
         batch, heads, query_length, key_length = weights.shape
-        terms = position_terms(query, key, pos_key, pos_query, (c2p_index, p2c_index), ctx.blocks)
+        terms = position_terms(query, key, pos_key, pos_query, (c2p_index, p2c_index))
         width, scaling = ctx.width, ctx.scaling
         grad_query, grad_key, grad_value = (projection_layout_like(states) for states in (query, key, value))
         grad_rows = [torch.zeros_like(term.rows) for term in terms]
@@ -151,113 +149,59 @@ def projection_layout_like(states: torch.Tensor) -> torch.Tensor:
     return states.new_empty(batch, length, heads, dim).transpose(1, 2)
 
 
-# Rows of the states (queries for c2p, keys for p2c) per block of position products: a block multiplies only by the
-# relative rows its pairs reach, a contiguous range as δ is monotone in the distance (at 4 × 256 with 128 log buckets,
-# blocks of 64 reach 78% of the 2k rows: a fifth of the terms' products is never computed).
-TERM_BLOCK_ROWS = 64
-
-
-@dataclass(frozen=True)
-class TermBlock:
-    """Rows [start, stop) of a term's states against relative rows [low, high); their products sit at `offset` in
-    each head's flat products."""
-
-    start: int
-    stop: int
-    low: int
-    high: int
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return (self.stop - self.start) * (self.high - self.low)
-
-
-def term_blocks(index: torch.LongTensor, side: int) -> list[TermBlock]:
-    """The blocks of one term (`side` 0: c2p, by query; 1: p2c, by key) of the (Q, K) relative `index`."""
-    by_row = index if side == 0 else index.T
-    lows, highs = by_row.amin(1).tolist(), (by_row.amax(1) + 1).tolist()
-    blocks, offset = [], 0
-    for start in range(0, by_row.shape[0], TERM_BLOCK_ROWS):
-        stop = min(start + TERM_BLOCK_ROWS, by_row.shape[0])
-        block = TermBlock(start, stop, min(lows[start:stop]), max(highs[start:stop]), offset)
-        blocks.append(block)
-        offset += block.size
-    return blocks
-
-
 class PositionTerm:
-    """One position term of the core: the (B, H, T, D) `states` against the pre-scaled (H, 2k, D) `rows`, by `blocks`
-    of states, read at every (query, key) pair of a chunk through `index`, (width, Q·K) flat positions in each head's
-    block products (`flat_term_index`, expanded over a chunk's heads). `side` 0 is c2p (queries against key rows),
-    1 p2c (keys against query rows)."""
+    """One position term of the core: the (B, H, T, D) `states` against the pre-scaled (H, 2k, D) `rows`, read at
+    every (query, key) pair of a chunk through `index`, (width, Q·K) flat positions in each head's (T·2k) products
+    (`flat_term_index`, expanded over a chunk's heads). `side` 0 is c2p (queries against key rows), 1 p2c (keys
+    against query rows)."""
 
-    def __init__(self, states, rows, index: torch.LongTensor, blocks: list[TermBlock], side: int):
-        self.states, self.rows, self.index, self.blocks, self.side = states, rows, index, blocks, side
-        self.products = None
-
-    def block_view(self, flat: torch.Tensor, block: TermBlock) -> torch.Tensor:
-        """(n, rows, reached rows) of one block in a chunk's flat (n, Σ blocks) products or their gradient."""
-        return flat[:, block.offset:block.offset + block.size].view(flat.shape[0], block.stop - block.start, -1)
+    def __init__(self, states: torch.Tensor, rows: torch.Tensor, index: torch.LongTensor, side: int):
+        self.states, self.rows, self.index, self.side = states, rows, index, side
 
     def gather(self, item: int, chunk: slice, out: torch.Tensor) -> None:
         """The term at every (query, key) pair of one batch item's chunk of heads, written into `out` (n, Q·K)."""
         size = out.shape[0]
-        if self.products is None:  # one buffer for every chunk
-            self.products = out.new_empty(self.index.shape[0], sum(block.size for block in self.blocks))
-        products = self.products[:size]
-        for block in self.blocks:
-            states, rows = self.states[item, chunk, block.start:block.stop], self.rows[chunk, block.low:block.high]
-            torch.bmm(states, rows.transpose(1, 2), out=self.block_view(products, block))
-        torch.gather(products, -1, self.index[:size], out=out)
+        products = torch.bmm(self.states[item, chunk], self.rows[chunk].transpose(1, 2))  # (n, T, 2k)
+        torch.gather(products.view(size, -1), -1, self.index[:size], out=out)
 
     def backward(
         self, grad_scores: torch.Tensor, item: int, chunk: slice, grad_states: torch.Tensor, grad_rows: torch.Tensor
     ) -> None:
-        """The term's share of a chunk's dS (n, Q, K): scatter-added by the index into the block products, then sent
-        through them to the chunk's states (written into `grad_states`) and accumulated into `grad_rows`."""
-        size = grad_scores.shape[0]
-        grad_term = grad_scores.new_zeros(size, sum(block.size for block in self.blocks))
+        """The term's share of a chunk's dS (n, Q, K): scatter-added by the index into the (n, T·2k) products, then
+        sent through them to the chunk's states (written into `grad_states`) and accumulated into `grad_rows`."""
+        size, length, rows = grad_scores.shape[0], self.states.shape[2], self.rows.shape[1]
+        grad_term = grad_scores.new_zeros(size, length * rows)
         grad_term.scatter_add_(-1, self.index[:size], grad_scores.view(size, -1))
-        for block in self.blocks:
-            grad_block, reached = self.block_view(grad_term, block), slice(block.low, block.high)
-            own = slice(block.start, block.stop)
-            torch.bmm(grad_block, self.rows[chunk, reached], out=grad_states[item, chunk, own])
-            grad_rows[chunk, reached].baddbmm_(grad_block.transpose(1, 2), self.states[item, chunk, own])
+        grad_term = grad_term.view(size, length, rows)
+        torch.bmm(grad_term, self.rows[chunk], out=grad_states[item, chunk])
+        grad_rows[chunk].baddbmm_(grad_term.transpose(1, 2), self.states[item, chunk])
 
 
 def term_indices(
     index: torch.LongTensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None, width: int
-) -> tuple[tuple[torch.LongTensor | None, torch.LongTensor | None], list[list[TermBlock] | None]]:
-    """The flat indices of c2p and p2c (`flat_term_index`), expanded over a chunk's `width` heads, and their blocks;
-    None for an inactive term."""
-    blocks = [None if rows is None else term_blocks(index, side) for side, rows in enumerate((pos_key, pos_query))]
-    indices = tuple(None if term is None else flat_term_index(index, term, side).flatten().expand(width, -1)
-                    for side, term in enumerate(blocks))
-    return indices, blocks
+) -> tuple[torch.LongTensor | None, torch.LongTensor | None]:
+    """The flat indices of c2p and p2c (`flat_term_index`), expanded over a chunk's `width` heads; None for an inactive
+    term."""
+    return tuple(None if rows is None else flat_term_index(index, rows, side).flatten().expand(width, -1)
+                 for side, rows in enumerate((pos_key, pos_query)))
 
 
 def position_terms(
     query: torch.Tensor, key: torch.Tensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None,
-    indices: tuple[torch.LongTensor | None, torch.LongTensor | None], blocks: list[list[TermBlock] | None],
+    indices: tuple[torch.LongTensor | None, torch.LongTensor | None],
 ) -> list[PositionTerm]:
     """The active terms, c2p (queries against key rows) before p2c (keys against query rows), at their `indices`."""
     pairs = ((query, pos_key), (key, pos_query))
-    return [PositionTerm(states, rows, index, term_blocks_, side)
-            for side, ((states, rows), index, term_blocks_) in enumerate(zip(pairs, indices, blocks))
-            if rows is not None]
+    return [PositionTerm(states, rows, index, side)
+            for side, ((states, rows), index) in enumerate(zip(pairs, indices)) if rows is not None]
 
 
-def flat_term_index(index: torch.LongTensor, blocks: list[TermBlock], side: int) -> torch.LongTensor:
-    """Where pair (i, j) reads one term in its block products per head: row i (c2p, `side` 0) or row j (p2c, `side`
-    1) of its block, column δ(i, j) = `index` (Q, K) less the block's first reached row. Both terms then gather and
-    scatter in the scores' own (Q, K) order, with no transposed operand (a third faster for p2c than gathering by key
-    and transposing)."""
-    row_offset = torch.empty(index.shape[side], dtype=index.dtype, device=index.device)
-    for block in blocks:
-        rows = torch.arange(block.stop - block.start, device=index.device)
-        row_offset[block.start:block.stop] = block.offset + rows * (block.high - block.low) - block.low
-    return index + (row_offset[:, None] if side == 0 else row_offset[None, :])
+def flat_term_index(index: torch.LongTensor, rows: torch.Tensor, side: int) -> torch.LongTensor:
+    """Where pair (i, j) reads one term in its (T·2k) products per head: row i (c2p, `side` 0) or row j (p2c, `side`
+    1), column δ(i, j) = `index` (Q, K). Both terms then gather and scatter in the scores' own (Q, K) order, with no
+    transposed operand (a third faster for p2c than gathering by key and transposing)."""
+    row = torch.arange(index.shape[side], device=index.device)
+    return index + (row[:, None] if side == 0 else row[None, :]) * rows.shape[1]
 
 
 @register_attention_variant("disentangled")

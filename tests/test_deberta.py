@@ -199,14 +199,11 @@ def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling, 
 def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mask_kind, chunk_heads):
     """Output and every input gradient of `DisentangledAttentionCore` equal the unfused computation's, with log
     buckets, a query length unlike the key length, and a fully masked query row (uniform weights, whose slots
-    get no gradient from a boolean mask); all heads of a batch item at once, or in chunks of two and one with the
-    position products in blocks of three rows, each against the relative rows it reaches. The output is laid out
-    (B, Q, H, D) in memory, as the output projection reads it."""
+    get no gradient from a boolean mask); all heads of a batch item at once, or in chunks of two and one. The
+    output is laid out (B, Q, H, D) in memory, as the output projection reads it."""
     torch.manual_seed(0)
     batch_size, heads, query_length, key_length, dim, span = 2, 3, 7, 9, 5, 4
     monkeypatch.setattr(disentangled_attention, "CHUNK_SCORE_BYTES", chunk_heads * query_length * key_length * 4)
-    if chunk_heads < heads:
-        monkeypatch.setattr(disentangled_attention, "TERM_BLOCK_ROWS", 3)
     inputs = [torch.randn(batch_size, heads, length, dim) for length in (query_length, key_length, key_length)]
     inputs += [torch.randn(heads, 2 * span, dim) if term in terms else None for term in POSITION_TERM_NAMES]
     leaves = [None if tensor is None else tensor.requires_grad_() for tensor in inputs]
