@@ -463,6 +463,11 @@ class PosVarAttention(nn.Module):
         terms), which keeps the kernel call on its backend's own mask path."""
         return self.contextual_positions is not None
 
+    def has_own_kernel(self) -> bool:
+        """Whether the layer adds its own bias and attends in a fused CPU kernel of its own where the route says
+        (`BiasRoute.own_kernel`, read by `choose_bias_route`); none here."""
+        return False
+
     def takes_gradient_kernel(self, score_elements: int, device_type: str) -> bool:
         """Whether this layer's kernel call can be `FlashAttentionWithBiasGradient`, which takes the mask alone (read by
         `choose_bias_route` for a (B, H, Q, K) score tensor of `score_elements`)."""

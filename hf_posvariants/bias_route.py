@@ -14,7 +14,7 @@ This file imports only the standard library: it travels with remote-code checkpo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ class BiasRoute:
     mask, folded in once per forward. ``gradient``: where a folded learned bias sends its gradient. ``causal``: the
     folded mask holds causality alone besides the bias (no padding, as many queries as keys), so the gradient kernel
     may skip the keys after each query. ``columns``: the shared bias rides in one extra query and key column
-    (`ScoreBias.columns`) and nothing is folded: the mask stays transformers' own.
+    (`ScoreBias.columns`) and nothing is folded: the mask stays transformers' own. ``own_kernel``: the layers add their
+    own bias (DeBERTa's position terms) in a fused CPU kernel of theirs instead of calling the backend, which would take
+    its math kernel for a bias needing a gradient; that kernel adds the mask as the backend would.
     """
 
     carrier: BiasCarrier
@@ -92,6 +94,7 @@ class BiasRoute:
     gradient: BiasGradient = "autograd"
     causal: bool = False
     columns: bool = False
+    own_kernel: bool = False
 
     @property
     def gradient_kernel(self) -> bool:
@@ -111,6 +114,8 @@ def choose_bias_route(
     layers_take_columns: bool,
     single_precision: bool,
     causal_only: bool,
+    training: bool = False,
+    layers_own_kernel: bool = False,
 ) -> BiasRoute:
     """The route of a forward on `backend` and `device_type` with the shared `bias` (None: none).
 
@@ -123,17 +128,35 @@ def choose_bias_route(
     none), the forward is being compiled, or a layer cannot take that kernel (`layers_take_gradient_kernel`: it adds
     a bias of its own, or computes the maps itself). That kernel skips the keys after each query where the forward's
     mask is causality alone (`causal_only`: causal, unpadded, as many queries as keys).
+
+    Layers adding their own bias with a fused CPU kernel of theirs (`layers_own_kernel`) run it on a CPU backend with
+    the gradient kernel, in float32 or wider, uncompiled, with gradients or in `training` mode (reentrant
+    checkpointing runs a training step first without them, and both runs must draw the same attention dropout),
+    unless the mask itself needs a gradient (a learned shared bias folded in), which that kernel does not return.
     """
     row = BACKEND_BIAS.get(backend, BackendBias("none"))
+    cpu = device_type == "cpu"
+    learned = bias is not None and grad_enabled and bias.requires_grad
+    kernel_allowed = layers_take_gradient_kernel and not (attention_dropout or compiling)
+    route = shared_bias_route(row, bias, cpu, learned, kernel_allowed, single_precision and layers_take_columns,
+                              causal_only)
+    learned_mask = learned and route.folded and not route.gradient_kernel
+    own_kernel = layers_own_kernel and row.cpu_gradient_kernel and cpu and single_precision and not compiling
+    return replace(route, own_kernel=True) if own_kernel and (grad_enabled or training) and not learned_mask else route
+
+
+def shared_bias_route(
+    row: BackendBias, bias: ScoreBias | None, cpu: bool, learned: bool, kernel_allowed: bool, columns_allowed: bool,
+    causal_only: bool,
+) -> BiasRoute:
+    """`choose_bias_route` for the shared `bias` on the backend of `row`: in columns where they are allowed, folded
+    into the mask, or through the gradient kernel where a `learned` bias may take it."""
     if bias is None or row.carrier != "mask":
         return BiasRoute(row.carrier)
     fixed_linear = bias.linear_in_key and not bias.requires_grad
-    if fixed_linear and row.cpu_bias_columns and device_type == "cpu" and single_precision and layers_take_columns:
+    if fixed_linear and row.cpu_bias_columns and cpu and columns_allowed:
         return BiasRoute(row.carrier, columns=True)
-    learned = grad_enabled and bias.requires_grad
-    if not (learned and row.cpu_gradient_kernel and device_type == "cpu") or attention_dropout or compiling:
-        return BiasRoute(row.carrier, folded=True)
-    if not layers_take_gradient_kernel:
+    if not (learned and row.cpu_gradient_kernel and cpu and kernel_allowed):
         return BiasRoute(row.carrier, folded=True)
     gradient = "row" if bias.row is not None else "mask"
     return BiasRoute(row.carrier, folded=True, gradient=gradient, causal=causal_only)

@@ -12,7 +12,7 @@ are (B, H, Q, 2k) and (B, H, K, 2k) products. They take the bias route of `Posit
 SDPA receive them gathered into a pre-scaled (B, H, Q, K) tensor, flex as a score function that indexes them by
 distance (no (Q, K) tensor). Training on CPU SDPA, where SDPA would fall back to its math kernel for a bias that
 needs a gradient, runs `DisentangledAttentionCore` instead: the same sums with the position terms added into the
-score buffer of the content product and a backward written for them (see `uses_fused_core`).
+score buffer of the content product and a backward written for them (`BiasRoute.own_kernel`).
 
 Index convention: the reference code's (microsoft/DeBERTa, also transformers' DebertaV2), so checkpoints
 carry over. It differs from the paper's equation 4 in the p2c term: the paper indexes q^r with δ(j, i), the
@@ -33,124 +33,175 @@ from .validation import choice_error
 POSITION_TERMS = ("c2p", "p2c")
 
 
+# The most bytes of (Q, K) scores one chunk of heads computes at a time: its temporaries (scores, gathered terms, the
+# scores' gradient, the terms' gradients) then stay in a core's L2 cache from the operation that writes them to the
+# one that reads them, where (B, H, Q, K) temporaries of the whole batch went through memory at every step.
+CHUNK_SCORE_BYTES = 1 << 20
+
+
 class DisentangledAttentionCore(torch.autograd.Function):
     """softmax(QKᵀ·scaling + c2p[.., i, δ(i, j)] + p2c[.., j, δ(i, j)] + mask)·V with c2p = Q·K_rᵀ and p2c = K·Q_rᵀ,
     on (B, H, T, D) heads and pre-scaled (H, 2k, D) position rows (either may be None); returns (B, H, Q, D).
 
-    What SDPA's math kernel and autograd would compute, with less around the matrix products: heads are laid out
-    (H, B) so that the position products run as one (B·T, D) × (D, 2k) product per head (no expanded rows, no sum
-    over the batch in the backward), the position terms are written straight into the score buffer that the content
-    product then adds to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an
-    intermediate (B, H, Q, K) bias gradient. Masked slots of a boolean mask get no gradient, as with eager's
+    What SDPA's math kernel and autograd would compute, with less around the matrix products: the heads of one batch
+    item are taken a chunk at a time (`head_chunks`), so every (Q, K) temporary is a chunk's and is reused by the
+    next; the position terms are gathered straight into the chunk's score buffer that the content product then adds
+    to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an intermediate bias
+    gradient. Heads are read in the projections' own (B, T, H, D) memory and the output and the input gradients are
+    written in it, so no layout is copied. Masked slots of a boolean mask get no gradient, as with eager's
     `masked_fill`; an additive mask passes it on, as eager's sum does. `dropout` > 0 drops attention weights as
-    `nn.functional.dropout` does (its own draws: the same distribution, not the same mask as another kernel's).
+    `nn.functional.dropout` does on the (B, H, Q, K) weights (its own draws: the same distribution, not the same
+    mask as another kernel's).
     """
 
     @staticmethod
     def forward(ctx, query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
         batch, heads, query_length, dim = query.shape
         key_length = key.shape[2]
-        # (H, B, T, D) contiguous: each head's B·T rows are one matrix for the position products.
-        query_h, key_h, value_h = (states.transpose(0, 1).contiguous() for states in (query, key, value))
-        c2p_index, p2c_index = (flat_term_index(index, rows, side) for rows, side in ((pos_key, 0), (pos_query, 1)))
-        scores = position_scores(query_h, pos_key, c2p_index)
-        p2c_scores = position_scores(key_h, pos_query, p2c_index)
-        if scores is None:
-            scores = p2c_scores
-        elif p2c_scores is not None:
-            scores.add_(p2c_scores)
-        flat = (heads * batch, -1, dim)
-        scores = scores.view(heads * batch, query_length, key_length)
-        scores.baddbmm_(query_h.view(flat), key_h.view(flat).transpose(1, 2), alpha=scaling)
-        blocked = None
-        if mask is not None:
-            mask = mask[..., :key_length].transpose(0, 1)  # (1|H, B|1, Q|1, K), broadcast over the (H, B) layout
-            scores4 = scores.view(heads, batch, query_length, key_length)
-            if mask.dtype == torch.bool:
-                blocked = ~mask
-                scores4.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-            else:
-                scores4.add_(mask)
-        weights = torch.softmax(scores, dim=-1)
+        width = chunk_width(heads, query_length * key_length * query.element_size())
+        indices = term_indices(index, pos_key, pos_query, width)
+        terms = position_terms(query, key, pos_key, pos_query, indices)
+        mask = None if mask is None else mask[..., :key_length]
+        blocked = None if mask is None or mask.dtype != torch.bool else ~mask
+        weights = query.new_empty(batch, heads, query_length, key_length)
+        # (B, Q, H, D) memory: the output projection reads it as (B, Q, H·D) without a copy.
+        output = query.new_empty(batch, query_length, heads, dim).transpose(1, 2)
         # Attention dropout as torch's own: a Bernoulli keep mask scaled by 1 / (1 - p), applied after the softmax.
         kept = None if dropout == 0.0 else torch.empty_like(weights).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
-        output = torch.bmm(weights if kept is None else weights * kept, value_h.view(flat))
-        ctx.save_for_backward(query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept)
-        ctx.scaling = scaling
-        return output.view(heads, batch, query_length, dim).transpose(0, 1)
+        scores = query.new_empty(width, query_length, key_length)
+        gathered = query.new_empty(width, query_length * key_length) if len(terms) > 1 else None
+        for item, chunk in head_chunks(batch, heads, width):
+            size = chunk.stop - chunk.start
+            chunk_scores = scores[:size]
+            for number, term in enumerate(terms):
+                term.gather(item, chunk, chunk_scores.view(size, -1) if number == 0 else gathered[:size])
+                if number > 0:
+                    chunk_scores.view(size, -1).add_(gathered[:size])
+            beta = 1.0 if terms else 0.0  # the content product adds to the terms, or writes alone
+            chunk_scores.baddbmm_(query[item, chunk], key[item, chunk].transpose(1, 2), beta=beta, alpha=scaling)
+            if blocked is not None:
+                chunk_scores.masked_fill_(mask_chunk(blocked, item, chunk), torch.finfo(scores.dtype).min)
+            elif mask is not None:
+                chunk_scores.add_(mask_chunk(mask, item, chunk))
+            torch.ops.aten._softmax.out(chunk_scores, -1, False, out=weights[item, chunk])
+            probabilities = weights[item, chunk] if kept is None else weights[item, chunk] * kept[item, chunk]
+            torch.bmm(probabilities, value[item, chunk], out=output[item, chunk])
+        ctx.save_for_backward(query, key, value, pos_key, pos_query, *indices, weights, blocked, kept)
+        ctx.scaling, ctx.width = scaling, width
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query_h, key_h, value_h, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept = ctx.saved_tensors
-        heads, batch, query_length, dim = query_h.shape
-        key_length = key_h.shape[2]
-        flat = (heads * batch, -1, dim)
-        grad_h = grad_output.transpose(0, 1).reshape(flat)
-        grad_value = torch.bmm((weights if kept is None else weights * kept).transpose(1, 2), grad_h)
-        grad_weights = torch.bmm(grad_h, value_h.view(flat).transpose(1, 2))
-        if kept is not None:
-            grad_weights.mul_(kept)
-        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        grad_scores4 = grad_scores.view(heads, batch, query_length, key_length)
-        if blocked is not None:
-            grad_scores4.masked_fill_(blocked, 0.0)
-        grad_c2p_query, grad_pos_key = term_gradients(grad_scores4, c2p_index, query_h, pos_key)
-        grad_p2c_key, grad_pos_query = term_gradients(grad_scores4, p2c_index, key_h, pos_query)
-        grad_query = states_gradient(grad_scores, key_h.view(flat), ctx.scaling, grad_c2p_query)
-        grad_key = states_gradient(grad_scores.transpose(1, 2), query_h.view(flat), ctx.scaling, grad_p2c_key)
+        query, key, value, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept = ctx.saved_tensors
+        batch, heads, query_length, key_length = weights.shape
+        terms = position_terms(query, key, pos_key, pos_query, (c2p_index, p2c_index))
+        width, scaling = ctx.width, ctx.scaling
+        grad_query, grad_key, grad_value = (projection_layout_like(states) for states in (query, key, value))
+        grad_rows = [torch.zeros_like(term.rows) for term in terms]
+        grad_weights = query.new_empty(width, query_length, key_length)
+        grad_scores = query.new_empty(width, query_length, key_length)
+        # The content product adds to a term's share of dQ / dK where there is one (beta 1), else writes alone (beta 0).
+        query_beta, key_beta = float(pos_key is not None), float(pos_query is not None)
+        for item, chunk in head_chunks(batch, heads, width):
+            size = chunk.stop - chunk.start
+            chunk_grad_scores = grad_scores[:size]
+            probabilities = weights[item, chunk] if kept is None else weights[item, chunk] * kept[item, chunk]
+            torch.bmm(probabilities.transpose(1, 2), grad_output[item, chunk], out=grad_value[item, chunk])
+            torch.bmm(grad_output[item, chunk], value[item, chunk].transpose(1, 2), out=grad_weights[:size])
+            if kept is not None:
+                grad_weights[:size].mul_(kept[item, chunk])
+            torch.ops.aten._softmax_backward_data.out(
+                grad_weights[:size], weights[item, chunk], -1, weights.dtype, grad_input=chunk_grad_scores
+            )
+            if blocked is not None:
+                chunk_grad_scores.masked_fill_(mask_chunk(blocked, item, chunk), 0.0)
+            for term, grad_term_rows in zip(terms, grad_rows):
+                term.backward(chunk_grad_scores, item, chunk, (grad_query, grad_key)[term.side], grad_term_rows)
+            grad_query[item, chunk].baddbmm_(chunk_grad_scores, key[item, chunk], beta=query_beta, alpha=scaling)
+            grad_key[item, chunk].baddbmm_(
+                chunk_grad_scores.transpose(1, 2), query[item, chunk], beta=key_beta, alpha=scaling
+            )
+        by_side = {term.side: grad for term, grad in zip(terms, grad_rows)}
+        return grad_query, grad_key, grad_value, by_side.get(0), by_side.get(1), None, None, None, None
 
-        def by_batch(grad: torch.Tensor) -> torch.Tensor:
-            return grad.view(heads, batch, -1, dim).transpose(0, 1)
 
-        grads = by_batch(grad_query), by_batch(grad_key), by_batch(grad_value), grad_pos_key, grad_pos_query
-        return *grads, None, None, None, None
+def chunk_width(heads: int, score_bytes: int) -> int:
+    """Heads per chunk: as many as fit `CHUNK_SCORE_BYTES` of scores, at least one."""
+    return max(1, min(heads, CHUNK_SCORE_BYTES // max(score_bytes, 1)))
 
 
-def flat_term_index(index: torch.LongTensor, rows: torch.Tensor | None, side: int) -> torch.LongTensor | None:
-    """Where pair (i, j) reads one term in its (T·2k) products per (head, batch) item: row i (c2p, `side` 0) or row j
-    (p2c, `side` 1), column δ(i, j) = `index` (Q, K). Both terms then gather and scatter in the scores' own (Q, K)
-    order, with no transposed operand (a third faster for p2c than gathering by key and transposing)."""
-    if rows is None:
-        return None
+def head_chunks(batch: int, heads: int, width: int):
+    """(batch item, slice of heads) of at most `width` heads, item by item."""
+    for item in range(batch):
+        for start in range(0, heads, width):
+            yield item, slice(start, min(start + width, heads))
+
+
+def mask_chunk(mask: torch.Tensor, item: int, chunk: slice) -> torch.Tensor:
+    """A (B|1, H|1, Q|1, K) mask at one batch item's chunk of heads: (n|1, Q|1, K), broadcast over the chunk."""
+    mask = mask[item if mask.shape[0] > 1 else 0]
+    return mask[chunk] if mask.shape[0] > 1 else mask
+
+
+def projection_layout_like(states: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, T, D) tensor in (B, T, H, D) memory, the layout the projections' gradient takes as is."""
+    batch, heads, length, dim = states.shape
+    return states.new_empty(batch, length, heads, dim).transpose(1, 2)
+
+
+class PositionTerm:
+    """One position term of the core: the (B, H, T, D) `states` against the pre-scaled (H, 2k, D) `rows`, read at
+    every (query, key) pair of a chunk through `index`, (width, Q·K) flat positions in each head's (T·2k) products
+    (`flat_term_index`, expanded over a chunk's heads). `side` 0 is c2p (queries against key rows), 1 p2c (keys
+    against query rows)."""
+
+    def __init__(self, states: torch.Tensor, rows: torch.Tensor, index: torch.LongTensor, side: int):
+        self.states, self.rows, self.index, self.side = states, rows, index, side
+
+    def gather(self, item: int, chunk: slice, out: torch.Tensor) -> None:
+        """The term at every (query, key) pair of one batch item's chunk of heads, written into `out` (n, Q·K)."""
+        size = out.shape[0]
+        products = torch.bmm(self.states[item, chunk], self.rows[chunk].transpose(1, 2))  # (n, T, 2k)
+        torch.gather(products.view(size, -1), -1, self.index[:size], out=out)
+
+    def backward(
+        self, grad_scores: torch.Tensor, item: int, chunk: slice, grad_states: torch.Tensor, grad_rows: torch.Tensor
+    ) -> None:
+        """The term's share of a chunk's dS (n, Q, K): scatter-added by the index into the (n, T·2k) products, then
+        sent through them to the chunk's states (written into `grad_states`) and accumulated into `grad_rows`."""
+        size, length, rows = grad_scores.shape[0], self.states.shape[2], self.rows.shape[1]
+        grad_term = grad_scores.new_zeros(size, length * rows)
+        grad_term.scatter_add_(-1, self.index[:size], grad_scores.view(size, -1))
+        grad_term = grad_term.view(size, length, rows)
+        torch.bmm(grad_term, self.rows[chunk], out=grad_states[item, chunk])
+        grad_rows[chunk].baddbmm_(grad_term.transpose(1, 2), self.states[item, chunk])
+
+
+def term_indices(
+    index: torch.LongTensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None, width: int
+) -> tuple[torch.LongTensor | None, torch.LongTensor | None]:
+    """The flat indices of c2p and p2c (`flat_term_index`), expanded over a chunk's `width` heads; None for an inactive
+    term."""
+    return tuple(None if rows is None else flat_term_index(index, rows, side).flatten().expand(width, -1)
+                 for side, rows in enumerate((pos_key, pos_query)))
+
+
+def position_terms(
+    query: torch.Tensor, key: torch.Tensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None,
+    indices: tuple[torch.LongTensor | None, torch.LongTensor | None],
+) -> list[PositionTerm]:
+    """The active terms, c2p (queries against key rows) before p2c (keys against query rows), at their `indices`."""
+    pairs = ((query, pos_key), (key, pos_query))
+    return [PositionTerm(states, rows, index, side)
+            for side, ((states, rows), index) in enumerate(zip(pairs, indices)) if rows is not None]
+
+
+def flat_term_index(index: torch.LongTensor, rows: torch.Tensor, side: int) -> torch.LongTensor:
+    """Where pair (i, j) reads one term in its (T·2k) products per head: row i (c2p, `side` 0) or row j (p2c, `side`
+    1), column δ(i, j) = `index` (Q, K). Both terms then gather and scatter in the scores' own (Q, K) order, with no
+    transposed operand (a third faster for p2c than gathering by key and transposing)."""
     row = torch.arange(index.shape[side], device=index.device)
     return index + (row[:, None] if side == 0 else row[None, :]) * rows.shape[1]
-
-
-def position_scores(
-    states: torch.Tensor, rows: torch.Tensor | None, index: torch.LongTensor | None
-) -> torch.Tensor | None:
-    """One position term read at every (query, key) pair: the (H, B, T, D) `states` against the (H, 2k, D) `rows`, one
-    (B·T, D) × (D, 2k) product per head, gathered by the flat `index` (Q, K) into (H, B, Q, K); None for an inactive
-    term."""
-    if rows is None:
-        return None
-    heads, batch, _, dim = states.shape
-    products = torch.bmm(states.view(heads, -1, dim), rows.transpose(1, 2)).view(heads, batch, -1)
-    return products.gather(-1, index.flatten().expand(heads, batch, -1)).view(heads, batch, *index.shape)
-
-
-def term_gradients(
-    grad_scores: torch.Tensor, index: torch.LongTensor | None, states: torch.Tensor, rows: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One position term's share of dS (H, B, Q, K): scatter-added by its flat `index` into the term's (H, B, T, 2k)
-    products, then sent through them to the (H, B, T, D) `states` (as (H, B·T, D)) and to the (H, 2k, D) `rows`.
-    (None, None) for an inactive term."""
-    if rows is None:
-        return None, None
-    heads, batch, length, dim = states.shape
-    grad_term = grad_scores.new_zeros(heads, batch, length * rows.shape[1])
-    grad_term.scatter_add_(-1, index.flatten().expand(heads, batch, -1), grad_scores.reshape(heads, batch, -1))
-    grad_term = grad_term.view(heads, -1, rows.shape[1])
-    return torch.bmm(grad_term, rows), torch.bmm(grad_term.transpose(1, 2), states.view(heads, -1, dim))
-
-
-def states_gradient(
-    grad_scores: torch.Tensor, other: torch.Tensor, scaling: float, term_share: torch.Tensor | None
-) -> torch.Tensor:
-    """The (H·B, T, D) gradient of queries or keys: dS·`other`·scaling, added onto the position term's share."""
-    if term_share is None:
-        return torch.bmm(grad_scores, other).mul_(scaling)
-    return term_share.view(grad_scores.shape[0], -1, other.shape[-1]).baddbmm_(grad_scores, other, alpha=scaling)
 
 
 @register_attention_variant("disentangled")
@@ -281,32 +332,15 @@ class DisentangledAttention(PosVarAttention):
         """Self-attention, or with `key_value_states` (the Enhanced Mask Decoder) queries from `hidden_states`
         against keys and values from `key_value_states`."""
         query, key, value = self.project(hidden_states, positions, cache, key_value_states)
-        if self.uses_fused_core(query, attention_mask, positions, cache):
+        if positions.route.own_kernel:
             return self.fused_attend(query, key, value, attention_mask, positions)
         bias = kernel_bias(positions, self.position_terms_bias(query, key, positions))
         return self.attend(query, key, value, attention_mask, bias, **kwargs)
 
-    def uses_fused_core(self, query: torch.Tensor, attention_mask, positions: Positions, cache: Cache | None) -> bool:
-        """Whether this call runs `DisentangledAttentionCore`: SDPA on CPU in fp32 with position terms, in training mode
-        or with gradients, where SDPA's own choice for a bias needing a gradient is its math kernel. The route's carrier
-        stays the mask: the core adds the terms and the mask as SDPA would, and attention dropout after the softmax.
-        Not with autocast, a cache, a mask that itself needs a gradient (a scheduled learned bias folded in), or while
-        compiling (the graph keeps transformers' SDPA)."""
-        return (
-            bool(self.position_terms)
-            and positions.route.carrier == "mask"
-            and self.config._attn_implementation == "sdpa"
-            and query.device.type == "cpu"
-            and query.dtype == torch.float32
-            # In training mode also without gradients: reentrant checkpointing runs the forward under no_grad and
-            # recomputes it with them, and both runs must draw the same attention dropout.
-            and (torch.is_grad_enabled() or self.training)
-            and not torch.is_autocast_enabled(query.device.type)
-            and cache is None
-            and not torch.compiler.is_compiling()
-            and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
-            and not (attention_mask is not None and attention_mask.requires_grad)
-        )
+    def has_own_kernel(self) -> bool:
+        """With position terms: `DisentangledAttentionCore` computes them with the attention where the route says (SDPA
+        on CPU, where SDPA's own choice for a bias needing a gradient is its math kernel)."""
+        return bool(self.position_terms)
 
     def fused_attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, positions: Positions

@@ -514,6 +514,8 @@ class PosVarModel(PosVarPreTrainedModel):
             single_precision=kernel_dtype(hidden_states).itemsize >= 4,
             # No mask: transformers left causality to the kernel, which SDPA applies aligned top-left.
             causal_only=self.is_causal and mask is None and query_length == key_length,
+            training=self.training,
+            layers_own_kernel=all(layer.has_own_kernel() for layer in layers),
         )
 
     def compute_positions(

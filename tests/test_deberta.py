@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
 from conftest import VOCAB, build, tiny_config
-from hf_posvariants import PosVarDebertaConfig
+from hf_posvariants import PosVarDebertaConfig, disentangled_attention
 from hf_posvariants.conversion import convert_deberta
 from hf_posvariants.disentangled_attention import DisentangledAttention, DisentangledAttentionCore
 from hf_posvariants.position_encodings import Positions, deberta_log_bucket, distance_grid
@@ -195,12 +195,15 @@ def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling, 
 
 @pytest.mark.parametrize("terms", [("c2p",), ("p2c",), ("c2p", "p2c")])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
+@pytest.mark.parametrize("chunk_heads", [3, 2], ids=["one-chunk", "chunks-of-2-and-1"])
+def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mask_kind, chunk_heads):
     """Output and every input gradient of `DisentangledAttentionCore` equal the unfused computation's, with log
     buckets, a query length unlike the key length, and a fully masked query row (uniform weights, whose slots
-    get no gradient from a boolean mask)."""
+    get no gradient from a boolean mask); all heads of a batch item at once, or in chunks of two and one. The
+    output is laid out (B, Q, H, D) in memory, as the output projection reads it."""
     torch.manual_seed(0)
     batch_size, heads, query_length, key_length, dim, span = 2, 3, 7, 9, 5, 4
+    monkeypatch.setattr(disentangled_attention, "CHUNK_SCORE_BYTES", chunk_heads * query_length * key_length * 4)
     inputs = [torch.randn(batch_size, heads, length, dim) for length in (query_length, key_length, key_length)]
     inputs += [torch.randn(heads, 2 * span, dim) if term in terms else None for term in POSITION_TERM_NAMES]
     leaves = [None if tensor is None else tensor.requires_grad_() for tensor in inputs]
@@ -219,6 +222,7 @@ def test_fused_core_matches_unfused_values_and_gradients(terms, mask_kind):
         gradients = torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
         results.append((output, gradients))
     (expected, expected_gradients), (result, result_gradients) = results
+    assert result.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
     for got, want in zip(result_gradients, expected_gradients):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -248,10 +252,10 @@ def test_gradient_checkpointing_with_attention_dropout_gives_the_same_gradients(
 def test_fused_core_attention_dropout_gradients():
     """With attention dropout, the core's backward is the derivative of its forward (gradcheck in float64, the same
     draws each call), it drops weights (outputs differ from p=0's), and it matches the unfused computation given
-    the same draws: torch's dropout draws its mask the same way, on weights laid out (H, B) here."""
+    the same draws: torch's dropout draws its mask the same way, on the (B, H, Q, K) weights."""
     torch.manual_seed(0)
     heads, length, dim, span = 2, 5, 3, 3
-    states = [torch.randn(1, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    states = [torch.randn(2, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     rows = [torch.randn(heads, 2 * span, dim, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     relative = -(torch.arange(2 * length - 1) - (length - 1))
     index = ((relative + span).clamp(0, 2 * span - 1))[distance_grid(length, length, "cpu")]
@@ -262,7 +266,6 @@ def test_fused_core_attention_dropout_gradients():
 
     assert torch.autograd.gradcheck(run, (*states, *rows))
     assert not torch.allclose(run(*states, *rows), run(*states, *rows, dropout=0.0))
-    # One batch item: the (H, B) layout of the weights is then the (B, H) one, so the draws coincide.
     result = run(*states, *rows)
     torch.manual_seed(1)
     torch.testing.assert_close(result, reference_core(*states, *rows, index, None, 0.5, 0.4))

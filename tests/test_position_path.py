@@ -206,6 +206,26 @@ def test_bias_route_per_backend_device_bias_and_grad_mode():
                              causal_only=True) == BiasRoute("score_function")
 
 
+def test_layers_own_kernel_route():
+    # Layers with a fused CPU kernel of their own (DeBERTa's position terms) run it where SDPA on CPU would take its
+    # math kernel: with gradients or in training mode, fp32 or wider, uncompiled, and where the mask needs no gradient.
+    settings = dict(grad_enabled=True, attention_dropout=False, compiling=False, layers_take_gradient_kernel=False,
+                    layers_take_columns=False, single_precision=True, causal_only=False, layers_own_kernel=True)
+    assert choose_bias_route("sdpa", "cpu", None, **settings) == BiasRoute("mask", own_kernel=True)
+    # Reentrant checkpointing's first run of a training step has no gradients: it takes the same kernel.
+    assert choose_bias_route("sdpa", "cpu", None, **{**settings, "grad_enabled": False, "training": True}).own_kernel
+    for overrides in (dict(grad_enabled=False), dict(compiling=True), dict(single_precision=False),
+                      dict(layers_own_kernel=False)):
+        assert choose_bias_route("sdpa", "cpu", None, **{**settings, **overrides}) == BiasRoute("mask"), overrides
+    assert choose_bias_route("sdpa", "cuda", None, **settings) == BiasRoute("mask")
+    assert choose_bias_route("eager", "cpu", None, **settings) == BiasRoute("mask")
+    assert choose_bias_route("flex_attention", "cpu", None, **settings) == BiasRoute("score_function")
+    # A shared bias folded into the mask: a fixed one leaves the kernel free, a learned one needs the mask's gradient.
+    own = {key: value for key, value in settings.items() if not key.startswith("layers_take")}
+    assert route_of("alibi", layers_take_columns=False, **own) == BiasRoute("mask", folded=True, own_kernel=True)
+    assert route_of("t5_bias", layers_take_gradient_kernel=False, **own) == BiasRoute("mask", folded=True)
+
+
 def test_bidirectional_alibi_is_not_linear_in_the_key():
     # |i − j| over keys on both sides of the query is no per-key value plus a row constant: it stays in the mask.
     config = tiny_config(FAMILY_CONFIGS[0], "alibi", num_attention_heads=4)
