@@ -6,7 +6,8 @@
         --scalings linear yarn dynamic --factor 4 --out-dir docs/context_extension
 
 Each rescaling runs `scripts/extend_context.py`'s pipeline (convert, rescale, fine-tune from the recipe, score) with
-its models under --work-dir; the study writes study.json, study.md and perplexity.png to --out-dir.
+its models under --work-dir (an earlier study's converted models there are replaced only with --overwrite); the
+study writes study.json, study.md and perplexity.png to --out-dir.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/extension_study"))
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--probe-examples", type=int, default=8)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the converted models an earlier study left under --work-dir")
     args, overrides = parser.parse_known_args(argv)
     reports = {
         scaling: extend(args.checkpoint, args.recipe, args.factor, args.work_dir / scaling, rope_type=scaling,
-                        overrides=overrides, eval_tokens=args.eval_tokens, probe_examples=args.probe_examples)
+                        overrides=overrides, eval_tokens=args.eval_tokens, probe_examples=args.probe_examples,
+                        overwrite=args.overwrite)
         for scaling in args.scalings
     }  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -171,10 +171,14 @@ def test_extension_study_compares_rescalings(tmp_path, pretrained_llama):
 
 def test_extension_by_switching_the_encoding(tmp_path, pretrained_llama):
     llama, _ = pretrained_llama
-    report = extend_context.main([str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"), "--encoding",
-                                  "alibi", "--out-dir", str(tmp_path), "--eval-tokens", "2048", "--probe-examples", "0",
-                                  "--max_steps", "60"])  # fmt: skip
+    argv = [str(llama), str(ROOT / "configs" / "extend" / "tiny_llama.yaml"), "--encoding", "alibi", "--out-dir",
+            str(tmp_path), "--eval-tokens", "2048", "--probe-examples", "0", "--max_steps", "60"]  # fmt: skip
+    report = extend_context.main(argv)
     switched, fine_tuned = list(report["perplexity"].values())[1:]
     assert fine_tuned[128] < switched[128]  # the fine-tune learns the new encoding
     config = AutoConfig.from_pretrained(tmp_path / "extended")
     assert config.position_encoding == "alibi" and config.max_position_embeddings == 128
+    # The same command again replaces the converted models only when told; the finished fine-tune is kept.
+    with pytest.raises(ValueError, match="out_dir=.* already holds a model"):
+        extend_context.main(argv)
+    assert extend_context.main([*argv, "--overwrite"])["perplexity"] == report["perplexity"]

@@ -428,7 +428,9 @@ def test_convert_script_round_trip(tmp_path, monkeypatch):
     reference.save_pretrained(tmp_path / "deberta")
     script = Path(__file__).resolve().parents[1] / "scripts" / "convert_deberta.py"
     monkeypatch.setattr("sys.argv", ["convert_deberta.py", str(tmp_path / "deberta"), str(tmp_path / "posvar")])
-    runpy.run_path(str(script), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_code:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_code.value.code == 0
     assert_matches_reference(AutoModelForMaskedLM.from_pretrained(tmp_path / "posvar").eval(), reference)
 
 

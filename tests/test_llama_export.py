@@ -194,10 +194,10 @@ def test_push_as_llama_sends_the_plain_llama_folder_with_its_card(tmp_path, hub,
     assert not (tmp_path / "run" / "README.md").exists()  # the trained folder is left as it was
 
 
-def export_script(*argv: str, cwd, before: str = "") -> subprocess.CompletedProcess:
-    """scripts/export_llama.py in a fresh process; `before` runs first (a fault to inject)."""
-    code = f"import runpy, sys\n{textwrap.dedent(before)}\nsys.argv = ['export_llama.py', *sys.argv[1:]]\n" \
-           f"runpy.run_path({str(ROOT / 'scripts' / 'export_llama.py')!r}, run_name='__main__')"  # fmt: skip
+def export_script(*argv: str, cwd, before: str = "", script: str = "export_llama.py") -> subprocess.CompletedProcess:
+    """scripts/`script` (export_llama.py unless told) in a fresh process; `before` runs first (a fault to inject)."""
+    code = f"import runpy, sys\n{textwrap.dedent(before)}\nsys.argv = [{script!r}, *sys.argv[1:]]\n" \
+           f"runpy.run_path({str(ROOT / 'scripts' / script)!r}, run_name='__main__')"  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -251,7 +251,7 @@ def test_export_replaces_an_earlier_export_only_when_told_and_never_a_users_fold
     (mine / "config.json").write_text("{}")
     for extra in ([], ["--overwrite"]):
         assert script["main"]([source, str(mine), *extra]) == 2
-        assert "holds more than model files (data, notes.txt): an export never replaces it" in capsys.readouterr().err
+        assert "holds more than model files (data, notes.txt): a conversion never replaces it" in capsys.readouterr().err
     assert sorted(path.name for path in mine.iterdir()) == ["config.json", "data", "notes.txt"]
     assert (mine / "config.json").read_text() == "{}"
     (tmp_path / "empty").mkdir()

@@ -14,7 +14,6 @@ else is refused naming the field, its value and what a Llama has.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import shutil
 import warnings
 from pathlib import Path
@@ -30,8 +29,8 @@ from transformers import (
 
 from ..configuration_posvariants import PosVarConfig, PosVarLlamaConfig
 from ..modeling_posvariants import PosVarForCausalLM
-from ..training.hub import MODEL_FILES
-from ..training.run_folder import check_model_folder, folder_written_whole
+from ..training.run_folder import check_model_folder
+from .output import model_folder_written
 
 # Config field of a Llama-block model in transformers → ours, where the two differ only in name or not at all.
 LLAMA_FIELDS: dict[str, str] = {
@@ -145,16 +144,15 @@ def convert_to_llama(model: PosVarForCausalLM) -> LlamaForCausalLM:
 
 def export_llama(source: str | Path, destination: str | Path, overwrite: bool = False) -> Path:
     """Write the posvariants causal-LM folder `source` as a plain Llama folder: weights and config, the tokenizer
-    when `source` has one, and the run record and results. The config is checked before any weight is read. A
-    `destination` that holds files is refused unless `overwrite` (then it is replaced whole); the export is written
-    beside it and renamed into place, so an interrupted export leaves no half-written folder."""
+    when `source` has one, and the run record and results. The config is checked before any weight is read.
+    `destination` is checked and written as `output.model_folder_written` says: new or empty unless `overwrite`
+    (then an earlier export is replaced whole), written beside it and renamed into place."""
     source, destination = Path(source), Path(destination)
     check_model_folder(source, "source")
     config = AutoConfig.from_pretrained(source)
     check_exportable(config, (config.architectures or [None])[0])
-    check_destination(source, destination, overwrite)
-    model = AutoModelForCausalLM.from_pretrained(source)
-    with folder_written_whole(destination) as partial:
+    with model_folder_written(source, destination, overwrite) as partial:
+        model = AutoModelForCausalLM.from_pretrained(source)
         convert_to_llama(model).save_pretrained(partial)
         copy_tokenizer(source, partial)
         for name in RECORD_FILES:
@@ -180,30 +178,6 @@ def copy_tokenizer(source: Path, destination: Path) -> None:
     tokenizer.save_pretrained(destination)
 
 
-def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
-    """Refuse to write over the source, over a folder holding files unless `overwrite`, and ever over one holding
-    anything but model files (an earlier export is replaced; a folder of the user's is never deleted)."""
-    if source.resolve().is_relative_to(destination.resolve()):
-        raise ValueError(f"output={str(destination)!r} is (or holds) the source folder {str(source)!r}: the export "
-                         "would replace the model it reads. Choose another output folder.")  # fmt: skip
-    if destination.exists() and not destination.is_dir():
-        raise ValueError(f"output={str(destination)!r} is a file, not a folder.")
-    contents = sorted(destination.iterdir()) if destination.is_dir() else []
-    foreign = [path.name for path in contents
-               if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES)]
-    if foreign:
-        raise ValueError(f"output={str(destination)!r} holds more than model files ({_listed(foreign)}): an export "
-                         "never replaces it. Choose an empty or new folder.")  # fmt: skip
-    if contents and not overwrite:
-        names = _listed([path.name for path in contents])
-        raise ValueError(f"output={str(destination)!r} already holds a model ({names}); pass --overwrite "
-                         "(overwrite=True) to replace it, or choose an empty or new folder.")  # fmt: skip
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-
-
 def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:
     """The posvar_llama config computing what `LlamaForCausalLM(config)` computes."""
     fields = {ours: getattr(config, theirs) for theirs, ours in LLAMA_CONFIG_FIELDS.items()}
@@ -211,17 +185,26 @@ def convert_llama_config(config: LlamaConfig) -> PosVarLlamaConfig:
     return PosVarLlamaConfig(**fields)
 
 
-def convert_llama_checkpoint(source: str | Path, destination: Path, tokenizer: str | Path | None = None) -> PosVarLlamaConfig:
-    """Write `source` (a LlamaForCausalLM or posvar_llama folder) as a posvar_llama checkpoint with its tokenizer."""
+def convert_llama_checkpoint(source: str | Path, destination: str | Path, tokenizer: str | Path | None = None,
+                             overwrite: bool = False, field: str = "output") -> PosVarLlamaConfig:  # fmt: skip
+    """Write `source` (a LlamaForCausalLM or posvar_llama folder) as a posvar_llama checkpoint with its tokenizer;
+    `destination` (named `field` in errors) is checked and written as `output.model_folder_written` says."""
     config = AutoConfig.from_pretrained(source)
+    if config.model_type not in ("llama", "posvar_llama"):
+        raise ValueError(f"model_type={config.model_type!r} is not supported; allowed values are ['llama', "
+                         "'posvar_llama'].")  # fmt: skip
+    with model_folder_written(source, destination, overwrite, field) as partial:
+        model = _posvar_llama_from(source, config)
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(tokenizer or source).save_pretrained(partial)
+    return model.config
+
+
+def _posvar_llama_from(source: str | Path, config: PreTrainedConfig) -> PosVarForCausalLM:
     if config.model_type == "llama":
         llama = LlamaForCausalLM.from_pretrained(source)
         model = AutoModelForCausalLM.from_config(convert_llama_config(config))
         model.load_state_dict(llama.state_dict(), strict=True)  # identical names; a missing key is an error
-    elif config.model_type == "posvar_llama":
-        model = AutoModelForCausalLM.from_pretrained(source)
     else:
-        raise ValueError(f"model_type={config.model_type!r} is not supported; allowed values are ['llama', 'posvar_llama'].")
-    model.save_pretrained(destination)
-    AutoTokenizer.from_pretrained(tokenizer or source).save_pretrained(destination)
-    return model.config
+        model = AutoModelForCausalLM.from_pretrained(source)
+    return model

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..conversion.llama import convert_llama_checkpoint
+from ..conversion.output import check_destination, model_folder_written
 from ..position_encodings import POSITION_ENCODINGS, selectable_position_encodings
 from ..training import pipeline
 from ..training.data import load_splits, pack_blocks, text_column_of
@@ -92,16 +93,20 @@ def extend(
     tokenizer: str | None = None,
     eval_tokens: int = 8192,
     probe_examples: int = 8,
+    overwrite: bool = False,
 ) -> dict:
     """Convert, rescale RoPE by `rope_type` (or switch to `encoding`), fine-tune at factor × the trained length and
     score the three stages (perplexity on the recipe's validation text, and the position probes with
     `probe_examples` examples per task and length); writes `extension.json` and `extension.md` to `out_dir` and
-    returns the report."""
+    returns the report. The converted and changed models' folders are written as `conversion.output` says: an
+    earlier extension's are replaced only with `overwrite`."""
     out_dir = Path(out_dir)
     converted, changed, extended = out_dir / "converted", out_dir / "changed", out_dir / "extended"
-    convert_llama_checkpoint(checkpoint, converted, tokenizer)
-    shutil.copytree(converted, changed, dirs_exist_ok=True)
-    original, longer = extend_config(changed, factor, rope_type, encoding)
+    check_destination(checkpoint, changed, overwrite, "out_dir")  # both refused before any work
+    convert_llama_checkpoint(checkpoint, converted, tokenizer, overwrite, "out_dir")
+    with model_folder_written(converted, changed, overwrite, "out_dir") as partial:
+        shutil.copytree(converted, partial, dirs_exist_ok=True)
+        original, longer = extend_config(partial, factor, rope_type, encoding)
     recipe_argv = [str(recipe), "--model_name_or_path", str(changed), "--block_size", str(longer),
                    "--output_dir", str(extended), *overrides]  # fmt: skip
     tokens = held_out_tokens(recipe_argv, AutoTokenizer.from_pretrained(converted), eval_tokens)
