@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from transformers import AutoModelForCausalLM
 import hf_posvariants  # noqa: F401  (registers the families with the Auto classes)
 from hf_posvariants import FAMILIES
 from hf_posvariants.position_encodings import selectable_position_encodings
+
+# `torchrun` as the multi-process tests start it: `--standalone` takes a free port, so a launch never meets a port that
+# an earlier launch (or another test run on the machine) still holds.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 VOCAB = 61
 # The position-variant families: every encoding, causal and masked LM heads (DeBERTa has its own tests).

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from hf_posvariants import position_encodings
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.zero3 import parameter_count, weight_files
-from tests.conftest import FAMILY_CONFIGS, tiny_config
+from tests.conftest import FAMILY_CONFIGS, TORCHRUN, tiny_config
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
@@ -247,7 +247,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 
 
 def torchrun(driver: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), *args],
+    return subprocess.run([*TORCHRUN, "--nproc_per_node", "2", str(driver), *args],
                           env=ENV, capture_output=True, text=True, timeout=900)  # fmt: skip
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.distributed import INITIAL_WEIGHTS, RECIPE_FIELDS, SHARDED_STATE, distributed_config_from
 from hf_posvariants.training.pipeline import parse
+from tests.conftest import TORCHRUN
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 SCALE_OUT_RECIPES = sorted((ROOT / "configs" / "scale_out").glob("*.yaml"))
@@ -74,7 +74,7 @@ def fsdp_argv(output_dir: Path, per_device_batch: int, *extra: str) -> list[str]
 
 def torchrun(driver: Path, argv: list[str], stop_step: int, results: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), json.dumps(argv),
+        [*TORCHRUN, "--nproc_per_node", "2", str(driver), json.dumps(argv),
          str(stop_step), str(results)],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -122,12 +122,17 @@ def test_tensor_parallel_training_refused_on_cpu_before_any_data(tmp_path):
 
 
 # Two CPU ranks building the Accelerator that transformers' Trainer builds for a model loaded with tp_size=2.
+# Each rank writes its own file: two ranks printing to torchrun's one pipe interleave their words mid-line.
 ACCELERATE_TP = """
+import os, sys
+from pathlib import Path
 from accelerate import Accelerator, ParallelismConfig
 try:
     Accelerator(cpu=True, parallelism_config=ParallelismConfig(tp_size=2))
+    outcome = "accepted"
 except ValueError as error:
-    print("refused:", error)
+    outcome = f"refused: {error}"
+Path(sys.argv[1], f"rank{os.environ['RANK']}.txt").write_text(outcome)
 """
 
 
@@ -138,10 +143,11 @@ def test_accelerate_still_refuses_tensor_parallelism_in_cpu_processes(tmp_path):
     driver = tmp_path / "accelerate_tp.py"
     driver.write_text(ACCELERATE_TP)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver)],
+        [*TORCHRUN, "--nproc_per_node", "2", str(driver), str(tmp_path)],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     refusal = "refused: ParallelismConfig is only compatible DistributedType.FSDP (version 2) or DistributedType.Multi"
-    assert result.stdout.count(refusal) == 2, result.stdout
-    assert "but got DistributedType.MULTI_CPU" in result.stdout
+    for rank in (0, 1):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert outcome.startswith(refusal) and "but got DistributedType.MULTI_CPU" in outcome, outcome

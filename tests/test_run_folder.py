@@ -31,6 +31,7 @@ from hf_posvariants.training.run_folder import (
     rotate,
     seal_checkpoint,
 )
+from tests.conftest import TORCHRUN
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -559,7 +560,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
     argv = run_argv(folder, "--enable_jit_checkpoint", "true", "--per_device_train_batch_size", "4")
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_HOLD_AT_STEP_FIVE)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), str(signals),
+    command = [*TORCHRUN, "--nproc_per_node", "2", str(driver), str(signals),
                json.dumps(argv)]  # fmt: skip
     child = subprocess.Popen(command, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for rank in (0, 1):

@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from hf_posvariants import FAMILIES
 from hf_posvariants.configuration_posvariants import tensor_parallel_encodings
 from hf_posvariants.modeling_posvariants import HeadShard
 from hf_posvariants.position_encodings import POSITION_ENCODINGS, T5RelativeBias
-from tests.conftest import ENCODINGS, build, family_with, tiny_config
+from tests.conftest import ENCODINGS, TORCHRUN, build, family_with, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TP_SIZE = 2
@@ -97,7 +96,7 @@ def run_worker(source: str, folder: Path, processes: int) -> None:
     driver = folder / "worker.py"
     driver.write_text(source)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(driver), str(folder)],
+        [*TORCHRUN, "--nproc_per_node", str(processes), str(driver), str(folder)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip

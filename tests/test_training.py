@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.data import builtin_texts, content_hash
-from tests.conftest import FAMILY_CONFIGS
+from tests.conftest import FAMILY_CONFIGS, TORCHRUN
 
 ROOT = Path(__file__).resolve().parents[1]
 # Families with both LM heads and every encoding; DeBERTa's Trainer run is in tests/test_deberta.py.
@@ -127,7 +127,7 @@ def test_two_process_gloo_ddp_agrees_across_ranks(tmp_path):
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(DDP_RUN)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), json.dumps(argv), str(tmp_path)],
+        [*TORCHRUN, "--nproc_per_node", "2", str(driver), json.dumps(argv), str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
