@@ -9,11 +9,17 @@ from __future__ import annotations
 from .attention import ATTENTION_VARIANTS, register_attention_variant
 from .differential_attention import DifferentialAttention  # noqa: F401  (registers "differential")
 from .disentangled_attention import DisentangledAttention  # noqa: F401  (registers "disentangled")
-from .position_encodings import POSITION_ENCODINGS, register_position_encoding, selectable_position_encodings
+from .position_encodings import (
+    POSITION_ENCODINGS,
+    position_ids_encodings,
+    register_position_encoding,
+    selectable_position_encodings,
+)
 
 __all__ = [
     "ATTENTION_VARIANTS",
     "POSITION_ENCODINGS",
+    "position_ids_encodings",
     "register_attention_variant",
     "register_position_encoding",
     "selectable_position_encodings",

@@ -25,7 +25,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-from .components import ATTENTION_VARIANTS, POSITION_ENCODINGS, selectable_position_encodings
+from .components import ATTENTION_VARIANTS, POSITION_ENCODINGS, position_ids_encodings, selectable_position_encodings
 from .validation import choice_error, require_number
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -46,12 +46,6 @@ def tensor_parallel_encodings() -> list[str]:
         name for name in selectable_position_encodings()
         if POSITION_ENCODINGS[name].kind != "bias" or POSITION_ENCODINGS[name].per_head_tables is not None
     ]  # fmt: skip
-
-
-def context_parallel_encodings() -> list[str]:
-    """The selectable encodings a sequence split over ranks carries: those read from each token's `position_ids`."""
-    encodings = selectable_position_encodings()
-    return sorted(name for name in encodings if POSITION_ENCODINGS[name].reads_position_ids_only())
 
 
 # Context parallelism (torch's ring attention, which accelerate's `cp_size` runs) splits queries, keys and values over
@@ -473,7 +467,7 @@ class PosVarConfig(PreTrainedConfig):
                 raise ValueError(
                     f"{prefix} is not supported for {field}={value!r} ({encoding.kind}): it is computed across all "
                     "keys (a (queries × keys) bias or count, or the whole length), which a rank holding a piece of "
-                    f"the sequence does not see; allowed encodings are {context_parallel_encodings()} (or cp_size=1)."
+                    f"the sequence does not see; allowed encodings are {position_ids_encodings()} (or cp_size=1)."
                 )
 
     def position_components(self) -> list[tuple[str, str, type]]:

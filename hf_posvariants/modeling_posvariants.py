@@ -49,6 +49,7 @@ from .position_encodings import (
     PositionEncoding,
     Positions,
     ScoreBias,
+    position_ids_encodings,
 )
 
 
@@ -481,10 +482,9 @@ class PosVarModel(PosVarPreTrainedModel):
             if not encoding.reads_position_ids_only():
                 why = ("its codes change as the sequence grows, so it keeps no KV cache" if not encoding.cacheable
                        else "it needs each key's position, which a paged batch does not carry")  # fmt: skip
-                allowed = [name for name, entry in POSITION_ENCODINGS.items() if entry.reads_position_ids_only()]
                 raise ValueError(
                     f"Continuous batching (a paged KV cache) cannot run {field}={value!r} ({encoding.kind}): {why}. "
-                    f"Use generate(); continuous batching takes the position encodings {allowed}."
+                    f"Use generate(); continuous batching takes the position encodings {position_ids_encodings()}."
                 )
 
     def encoding_named(self, name: str) -> PositionEncoding:

@@ -58,6 +58,13 @@ def selectable_position_encodings() -> list[str]:
     return [name for name, cls in POSITION_ENCODINGS.items() if cls.kind != "relative"]
 
 
+def position_ids_encodings() -> list[str]:
+    """The selectable encodings read from each token's `position_ids` alone (`reads_position_ids_only`): what a paged
+    KV cache (continuous batching) and a sequence split over ranks (context parallelism) carry with the tokens."""
+    names = selectable_position_encodings()
+    return sorted(name for name in names if POSITION_ENCODINGS[name].reads_position_ids_only())
+
+
 # flex_attention's score_mod: (score, batch, head, query index, key index) -> score.
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -14,7 +14,7 @@ from accelerate.parallelism_config import ParallelismConfig
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, TrainingArguments
 
 from hf_posvariants import FAMILIES
-from hf_posvariants.configuration_posvariants import context_parallel_encodings
+from hf_posvariants.position_encodings import position_ids_encodings
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.context_parallel import check_context_parallel_request, requested_cp_size
 from tests.conftest import ENCODINGS, build, family_with, tiny_config
@@ -99,7 +99,7 @@ def cases():
     GPUs; on CPU it computes its maps itself), and torch's other KV rotation."""
     for config_class in CAUSAL_FAMILIES:
         differential = config_class.attention_variant == "differential"
-        for encoding in context_parallel_encodings():
+        for encoding in position_ids_encodings():
             yield f"{config_class.model_type}-{encoding}", tiny_config(config_class, encoding), \
                 "two_calls" if differential else None, "allgather"
     differential = family_with(attention_variant="differential")
@@ -141,7 +141,7 @@ def test_context_parallel_matches_one_process(tmp_path):
 
 
 def test_the_splitting_encodings_are_those_read_from_position_ids():
-    assert context_parallel_encodings() == SPLITTING
+    assert position_ids_encodings() == SPLITTING
 
 
 @pytest.mark.parametrize("config_class", CAUSAL_FAMILIES, ids=lambda c: c.model_type)
