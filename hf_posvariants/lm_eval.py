@@ -17,6 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .training.hub import read_json
+
 # transformers' model_max_length of a tokenizer that sets none is int(1e30): no length at all.
 UNSET_LENGTH = int(1e29)
 
@@ -59,7 +61,7 @@ def model_args(argv: list[str]) -> dict[str, str]:
 def trained_length(folder: Path) -> int | None:
     """The block size a folder was trained at: its run record's `block_size`, else its tokenizer's
     `model_max_length` (None where neither says)."""
-    record, tokenizer = (_read_json(folder / name) for name in ("run_args.json", "tokenizer_config.json"))
+    record, tokenizer = (read_json(folder / name) for name in ("run_args.json", "tokenizer_config.json"))
     length = record.get("block_size") or tokenizer.get("model_max_length")
     return int(length) if isinstance(length, (int, float)) and length < UNSET_LENGTH else None
 
@@ -71,7 +73,7 @@ def warn_beyond_trained_length(arguments: dict[str, str]) -> None:
     length = trained_length(folder) if arguments.get("pretrained") and folder.is_dir() else None
     if length is None:
         return
-    given, limit = arguments.get("max_length"), _read_json(folder / "config.json").get("max_position_embeddings")
+    given, limit = arguments.get("max_length"), read_json(folder / "config.json").get("max_position_embeddings")
     if given is None and limit is not None and limit > length:
         window = f"with no max_length, lm-evaluation-harness scores windows of max_position_embeddings={limit} tokens"
     elif given is not None and given.isdigit() and int(given) > length:
@@ -84,10 +86,6 @@ def warn_beyond_trained_length(arguments: dict[str, str]) -> None:
         UserWarning,
         stacklevel=2,
     )
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":

@@ -62,13 +62,13 @@ def render_model_card(
     all_results.json; `as_llama`: for the folder's export as a plain `LlamaForCausalLM` (no remote code)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    record = run if run is not None else _read_json(folder / RUN_RECORD_FILE)
+    record = run if run is not None else read_json(folder / RUN_RECORD_FILE)
     dataset = record.get("dataset")
     # A Hub dataset id goes in the card's metadata; a local file (a SHA-256 recorded, or an old record's path) not.
     hub_dataset = (dataset not in (None, "builtin") and "dataset_sha256" not in record and not _is_local_path(dataset)
                    and not Path(dataset).exists())  # fmt: skip
     run = public_record(record)
-    results = _read_json(folder / "all_results.json")
+    results = read_json(folder / "all_results.json")
     auto_class = _auto_class_of(config)
     code_tags = ["llama"] if as_llama else ["custom_code"]
     card_data = ModelCardData(
@@ -120,7 +120,8 @@ def _training_summary(run: dict) -> str:
     return f"{start.capitalize()} with the Hugging Face Trainer (`scripts/train.py`) on {source}."
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} where the file is missing."""
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -165,7 +166,7 @@ SECRET_PATTERNS = [".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_dsa*", "id
 
 def code_files(folder: Path) -> list[str]:
     """The model code the folder's config.json names in `auto_map`, and the files those import."""
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     modules = {reference.split(".")[0] for reference in config.get("auto_map", {}).values()}
     files = set()
     for module in modules:
@@ -209,7 +210,7 @@ def push_operations(folder: str | Path, files: list[str], path_in_repo: str = ""
     for name in files:
         content = str(folder / name)
         if name in PUBLIC_RECORDS:
-            content = (json.dumps(public_record(_read_json(folder / name)), indent=2) + "\n").encode()
+            content = (json.dumps(public_record(read_json(folder / name)), indent=2) + "\n").encode()
         operations.append(CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content))
     return operations
 
