@@ -22,6 +22,9 @@ This file imports only torch and transformers: it travels with remote-code check
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -41,12 +44,13 @@ CHUNK_SCORE_BYTES = 1 << 20
 
 class DisentangledAttentionCore(torch.autograd.Function):
     """softmax(QKᵀ·scaling + c2p[.., i, δ(i, j)] + p2c[.., j, δ(i, j)] + mask)·V with c2p = Q·K_rᵀ and p2c = K·Q_rᵀ,
-    on (B, H, T, D) heads and pre-scaled (H, 2k, D) position rows (either may be None); returns (B, H, Q, D).
+    on (B, H, T, D) heads and pre-scaled (H, 2k, D) position rows (either may be None), δ the (Q, K) `index` and
+    `layouts` the terms' `TermLayout`s under it (None: computed here); returns (B, H, Q, D).
 
     What SDPA's math kernel and autograd would compute, with less around the matrix products: the heads of one batch
     item are taken a chunk at a time (`head_chunks`), so every (Q, K) temporary is a chunk's and is reused by the
-    next; the position terms are gathered straight into the chunk's score buffer that the content product then adds
-    to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an intermediate bias
+    next; each position term computes only the products some pair reads (`TermLayout`), which are gathered straight
+    into the chunk's score buffer that the content product then adds to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an intermediate bias
     gradient. Heads are read in the projections' own (B, T, H, D) memory and the output and the input gradients are
     written in it, so no layout is copied. Masked slots of a boolean mask get no gradient, as with eager's
     `masked_fill`; an additive mask passes it on, as eager's sum does. `dropout` > 0 drops attention weights as
@@ -55,12 +59,13 @@ class DisentangledAttentionCore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
+    def forward(ctx, query, key, value, pos_key, pos_query, index, layouts, mask, scaling, dropout):
         batch, heads, query_length, dim = query.shape
         key_length = key.shape[2]
         width = chunk_width(heads, query_length * key_length * query.element_size())
-        indices = term_indices(index, pos_key, pos_query, width)
-        terms = position_terms(query, key, pos_key, pos_query, indices)
+        layouts = term_layouts(index) if layouts is None else layouts
+        entries = term_entries(index, layouts, pos_key, pos_query, width)
+        terms = position_terms(query, key, pos_key, pos_query, layouts, entries)
         mask = None if mask is None else mask[..., :key_length]
         blocked = None if mask is None or mask.dtype != torch.bool else ~mask
         weights = query.new_empty(batch, heads, query_length, key_length)
@@ -86,15 +91,15 @@ class DisentangledAttentionCore(torch.autograd.Function):
             torch.ops.aten._softmax.out(chunk_scores, -1, False, out=weights[item, chunk])
             probabilities = weights[item, chunk] if kept is None else weights[item, chunk] * kept[item, chunk]
             torch.bmm(probabilities, value[item, chunk], out=output[item, chunk])
-        ctx.save_for_backward(query, key, value, pos_key, pos_query, *indices, weights, blocked, kept)
-        ctx.scaling, ctx.width = scaling, width
+        ctx.save_for_backward(query, key, value, pos_key, pos_query, *entries, weights, blocked, kept)
+        ctx.scaling, ctx.width, ctx.layouts = scaling, width, layouts
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, pos_key, pos_query, c2p_index, p2c_index, weights, blocked, kept = ctx.saved_tensors
+        query, key, value, pos_key, pos_query, c2p_entries, p2c_entries, weights, blocked, kept = ctx.saved_tensors
         batch, heads, query_length, key_length = weights.shape
-        terms = position_terms(query, key, pos_key, pos_query, (c2p_index, p2c_index))
+        terms = position_terms(query, key, pos_key, pos_query, ctx.layouts, (c2p_entries, p2c_entries))
         width, scaling = ctx.width, ctx.scaling
         grad_query, grad_key, grad_value = (projection_layout_like(states) for states in (query, key, value))
         grad_rows = [torch.zeros_like(term.rows) for term in terms]
@@ -122,7 +127,7 @@ class DisentangledAttentionCore(torch.autograd.Function):
                 chunk_grad_scores.transpose(1, 2), query[item, chunk], beta=key_beta, alpha=scaling
             )
         by_side = {term.side: grad for term, grad in zip(terms, grad_rows)}
-        return grad_query, grad_key, grad_value, by_side.get(0), by_side.get(1), None, None, None, None
+        return grad_query, grad_key, grad_value, by_side.get(0), by_side.get(1), None, None, None, None, None
 
 
 def chunk_width(heads: int, score_bytes: int) -> int:
@@ -150,58 +155,139 @@ def projection_layout_like(states: torch.Tensor) -> torch.Tensor:
 
 
 class PositionTerm:
-    """One position term of the core: the (B, H, T, D) `states` against the pre-scaled (H, 2k, D) `rows`, read at
-    every (query, key) pair of a chunk through `index`, (width, Q·K) flat positions in each head's (T·2k) products
-    (`flat_term_index`, expanded over a chunk's heads). `side` 0 is c2p (queries against key rows), 1 p2c (keys
-    against query rows)."""
+    """One position term of the core: the (B, H, T, D) `states` against the pre-scaled (H, 2k, D) `rows`, computed block
+    by block as `layout` packs them and read at every (query, key) pair of a chunk through `entries`, (width, Q·K)
+    positions in that packing (`TermLayout.entries`, expanded over a chunk's heads). `side` 0 is c2p (queries
+    against key rows), 1 p2c (keys against query rows)."""
 
-    def __init__(self, states: torch.Tensor, rows: torch.Tensor, index: torch.LongTensor, side: int):
-        self.states, self.rows, self.index, self.side = states, rows, index, side
+    def __init__(self, states: torch.Tensor, rows: torch.Tensor, layout: TermLayout, entries: torch.LongTensor,
+                 side: int):
+        self.states, self.rows, self.layout, self.entries, self.side = states, rows, layout, entries, side
 
     def gather(self, item: int, chunk: slice, out: torch.Tensor) -> None:
         """The term at every (query, key) pair of one batch item's chunk of heads, written into `out` (n, Q·K)."""
         size = out.shape[0]
-        products = torch.bmm(self.states[item, chunk], self.rows[chunk].transpose(1, 2))  # (n, T, 2k)
-        torch.gather(products.view(size, -1), -1, self.index[:size], out=out)
+        products = out.new_empty(size, self.layout.size)
+        for states_rows, columns, packed in self.layout.offsets():
+            block = products[:, packed].view(size, states_rows.stop - states_rows.start, -1)
+            torch.bmm(self.states[item, chunk, states_rows], self.rows[chunk, columns].transpose(1, 2), out=block)
+        torch.gather(products, -1, self.entries[:size], out=out)
 
     def backward(
         self, grad_scores: torch.Tensor, item: int, chunk: slice, grad_states: torch.Tensor, grad_rows: torch.Tensor
     ) -> None:
-        """The term's share of a chunk's dS (n, Q, K): scatter-added by the index into the (n, T·2k) products, then
-        sent through them to the chunk's states (written into `grad_states`) and accumulated into `grad_rows`."""
-        size, length, rows = grad_scores.shape[0], self.states.shape[2], self.rows.shape[1]
-        grad_term = grad_scores.new_zeros(size, length * rows)
-        grad_term.scatter_add_(-1, self.index[:size], grad_scores.view(size, -1))
-        grad_term = grad_term.view(size, length, rows)
-        torch.bmm(grad_term, self.rows[chunk], out=grad_states[item, chunk])
-        grad_rows[chunk].baddbmm_(grad_term.transpose(1, 2), self.states[item, chunk])
+        """The term's share of a chunk's dS (n, Q, K): scatter-added by the entries into the packed products, then
+        sent through each block to its rows of the chunk's states (written into `grad_states`) and accumulated into
+        its columns of `grad_rows`."""
+        size = grad_scores.shape[0]
+        grad_term = grad_scores.new_zeros(size, self.layout.size)
+        grad_term.scatter_add_(-1, self.entries[:size], grad_scores.view(size, -1))
+        for states_rows, columns, packed in self.layout.offsets():
+            block = grad_term[:, packed].view(size, states_rows.stop - states_rows.start, -1)
+            torch.bmm(block, self.rows[chunk, columns], out=grad_states[item, chunk, states_rows])
+            grad_rows[chunk, columns].baddbmm_(block.transpose(1, 2), self.states[item, chunk, states_rows])
 
 
-def term_indices(
-    index: torch.LongTensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None, width: int
-) -> tuple[torch.LongTensor | None, torch.LongTensor | None]:
-    """The flat indices of c2p and p2c (`flat_term_index`), expanded over a chunk's `width` heads; None for an inactive
-    term."""
-    return tuple(None if rows is None else flat_term_index(index, rows, side).flatten().expand(width, -1)
-                 for side, rows in enumerate((pos_key, pos_query)))
+# Cutting a term's products into blocks of rows costs GEMM calls (one in the forward, two in the backward) and saves
+# the products no pair reads: blocks are cut only where they save more than this many products per block and head.
+BLOCK_CALL_PRODUCTS = 2048
+# Rows per block tried besides one block of every row.
+BLOCK_ROWS = (32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class TermLayout:
+    """Which of one term's (T, 2k) products the core computes, and where each lands.
+
+    Row r of the products (query i for c2p, key j for p2c) is read only at the columns δ(i, j) of its pairs, a range
+    that slides with r under a distance index, so a term is computed as `blocks` of rows (first row, end row, first
+    column, end column), each against only the columns its rows read, packed one after another into `size` products
+    per head. `base[r]` is where (row r, column 0) would be in that packing."""
+
+    blocks: tuple[tuple[int, int, int, int], ...]
+    base: torch.LongTensor
+    side: int
+
+    @property
+    def size(self) -> int:
+        return sum((stop - start) * (end - first) for start, stop, first, end in self.blocks)
+
+    def offsets(self):
+        """(rows, columns, the block's slice of the packing) of every block."""
+        offset = 0
+        for start, stop, first, end in self.blocks:
+            size = (stop - start) * (end - first)
+            yield slice(start, stop), slice(first, end), slice(offset, offset + size)
+            offset += size
+
+    def entries(self, index: torch.LongTensor) -> torch.LongTensor:
+        """(Q·K,): every pair's product in the packing, in the scores' own (Q, K) order (no transposed operand for
+        p2c, which reads row j)."""
+        base = self.base.to(index.device)
+        return (index + (base[:, None] if self.side == 0 else base[None, :])).flatten()
+
+
+def term_layout(index: torch.LongTensor, side: int) -> TermLayout:
+    """The `TermLayout` of term `side` (0 c2p, 1 p2c) under the (Q, K) index that computes the fewest products, counting
+    `BLOCK_CALL_PRODUCTS` per block: one block, or blocks of one of `BLOCK_ROWS` rows."""
+    by_row = (index if side == 0 else index.T).cpu()  # row r of the products → the columns its pairs read
+    lowest, highest = by_row.amin(1), by_row.amax(1) + 1
+    length = by_row.shape[0]
+    candidates = [row_blocks(lowest, highest, rows) for rows in (length, *(rows for rows in BLOCK_ROWS if rows < length))]
+    blocks = min(candidates, key=lambda blocks: packed_size(blocks) + len(blocks) * BLOCK_CALL_PRODUCTS)
+    base = torch.empty(length, dtype=torch.long)
+    offset = 0
+    for start, stop, first, end in blocks:
+        base[start:stop] = offset + torch.arange(stop - start) * (end - first) - first
+        offset += (stop - start) * (end - first)
+    return TermLayout(tuple(blocks), base, side)
+
+
+def row_blocks(lowest: torch.LongTensor, highest: torch.LongTensor, rows: int) -> list[tuple[int, int, int, int]]:
+    """Blocks of `rows` rows, each with the column range [lowest, highest) its rows read."""
+    length = len(lowest)
+    padding = -length % rows  # a short last block, padded with values that move no minimum or maximum
+    firsts = nn.functional.pad(lowest, (0, padding), value=int(lowest.max())).view(-1, rows).amin(1)
+    ends = nn.functional.pad(highest, (0, padding), value=0).view(-1, rows).amax(1)
+    return [(start, min(start + rows, length), first, end)
+            for start, first, end in zip(range(0, length, rows), firsts.tolist(), ends.tolist())]
+
+
+def packed_size(blocks: list[tuple[int, int, int, int]]) -> int:
+    return sum((stop - start) * (end - first) for start, stop, first, end in blocks)
+
+
+def term_layouts(index: torch.LongTensor) -> tuple[TermLayout, TermLayout]:
+    """The layouts of c2p and p2c under the (Q, K) index."""
+    return term_layout(index, 0), term_layout(index, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def distance_layouts(distances: tuple[int, ...], query_length: int, key_length: int) -> tuple[TermLayout, TermLayout]:
+    """`term_layouts` of a per-distance index (`distances`, as `Positions.relative` carries it), kept: every layer of
+    every step at a length asks for the same ones (each entry holds O(Q + K) integers)."""
+    by_distance = torch.tensor(distances, dtype=torch.long)
+    return term_layouts(by_distance[distance_grid(query_length, key_length, "cpu")])
 
 
 def position_terms(
     query: torch.Tensor, key: torch.Tensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None,
-    indices: tuple[torch.LongTensor | None, torch.LongTensor | None],
+    layouts: tuple[TermLayout, TermLayout], entries: tuple[torch.LongTensor | None, torch.LongTensor | None],
 ) -> list[PositionTerm]:
-    """The active terms, c2p (queries against key rows) before p2c (keys against query rows), at their `indices`."""
+    """The active terms, c2p (queries against key rows) before p2c (keys against query rows)."""
     pairs = ((query, pos_key), (key, pos_query))
-    return [PositionTerm(states, rows, index, side)
-            for side, ((states, rows), index) in enumerate(zip(pairs, indices)) if rows is not None]
+    return [PositionTerm(states, rows, layout, term_entries, side)
+            for side, ((states, rows), layout, term_entries) in enumerate(zip(pairs, layouts, entries))
+            if rows is not None]
 
 
-def flat_term_index(index: torch.LongTensor, rows: torch.Tensor, side: int) -> torch.LongTensor:
-    """Where pair (i, j) reads one term in its (T·2k) products per head: row i (c2p, `side` 0) or row j (p2c, `side`
-    1), column δ(i, j) = `index` (Q, K). Both terms then gather and scatter in the scores' own (Q, K) order, with no
-    transposed operand (a third faster for p2c than gathering by key and transposing)."""
-    row = torch.arange(index.shape[side], device=index.device)
-    return index + (row[:, None] if side == 0 else row[None, :]) * rows.shape[1]
+def term_entries(
+    index: torch.LongTensor, layouts: tuple[TermLayout, TermLayout], pos_key: torch.Tensor | None,
+    pos_query: torch.Tensor | None, width: int,
+) -> tuple[torch.LongTensor | None, torch.LongTensor | None]:
+    """`TermLayout.entries` of c2p and p2c, expanded over a chunk's `width` heads; None for an inactive term."""
+    return tuple(None if rows is None else layout.entries(index).expand(width, -1)
+                 for rows, layout in zip((pos_key, pos_query), layouts))
 
 
 @register_attention_variant("disentangled")
@@ -348,9 +434,11 @@ class DisentangledAttention(PosVarAttention):
         """`DisentangledAttentionCore` on (B, H, T, D) heads, then the output projection back to (B, T, hidden)."""
         table, by_distance = positions.relative
         pos_key, pos_query = self.position_rows(table)
-        index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
+        query_length, key_length = query.shape[2], key.shape[2]
+        index = by_distance[distance_grid(query_length, key_length, by_distance.device)]  # (Q, K)
+        layouts = distance_layouts(tuple(by_distance.tolist()), query_length, key_length)
         output = DisentangledAttentionCore.apply(
-            query, key, value, pos_key, pos_query, index, attention_mask, self.scaling,
+            query, key, value, pos_key, pos_query, index, layouts, attention_mask, self.scaling,
             self.attention_dropout if self.training else 0.0,
         )
         return self.o_proj(output.transpose(1, 2).flatten(2)), None

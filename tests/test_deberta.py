@@ -160,8 +160,17 @@ def test_eager_matches_sdpa(overrides, head):
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
-def test_eager_matches_sdpa_gradients(monkeypatch):
-    """SDPA trains through `DisentangledAttentionCore` on CPU; its gradients are eager's."""
+@pytest.mark.parametrize("block_rows", [None, (3,)], ids=["default-layouts", "blocks-of-3"])
+def test_eager_matches_sdpa_gradients(monkeypatch, block_rows):
+    """SDPA trains through `DisentangledAttentionCore` on CPU; its gradients are eager's, with the term layouts the
+    cost model picks or in blocks of three rows."""
+    if block_rows is not None:
+        monkeypatch.setattr(disentangled_attention, "BLOCK_ROWS", block_rows)
+        monkeypatch.setattr(disentangled_attention, "BLOCK_CALL_PRODUCTS", 0)
+    disentangled_attention.distance_layouts.cache_clear()
+    layouts, layouts_of = [], disentangled_attention.distance_layouts
+    monkeypatch.setattr(disentangled_attention, "distance_layouts",
+                        lambda *key: layouts.append(layouts_of(*key)) or layouts[-1])
     config = deberta_config(hidden_dropout=0.0)
     input_ids, attention_mask = batch()
     core_calls = []
@@ -173,6 +182,8 @@ def test_eager_matches_sdpa_gradients(monkeypatch):
         model(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
         assert len(core_calls) == (config.num_hidden_layers + config.emd_layers if backend == "sdpa" else 0)
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert len(layouts) == config.num_hidden_layers + config.emd_layers
+    assert all((len(layout.blocks) > 1) == (block_rows is not None) for pair in layouts for layout in pair)
     assert gradients[0].keys() == gradients[1].keys()
     assert "model.relative_positions.embeddings.weight" in gradients[0]
     for name, gradient in gradients[0].items():
@@ -193,17 +204,27 @@ def reference_core(query, key, value, pos_key, pos_query, index, mask, scaling, 
     return torch.matmul(weights, value)
 
 
+def fused_core(query, key, value, pos_key, pos_query, index, mask, scaling, dropout):
+    """`DisentangledAttentionCore` with the term layouts it computes itself."""
+    return DisentangledAttentionCore.apply(query, key, value, pos_key, pos_query, index, None, mask, scaling, dropout)
+
+
 @pytest.mark.parametrize("terms", [("c2p",), ("p2c",), ("c2p", "p2c")])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 @pytest.mark.parametrize("chunk_heads", [3, 2], ids=["one-chunk", "chunks-of-2-and-1"])
-def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mask_kind, chunk_heads):
+@pytest.mark.parametrize("block_rows", [None, (3,)], ids=["one-block", "blocks-of-3"])
+def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mask_kind, chunk_heads, block_rows):
     """Output and every input gradient of `DisentangledAttentionCore` equal the unfused computation's, with log
     buckets, a query length unlike the key length, and a fully masked query row (uniform weights, whose slots
-    get no gradient from a boolean mask); all heads of a batch item at once, or in chunks of two and one. The
+    get no gradient from a boolean mask); all heads of a batch item at once, or in chunks of two and one; each term's
+    products in one block, or in blocks of three rows (the last one short) over the columns they read. The
     output is laid out (B, Q, H, D) in memory, as the output projection reads it."""
     torch.manual_seed(0)
     batch_size, heads, query_length, key_length, dim, span = 2, 3, 7, 9, 5, 4
     monkeypatch.setattr(disentangled_attention, "CHUNK_SCORE_BYTES", chunk_heads * query_length * key_length * 4)
+    if block_rows is not None:  # blocks whenever they save a product
+        monkeypatch.setattr(disentangled_attention, "BLOCK_ROWS", block_rows)
+        monkeypatch.setattr(disentangled_attention, "BLOCK_CALL_PRODUCTS", 0)
     inputs = [torch.randn(batch_size, heads, length, dim) for length in (query_length, key_length, key_length)]
     inputs += [torch.randn(heads, 2 * span, dim) if term in terms else None for term in POSITION_TERM_NAMES]
     leaves = [None if tensor is None else tensor.requires_grad_() for tensor in inputs]
@@ -217,7 +238,9 @@ def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mas
         mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e4)
     grad_output = torch.randn(batch_size, heads, query_length, dim)
     results = []
-    for core in (reference_core, DisentangledAttentionCore.apply):
+    if block_rows is not None:
+        assert all(len(layout.blocks) == 3 for layout in disentangled_attention.term_layouts(index))
+    for core in (reference_core, fused_core):
         output = core(*leaves, index, mask, 0.3, 0.0)
         gradients = torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
         results.append((output, gradients))
@@ -229,6 +252,26 @@ def test_fused_core_matches_unfused_values_and_gradients(monkeypatch, terms, mas
 
 
 POSITION_TERM_NAMES = ("c2p", "p2c")
+
+
+@pytest.mark.parametrize("block_rows", [(), (4,), (3, 5)], ids=["one-block", "blocks-of-4", "cheapest-of-3-and-5"])
+def test_term_layouts_read_every_pair_at_its_product(monkeypatch, block_rows):
+    """Products packed as a term's layout says, read at its entries, give product[row, δ(i, j)] at every pair (row i
+    for c2p, key j for p2c), with one block of all rows or several, each over only the columns its rows read."""
+    monkeypatch.setattr(disentangled_attention, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(disentangled_attention, "BLOCK_CALL_PRODUCTS", 0)
+    query_length, key_length, span = 10, 13, 6
+    relative = -(torch.arange(query_length + key_length - 1) - (query_length - 1))
+    by_distance = (deberta_log_bucket(relative, span, 16) + span).clamp(0, 2 * span - 1)
+    index = by_distance[distance_grid(query_length, key_length, "cpu")]
+    queries, keys = torch.arange(query_length)[:, None], torch.arange(key_length)[None, :]
+    for side, layout in enumerate(disentangled_attention.term_layouts(index)):
+        products = torch.randn(index.shape[side], 2 * span)
+        packed = torch.cat([products[rows, columns].flatten() for rows, columns, _ in layout.offsets()])
+        assert packed.numel() == layout.size <= products.numel()
+        assert (len(layout.blocks) > 1) == bool(block_rows)
+        expected = products[queries if side == 0 else keys, index]
+        torch.testing.assert_close(packed[layout.entries(index)].view_as(index), expected, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_with_attention_dropout_gives_the_same_gradients():
@@ -262,7 +305,7 @@ def test_fused_core_attention_dropout_gradients():
 
     def run(*leaves, dropout=0.4):
         torch.manual_seed(1)
-        return DisentangledAttentionCore.apply(*leaves, index, None, 0.5, dropout)
+        return fused_core(*leaves, index, None, 0.5, dropout)
 
     assert torch.autograd.gradcheck(run, (*states, *rows))
     assert not torch.allclose(run(*states, *rows), run(*states, *rows, dropout=0.0))

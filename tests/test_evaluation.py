@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, defau
 
 from hf_posvariants import PosVarLlamaConfig
 from hf_posvariants.evaluation import bench, data, diagnostics, length, probes
+from hf_posvariants.evaluation.bench.measurement import build_model
 from hf_posvariants.evaluation.compare import load_recipe, merged_recipe, parse_variants, rewrite_report, run_compare
 from hf_posvariants.training.recipes import config_class_of
 
@@ -457,10 +458,24 @@ def test_training_targets_case_set_pins_each_ratio_to_its_length():
             "ours / DebertaV2ForMaskedLM training step", "posvar_diff / posvar_llama training step"} <= set(by_name)
     assert {spec.length for spec in chosen.ratios} == {256, 1024, 2048} == set(chosen.pinned_lengths())
     assert by_name["ours / DebertaV2ForMaskedLM training step"].denominator.model_type == "DebertaV2ForMaskedLM"
+    v3 = by_name["ours / DebertaV2ForMaskedLM training step, v3's relative table"]
+    for case in (v3.numerator, v3.denominator):  # both sides on DeBERTa-v3's table: 256 buckets over 512 positions
+        assert {("position_buckets", 256), ("max_relative_positions", 512)} <= set(case.overrides)
     assert {case.model_type for case in chosen.cases_at(256)} == {"posvar_deberta", "DebertaV2ForMaskedLM"}
     assert {case.position_encoding for case in chosen.cases_at(2048)} == {"rope", "t5_bias", "fire", "alibi"}
     assert {spec.metric for spec in chosen.ratios} == {"time", "memory"}
     assert chosen.tasks == ("train",)
+
+
+def test_reference_cases_take_config_overrides_and_refuse_unknown_fields():
+    shape = bench.BenchShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=64)
+    reference = bench.reference_case("DebertaV2ForMaskedLM", "masked", "sdpa")
+    table = dataclasses.replace(reference, overrides=(("position_buckets", 8), ("max_relative_positions", 16)))
+    config = build_model(table, shape, 32, "cpu").config
+    assert (config.position_buckets, config.max_relative_positions) == (8, 16)
+    with pytest.raises(ValueError, match="no config field 'position_bucket'"):
+        build_model(dataclasses.replace(reference, overrides=(("position_bucket", 8),)), shape, 32, "cpu")
 
 
 @pytest.mark.slow

@@ -79,6 +79,10 @@ def _built_model(case: Case, shape: BenchShape, max_length: int, device: str) ->
     torch.manual_seed(0)
     if case.source == "transformers":
         config = REFERENCE_BUILDERS[case.model_type](shape, max_length)
+        for name, value in case.overrides:
+            if not hasattr(config, name):
+                raise ValueError(f"{case.model_type} has no config field {name!r} to override.")
+            setattr(config, name, value)
         model_class = getattr(transformers, case.model_type)
         return model_class._from_config(config, attn_implementation=case.backend).to(device)
     config_class = config_class_of(case.model_type)
