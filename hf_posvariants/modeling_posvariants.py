@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -380,10 +381,29 @@ def check_not_empty(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor 
         )
 
 
+def context_parallel_active() -> bool:
+    """Whether torch's context parallel is on in this process: its ring handlers of SDPA's kernels installed in
+    DTensor's dispatcher, as both `context_parallel()` (accelerate's `cp_size`) and the module-wrapper API do while
+    the sequence is split. Reads torch's private module, pinned to torch 2.13; never imported, it cannot be on.
+    Not read while dynamo traces: it cannot call the check, and would not guard a graph on its answer."""
+    ring = sys.modules.get("torch.distributed.tensor.experimental._context_parallel._attention")
+    if ring is None or torch.compiler.is_compiling():
+        return False
+    return not ring.custom_ops.keys().isdisjoint(ring.DTensor._op_dispatcher._custom_op_handlers)
+
+
 def positions_from_mask(
     attention_mask: torch.Tensor | None, query_slots: torch.LongTensor, batch_size: int
 ) -> torch.LongTensor:
-    """Position of each query token, counting only real tokens, so left padding does not shift them."""
+    """Position of each query token, counting only real tokens, so left padding does not shift them. Refused under
+    context parallelism: a rank would count its piece of the sequence from 0."""
+    if context_parallel_active():
+        raise ValueError(
+            "position_ids is required under context parallelism (torch's context_parallel is active): each rank holds "
+            "a piece of the sequence, so positions counted from its own input_ids or attention_mask would start at 0 "
+            "on every rank and be silently wrong. Pass position_ids (torch.arange(sequence_length) for each row) among "
+            "the buffers context_parallel shards, as transformers' Trainer does."
+        )
     if attention_mask is None or attention_mask.ndim != 2:
         return query_slots.unsqueeze(0).expand(batch_size, -1)
     positions = attention_mask.long().cumsum(-1) - 1

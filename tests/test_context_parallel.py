@@ -9,14 +9,18 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
 from accelerate.big_modeling import _attach_context_parallel_hooks
 from accelerate.parallelism_config import ParallelismConfig
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.experimental import context_parallel
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, TrainingArguments
 
 from hf_posvariants import FAMILIES
 from hf_posvariants.position_encodings import position_ids_encodings
 from hf_posvariants.training import pipeline
 from hf_posvariants.training.context_parallel import check_context_parallel_request, requested_cp_size
+from tests import cpu_ring_attention
 from tests.conftest import ENCODINGS, build, family_with, tiny_config
 from tests.test_tensor_parallel import CAUSAL_FAMILIES, perturbed, run_worker
 from tests.test_training import tiny_argv
@@ -213,3 +217,31 @@ def test_train_py_refuses_before_preparing_the_data(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "task_inputs", lambda *args: pytest.fail("the data was prepared"))
     with pytest.raises(ValueError, match=r"cp_size=2\) is not supported for position_encoding='alibi'"):
         pipeline.main(tiny_argv(tmp_path, "clm", "posvar_llama", "--model.position_encoding", "alibi"))
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A one-process gloo group and its mesh: torch's context parallel runs (its dispatcher, its sharding) as on many
+    ranks, in this process; the group is destroyed after, so later tests see no distributed run."""
+    cpu_ring_attention.install()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_context_parallelism_without_position_ids_is_refused(one_rank_mesh):
+    """Under `context_parallel` every rank would number its piece of the sequence from 0: the model refuses to guess
+    positions there, and computes as usual with them given, or outside the context."""
+    llama = family_with(mlp_type="gated", attention_variant="standard")
+    model = build(AutoModelForCausalLM, tiny_config(llama, "rope"), attn_implementation="sdpa")
+    inputs = {name: tensor.clone() for name, tensor in batch().items() if name in ("input_ids", "position_ids")}
+    expected = model(**inputs).logits
+    with context_parallel(one_rank_mesh, buffers=list(inputs.values()), buffer_seq_dims=[1] * len(inputs)):
+        with pytest.raises(ValueError, match=r"position_ids is required under context parallelism .* start at 0 on "
+                                             r"every rank"):  # fmt: skip
+            model(input_ids=inputs["input_ids"])
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(model(input_ids=inputs["input_ids"]).logits, expected)

@@ -14,7 +14,7 @@ from huggingface_hub.errors import LocalTokenNotFoundError
 from huggingface_hub.utils import get_token
 
 from hf_posvariants.training import pipeline
-from hf_posvariants.training.hub import public_record
+from hf_posvariants.training.hub import HubPusher, public_record, select_files
 from hf_posvariants.training.run_folder import damage
 from tests.test_training import ROOT, _one_thread, tiny_argv  # noqa: F401  (autouse fixture)
 
@@ -273,3 +273,59 @@ def test_pushing_a_checkpoint_elsewhere_leaves_it_as_sealed(tmp_path, hub, monke
     assert "someone-else/a-longer-repository-name" in card and "README.md" in sent
     assert {path.name: path.read_bytes() for path in checkpoint.iterdir() if path.is_file()} == before
     assert damage(checkpoint) is None  # what resuming verifies before it takes a checkpoint
+
+
+def deepspeed_checkpoint(folder: Path, step: int) -> Path:
+    """The layout a 2-rank ZeRO-3 run's Trainer saves (tests/test_deepspeed.py's slow test checks the real one): model
+    files and the Trainer's state at the top, DeepSpeed's partitions in `global_stepN/`, named by `latest`; here a
+    stale older state folder and stray files beside them too."""
+    for name in ("config.json", "model.safetensors", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth",
+                 "zero_to_fp32.py", "training_args.bin"):  # fmt: skip
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}" if name.endswith(".json") else name)
+    (folder / "latest").write_text(f"global_step{step}")
+    for tag in (f"global_step{step}", "global_step1"):
+        (folder / tag).mkdir()
+        for rank in (0, 1):
+            for kind in ("model", "optim"):
+                (folder / tag / f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt").write_text(f"{tag} {rank} {kind}")
+    (folder / f"global_step{step}" / "notes.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
+def test_a_deepspeed_checkpoint_pushed_to_resume_carries_deepspeeds_state(tmp_path, strategy):
+    """The strategies that push a checkpoint to resume from send what DeepSpeed's resume reads: `latest` and the
+    rank files of the state folder it names, still through the allow list; the model-only push leaves them out."""
+    checkpoint = deepspeed_checkpoint(tmp_path / "checkpoint-4", 4)
+    api = RecordingHub()
+    pusher = HubPusher(api, "someone/tiny", strategy)
+    pusher.push_checkpoint(checkpoint, 4)
+    pusher.wait(checkpoint)
+    model_only, resumable = (set(commit["files"]) for commit in api.commits)
+    assert model_only == {"config.json", "model.safetensors"}
+    folder = "last-checkpoint" if strategy == "checkpoint" else "checkpoint-4"
+    state = {f"global_step4/zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1)
+             for kind in ("model", "optim")}  # fmt: skip
+    assert resumable == {f"{folder}/{name}" for name in {"config.json", "model.safetensors", "trainer_state.json",
+                                                         "rng_state_0.pth", "rng_state_1.pth", "latest", *state}}
+    assert api.commits[1]["files"][f"{folder}/global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"] == \
+        b"global_step4 1 optim"
+    assert select_files(checkpoint, with_trainer_state=True).left_out == ["zero_to_fp32.py", "global_step4/notes.txt"]
+
+
+def test_a_deepspeed_state_folder_is_read_through_the_allow_list_only(tmp_path, caplog):
+    """A secret-looking file in the state folder stops the push; a `latest` naming no state (or a path out of the
+    checkpoint) sends none and says the pushed checkpoint cannot resume the run."""
+    checkpoint = deepspeed_checkpoint(tmp_path / "checkpoint-4", 4)
+    (checkpoint / "global_step4" / "hf_token.txt").write_text(TOKEN)
+    with pytest.raises(ValueError, match=r"refusing to push .*\['global_step4/hf_token\.txt'\]"):
+        select_files(checkpoint, with_trainer_state=True)
+    (checkpoint / "global_step4" / "hf_token.txt").unlink()
+    for tag in ("global_step9", "..", str(tmp_path)):
+        (checkpoint / "latest").write_text(tag)
+        caplog.clear()
+        files = select_files(checkpoint, with_trainer_state=True).files
+        assert not [name for name in files if "/" in name], tag
+        assert f"names {tag!r}, which holds no DeepSpeed state" in caplog.text
+        assert "the pushed checkpoint cannot resume a DeepSpeed (ZeRO-3) run" in caplog.text

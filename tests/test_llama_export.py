@@ -4,8 +4,11 @@ without remote code, and a clear refusal of every configuration that is not exac
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 from hf_posvariants import PosVarDebertaConfig, PosVarDiffConfig, PosVarLlamaConfig, PosVarTransformerConfig
 from hf_posvariants.conversion import check_exportable, convert_to_llama, export_llama
 from hf_posvariants.evaluation.data import byte_tokenizer
+from hf_posvariants.training.run_folder import LOCK_FILE, RunLock
 from tests.conftest import ENCODINGS, VOCAB, build, tiny_config
 from tests.test_export import run_without
 from tests.test_hub import TOKEN, RecordingHub, hub  # noqa: F401  (fixture)
@@ -215,13 +219,57 @@ def folder_files(folder) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-def test_an_export_killed_halfway_leaves_no_half_written_folder(tmp_path):
+def test_an_export_killed_halfway_leaves_no_half_written_folder(tmp_path, caplog):
     source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
     killed = export_script(source, str(tmp_path / "out"), cwd=tmp_path, before=KILLED_AFTER_THE_WEIGHTS)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "out").exists()  # not a config and weights without their tokenizer, loadable as if whole
-    export_llama(source, tmp_path / "out")  # the same command again: the kill's leftover is cleared
+    partial = tmp_path / ".out.partial"
+    assert {"config.json", "model.safetensors", LOCK_FILE} <= set(folder_files(partial))  # the kill's leftover
+    (partial / "stale.bin").write_bytes(b"stale")
+    with caplog.at_level(logging.WARNING, logger="hf_posvariants"):
+        export_llama(source, tmp_path / "out")  # the same command again: the kill's leftover is replaced, and said so
+    said = [record.getMessage() for record in caplog.records if "left by a write of" in record.getMessage()]
+    assert len(said) == 1, said
+    partial_name, out_name = (re.escape(str(path)) for path in (partial, tmp_path / "out"))
+    assert re.fullmatch(rf"Removing {partial_name}, left by a write of {out_name} that was killed \(pid \d+ on \S+, "
+                        r"export_llama\.py, started [-\d: ]+ UTC\); writing it afresh\.", said[0]), said[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "run"]
+    assert not {"stale.bin", LOCK_FILE} & set(folder_files(tmp_path / "out"))
+    assert "tokenizer_config.json" in folder_files(tmp_path / "out")
+
+
+def test_an_export_removes_no_partial_folder_it_cannot_prove_its_own(tmp_path):
+    """A `.OUT.partial` without the lock file a write creates first is not ours (refused, left as it is); one whose
+    lock a live process holds is being written (refused too)."""
+    source = save_source(build(AutoModelForCausalLM, tiny_config(PosVarLlamaConfig, "rope")), tmp_path / "run")
+    partial, out = tmp_path / ".out.partial", tmp_path / "out"
+    partial_name, out_name = re.escape(str(partial)), re.escape(str(out))
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / LOCK_FILE).write_text("")
+    for case in ("a folder", "a link"):
+        with pytest.raises(ValueError, match=rf"{partial_name} is in the way of writing {out_name}, and is no partial "
+                                             rf"folder this package left \(a folder, not a link, holding its "
+                                             rf"{re.escape(LOCK_FILE)}\)"):  # fmt: skip
+            export_llama(source, out)
+        assert not out.exists(), case
+        if case == "a folder":
+            assert folder_files(partial) == {"notes.txt": b"mine"}
+            shutil.rmtree(partial)
+            partial.symlink_to(tmp_path / "elsewhere")
+    assert folder_files(tmp_path / "elsewhere") == {LOCK_FILE: b""}
+    partial.unlink()
+    live = RunLock(partial).acquire()  # a write in progress (here this process, through another open file)
+    try:
+        with pytest.raises(ValueError, match=rf"{out_name} is being written by another process \(pid {os.getpid()} "):
+            export_llama(source, out)
+        assert sorted(folder_files(partial)) == [LOCK_FILE] and not out.exists()
+    finally:
+        live.release()
+    export_llama(source, out)  # its writer gone, the leftover is ours to replace
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "out", "run"]
 
 
 def test_an_overwrite_killed_halfway_keeps_the_earlier_export(tmp_path):

@@ -1,7 +1,7 @@
 """Model cards and uploads: render the package's `model_cards/posvariants.md` and push a run to the Hub.
 
 Uploads are one `HfApi.create_commit` each, of the files an explicit allow list names (model, code,
-tokenizer, card, run record, results; the Trainer's state for resumable checkpoints), never of a folder
+tokenizer, card, run record, results; the Trainer's and DeepSpeed's state for resumable checkpoints), never of a folder
 as a whole: other files are left out and named, and a file that looks like a secret (`.env`, `*.pem`,
 `id_rsa*`, `*credentials*`, `*secret*`, `*token*`, …) stops the push. What is sent names data, never
 local paths: the card and `run_args.json` carry a file's name and SHA-256 (`public_record`). A token
@@ -156,8 +156,12 @@ MODEL_FILES = [
     "train_results.json", "eval_results.json",
 ]  # fmt: skip
 # A resumable checkpoint adds the Trainer's state (never the pickled TrainingArguments, training_args.bin).
+DEEPSPEED_TAG_FILE = "latest"  # names the folder of DeepSpeed's own state, which its resume reads
 TRAINER_STATE_FILES = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth",
-                       "trainer_state.json"]  # fmt: skip
+                       "trainer_state.json", DEEPSPEED_TAG_FILE]  # fmt: skip
+# DeepSpeed keeps the optimizer (and, under ZeRO-3, the weights) in that folder (`global_stepN/`), a file per rank:
+# `[bf16_]zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt`, or stages 0-2's `mp_rank_00_model_states.pt`.
+DEEPSPEED_STATE_FILES = ["*mp_rank_*_model_states.pt", "*mp_rank_*_optim_states.pt"]
 # What a run writes for itself and never sends: not worth naming as left out.
 RUN_ONLY_FILES = ["training_args.bin", "trainer_state.json", LOCK_FILE, f".{RUN_RECORD_FILE}.*"]
 SECRET_PATTERNS = [".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc",
@@ -184,19 +188,45 @@ class PushSelection:
     left_out: list[str]
 
 
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether `name` matches one of the shell-style `patterns`."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def deepspeed_state(folder: Path) -> tuple[list[str], list[str]]:
+    """A DeepSpeed checkpoint's own state folder, the one its `latest` file names: (every file in it, those
+    DEEPSPEED_STATE_FILES allows), as paths under `folder`; ([], []) for a checkpoint of another kind. Warns where
+    `latest` names no such state: that checkpoint, pushed, cannot resume its DeepSpeed run."""
+    tag_file = folder / DEEPSPEED_TAG_FILE
+    if not tag_file.is_file():
+        return [], []
+    tag = tag_file.read_text().strip()
+    state = folder / tag
+    # Only a folder directly inside: `latest` is read as data, never as a path out of the checkpoint.
+    inside = state.is_dir() and state.resolve().parent == folder.resolve()
+    names = sorted(p.name for p in state.iterdir() if p.is_file()) if inside else []
+    files = [f"{tag}/{name}" for name in names if matches(name, DEEPSPEED_STATE_FILES)]
+    if not files:
+        logger.warning("%s: %s names %r, which holds no DeepSpeed state (%s): the pushed checkpoint cannot resume a "
+                       "DeepSpeed (ZeRO-3) run.", folder, DEEPSPEED_TAG_FILE, tag, DEEPSPEED_STATE_FILES)  # fmt: skip
+    return [f"{tag}/{name}" for name in names], files
+
+
 def select_files(folder: str | Path, with_trainer_state: bool = False) -> PushSelection:
-    """The folder's files on the allow list; refuses, naming them, files that look like secrets."""
+    """The folder's files on the allow list, with `with_trainer_state` those a resume reads (the Trainer's state and
+    a DeepSpeed checkpoint's state folder); refuses, naming them, files that look like secrets."""
     folder = Path(folder)
     allowed = MODEL_FILES + code_files(folder) + (TRAINER_STATE_FILES if with_trainer_state else [])
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    files = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in allowed)]
-    secrets = [name for name in names if name not in files
-               and any(fnmatch.fnmatch(name.lower(), pattern) for pattern in SECRET_PATTERNS)]  # fmt: skip
+    files = [name for name in names if matches(name, allowed)]
+    if with_trainer_state:
+        state_names, state_files = deepspeed_state(folder)
+        names, files = names + state_names, files + state_files
+    secrets = [name for name in names if name not in files and matches(name.lower(), SECRET_PATTERNS)]
     if secrets:
         raise ValueError(f"refusing to push {folder}: {secrets} look like secrets (names matching "
                          f"{SECRET_PATTERNS}). Move them out of the folder; only model files are ever sent.")  # fmt: skip
-    return PushSelection(files, [name for name in names if name not in files
-                                 and not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ONLY_FILES)])  # fmt: skip
+    return PushSelection(files, [name for name in names if name not in files and not matches(name, RUN_ONLY_FILES)])
 
 
 # Records that hold local paths (the run's data and settings; the Trainer's best_model_checkpoint).
@@ -220,7 +250,8 @@ class HubPusher:
 
     - end: the final model folder, once;
     - every_save: also each checkpoint's model files, at the repo's top;
-    - checkpoint: also the whole newest checkpoint (optimizer, scheduler, RNG states) in `last-checkpoint/`;
+    - checkpoint: also the whole newest checkpoint (optimizer, scheduler, RNG states; DeepSpeed's `latest` and the
+      `global_stepN/` state it names) in `last-checkpoint/`, resumable from there;
     - all_checkpoints: also every checkpoint in its own `checkpoint-N/`.
     Each push sends what `select_files` allows. Pushes during training run in the background
     (`run_as_future`); `wait` (before a checkpoint is deleted) and `push_final` wait for them.

@@ -86,16 +86,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def folder_written_whole(folder: str | Path) -> Iterator[Path]:
     """A folder to write `folder`'s new contents into (`.NAME.partial` beside it); once the block ends without an
     error it takes `folder`'s place by renames, so a kill halfway never leaves a half-written `folder` that looks
-    whole. A kill's leftover partial folder is removed by the next write, an error's at once."""
+    whole. The partial folder holds a `RunLock` from its creation until just before the renames: the proof that it
+    is ours. A kill's leftover one (its lock free) is replaced by the next write, which logs it; an error's goes at
+    once; one without the lock file (not ours) or locked (being written) is refused."""
     folder = Path(folder).resolve()
     partial, old = (folder.with_name(f".{folder.name}.{suffix}") for suffix in ("partial", "old"))
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    remove_leftover_partial(partial, folder)
+    partial.mkdir(parents=True)  # not exist_ok: another writer's, made since, is not reused
+    lock = partial_lock(partial, folder)
     try:
         yield partial
+        lock.path.unlink()  # written whole: the folder becomes the user's, without our lock file
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     if folder.is_dir() and any(folder.iterdir()):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
@@ -104,6 +110,35 @@ def folder_written_whole(folder: str | Path) -> Iterator[Path]:
     else:
         os.replace(partial, folder)  # rename(2) takes the place of an empty folder
     _fsync_folder(folder.parent)
+
+
+def partial_lock(partial: Path, folder: Path) -> RunLock:
+    """The lock of `folder`'s partial folder, taken; refused while another process writes `folder` through it."""
+    lock = RunLock(partial)
+    holder = lock.try_acquire()
+    if holder is not None:
+        raise OutputDirError(f"{folder} is being written by another process ({holder}); wait for it to finish.")
+    return lock
+
+
+def remove_leftover_partial(partial: Path, folder: Path) -> None:
+    """Remove the partial folder a killed write of `folder` left (it holds our lock file, which nobody holds now),
+    saying so in one line; refuse, leaving it, one that is not ours (no lock file) or that a live process writes."""
+    if not os.path.lexists(partial):
+        return
+    mark = partial / LOCK_FILE
+    if partial.is_symlink() or not partial.is_dir() or not mark.is_file():
+        raise OutputDirError(f"{partial} is in the way of writing {folder}, and is no partial folder this package "
+                             f"left (a folder, not a link, holding its {LOCK_FILE}); move or remove it, then write "
+                             "again.")  # fmt: skip
+    writer = mark.read_text().strip() or "unknown process"
+    lock = partial_lock(partial, folder)
+    try:
+        logger.warning("Removing %s, left by a write of %s that was killed (%s); writing it afresh.", partial,
+                       folder, writer)  # fmt: skip
+        shutil.rmtree(partial)
+    finally:
+        lock.release()
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -183,6 +218,16 @@ class RunLock:
         self._owner: int | None = None
 
     def acquire(self) -> RunLock:
+        holder = self.try_acquire()
+        if holder is not None:
+            raise OutputDirError(
+                f"output_dir {str(self.path.parent)!r} is in use by another training run ({holder}); wait for it "
+                "to finish or choose another output_dir."
+            )
+        return self
+
+    def try_acquire(self) -> str | None:
+        """Take the lock (None), or leave it to the process holding it and say which one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -190,10 +235,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(descriptor, 4096).decode(errors="replace").strip() or "unknown process"
             os.close(descriptor)
-            raise OutputDirError(
-                f"output_dir {str(self.path.parent)!r} is in use by another training run ({holder}); wait for it "
-                "to finish or choose another output_dir."
-            ) from None
+            return holder
         # Who holds it, for the message above; never the command line, which may carry a token.
         holder = (f"pid {os.getpid()} on {socket.gethostname()}, {Path(sys.argv[0]).name}, started "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")  # fmt: skip
@@ -201,7 +243,7 @@ class RunLock:
         os.pwrite(descriptor, holder.encode(), 0)
         self._descriptor, self._owner = descriptor, os.getpid()
         _HELD_LOCKS.add(descriptor)
-        return self
+        return None
 
     def release(self) -> None:
         if self._descriptor is not None and self._owner == os.getpid():  # a forked child has closed its copy
