@@ -389,7 +389,10 @@ def context_parallel_active() -> bool:
     ring = sys.modules.get("torch.distributed.tensor.experimental._context_parallel._attention")
     if ring is None or torch.compiler.is_compiling():
         return False
-    return not ring.custom_ops.keys().isdisjoint(ring.DTensor._op_dispatcher._custom_op_handlers)
+    try:
+        return not ring.custom_ops.keys().isdisjoint(ring.DTensor._op_dispatcher._custom_op_handlers)
+    except AttributeError:  # another torch's private layout: no check, rather than every forward failing
+        return False
 
 
 def positions_from_mask(
