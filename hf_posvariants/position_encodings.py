@@ -736,17 +736,29 @@ class DebertaRelativePositions(RelativeEncoding):
         layer_norm = config.norm_rel_ebd == "layer_norm"
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps) if layer_norm else nn.Identity()
 
+    @staticmethod
+    def keeps_rows_read_only(device: torch.device) -> bool:
+        """Whether `relative_positions` trims the table to the rows read: where finding them costs no wait."""
+        return device.type == "cpu" and not torch.compiler.is_compiling()
+
     def relative_positions(self, query_slots, key_slots):
-        """The normalised table (2k, hidden) and δ per distance: entry n is for key - query = n - (Q - 1)."""
-        # Looked up through the module rather than read as `.weight` (whose device is "meta" when offloaded), so
-        # accelerate's hooks load it.
+        """The normalised table (rows, hidden) and δ per distance into it: entry n is for key - query = n - (Q - 1).
+        The rows are the 2k of the table, or on the CPU only those some pair reads (at 128 tokens 255 of DeBERTa-v3's
+        512): every layer projects the rows it is given and multiplies every query and key by them. On an accelerator
+        finding them would wait for the device, and a compiled graph would break there."""
         device = query_slots.device
-        table = self.norm(self.embeddings(torch.arange(2 * self.span, device=device)))
         key_minus_query = torch.arange(query_slots.shape[0] + key_slots.shape[0] - 1, device=device) + (key_slots[0] - query_slots[-1])
         relative = -key_minus_query  # the reference indexes by i - j
         if self.buckets > 0:
             relative = deberta_log_bucket(relative, self.buckets, self.max_relative_positions)
-        return table, (relative + self.span).clamp(0, 2 * self.span - 1)
+        by_distance = (relative + self.span).clamp(0, 2 * self.span - 1)
+        first, end = 0, 2 * self.span
+        if self.keeps_rows_read_only(device):
+            first, end = int(by_distance.min()), int(by_distance.max()) + 1
+        # Looked up through the module rather than read as `.weight` (whose device is "meta" when offloaded), so
+        # accelerate's hooks load it.
+        table = self.norm(self.embeddings(torch.arange(first, end, device=device)))
+        return table, by_distance - first
 
 
 # --- Schemes beyond the anchors --------------------------------------------------------------------------------

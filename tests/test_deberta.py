@@ -386,6 +386,29 @@ def test_enhanced_mask_decoder_changes_only_the_head():
         torch.testing.assert_close(logits_with, with_emd.lm_head(with_emd.transform(query)))
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_relative_table_on_the_cpu_holds_only_the_rows_pairs_read(monkeypatch, backend):
+    """On the CPU the layers get only the relative rows some pair reads (15 of 32 at 8 tokens within the buckets'
+    exact span), and compute what the whole table gives (as on an accelerator), values and gradients."""
+    config = deberta_config(position_buckets=16, max_relative_positions=64, hidden_dropout=0.0, emd_layers=1)
+    input_ids, attention_mask = batch(length=8)
+    slots = torch.arange(8)
+    results = []
+    for trimmed in (True, False):
+        model = build(AutoModelForMaskedLM, config, backend)
+        encoding = model.model.relative_positions
+        monkeypatch.setattr(encoding, "keeps_rows_read_only", lambda device, trimmed=trimmed: trimmed)
+        table, by_distance = encoding.relative_positions(slots, slots)
+        assert (table.shape[0], int(by_distance.min()), int(by_distance.max())) == ((15, 0, 14) if trimmed else (32, 9, 23))
+        output = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+        output.loss.backward()
+        results.append((output.logits, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (logits, gradients), (whole_logits, whole_gradients) = results
+    torch.testing.assert_close(logits, whole_logits, atol=1e-6, rtol=0)
+    for name, gradient in whole_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=0, msg=name)
+
+
 def test_enhanced_mask_decoder_uses_the_last_layers_scheduled_encoding():
     """With a per-layer schedule the decoder re-runs the last layer with that layer's encoding (ALiBi here), not the
     model's input encoding."""
