@@ -50,8 +50,8 @@ class DisentangledAttentionCore(torch.autograd.Function):
     What SDPA's math kernel and autograd would compute, with less around the matrix products: the heads of one batch
     item are taken a chunk at a time (`head_chunks`), so every (Q, K) temporary is a chunk's and is reused by the
     next; each position term computes only the products some pair reads (`TermLayout`), which are gathered straight
-    into the chunk's score buffer that the content product then adds to (`baddbmm_`), and the backward sends dS to the two terms by scatter-adds without an intermediate bias
-    gradient. Heads are read in the projections' own (B, T, H, D) memory and the output and the input gradients are
+    into the chunk's score buffer that the content product then adds to (`baddbmm_`), and the backward sends dS to
+    the two terms by scatter-adds without an intermediate bias gradient. Heads are read in the projections' own (B, T, H, D) memory and the output and the input gradients are
     written in it, so no layout is copied. Masked slots of a boolean mask get no gradient, as with eager's
     `masked_fill`; an additive mask passes it on, as eager's sum does. `dropout` > 0 drops attention weights as
     `nn.functional.dropout` does on the (B, H, Q, K) weights (its own draws: the same distribution, not the same
@@ -210,7 +210,7 @@ class TermLayout:
 
     @property
     def size(self) -> int:
-        return sum((stop - start) * (end - first) for start, stop, first, end in self.blocks)
+        return packed_size(self.blocks)
 
     def offsets(self):
         """(rows, columns, the block's slice of the packing) of every block."""
@@ -233,14 +233,14 @@ def term_layout(index: torch.LongTensor, side: int) -> TermLayout:
     by_row = (index if side == 0 else index.T).cpu()  # row r of the products → the columns its pairs read
     lowest, highest = by_row.amin(1), by_row.amax(1) + 1
     length = by_row.shape[0]
-    candidates = [row_blocks(lowest, highest, rows) for rows in (length, *(rows for rows in BLOCK_ROWS if rows < length))]
+    sizes = (length, *(rows for rows in BLOCK_ROWS if rows < length))
+    candidates = [row_blocks(lowest, highest, rows) for rows in sizes]
     blocks = min(candidates, key=lambda blocks: packed_size(blocks) + len(blocks) * BLOCK_CALL_PRODUCTS)
-    base = torch.empty(length, dtype=torch.long)
-    offset = 0
-    for start, stop, first, end in blocks:
-        base[start:stop] = offset + torch.arange(stop - start) * (end - first) - first
-        offset += (stop - start) * (end - first)
-    return TermLayout(tuple(blocks), base, side)
+    layout = TermLayout(tuple(blocks), torch.empty(length, dtype=torch.long), side)
+    for rows, columns, packed in layout.offsets():
+        width = columns.stop - columns.start
+        layout.base[rows] = packed.start + torch.arange(rows.stop - rows.start) * width - columns.start
+    return layout
 
 
 def row_blocks(lowest: torch.LongTensor, highest: torch.LongTensor, rows: int) -> list[tuple[int, int, int, int]]:
