@@ -51,8 +51,8 @@ class DisentangledAttentionCore(torch.autograd.Function):
     item are taken a chunk at a time (`head_chunks`), so every (Q, K) temporary is a chunk's and is reused by the
     next; each position term computes only the products some pair reads (`TermLayout`), which are gathered straight
     into the chunk's score buffer that the content product then adds to (`baddbmm_`), and the backward sends dS to
-    the two terms by scatter-adds without an intermediate bias gradient. Heads are read in the projections' own (B, T, H, D) memory and the output and the input gradients are
-    written in it, so no layout is copied. Masked slots of a boolean mask get no gradient, as with eager's
+    the two terms by scatter-adds without an intermediate bias gradient. Heads are read in the projections' own
+    (B, T, H, D) memory and the output and the input gradients are written in it, so no layout is copied. Masked slots of a boolean mask get no gradient, as with eager's
     `masked_fill`; an additive mask passes it on, as eager's sum does. `dropout` > 0 drops attention weights as
     `nn.functional.dropout` does on the (B, H, Q, K) weights (its own draws: the same distribution, not the same
     mask as another kernel's).
@@ -266,8 +266,12 @@ def term_layouts(index: torch.LongTensor) -> tuple[TermLayout, TermLayout]:
 def distance_layouts(distances: tuple[int, ...], query_length: int, key_length: int) -> tuple[TermLayout, TermLayout]:
     """`term_layouts` of a per-distance index (`distances`, as `Positions.relative` carries it), kept: every layer of
     every step at a length asks for the same ones (each entry holds O(Q + K) integers)."""
-    by_distance = torch.tensor(distances, dtype=torch.long)
-    return term_layouts(by_distance[distance_grid(query_length, key_length, "cpu")])
+    return term_layouts(pair_index(torch.tensor(distances, dtype=torch.long), query_length, key_length))
+
+
+def pair_index(by_distance: torch.LongTensor, query_length: int, key_length: int) -> torch.LongTensor:
+    """δ(i, j) at every (query, key) pair, (Q, K), from the per-distance index."""
+    return by_distance[distance_grid(query_length, key_length, by_distance.device)]
 
 
 def position_terms(
@@ -403,8 +407,7 @@ class DisentangledAttention(PosVarAttention):
         c2p, p2c = self.position_terms_by_row(query, key, table)
         if positions.route.carrier == "score_function":
             return self.score_function(c2p, p2c, by_distance, query.shape[2])
-        index = by_distance[distance_grid(query.shape[2], key.shape[2], by_distance.device)]  # (Q, K)
-        return self.gathered_bias(c2p, p2c, index)
+        return self.gathered_bias(c2p, p2c, pair_index(by_distance, query.shape[2], key.shape[2]))
 
     def forward(
         self,
@@ -435,7 +438,7 @@ class DisentangledAttention(PosVarAttention):
         table, by_distance = positions.relative
         pos_key, pos_query = self.position_rows(table)
         query_length, key_length = query.shape[2], key.shape[2]
-        index = by_distance[distance_grid(query_length, key_length, by_distance.device)]  # (Q, K)
+        index = pair_index(by_distance, query_length, key_length)
         layouts = distance_layouts(tuple(by_distance.tolist()), query_length, key_length)
         output = DisentangledAttentionCore.apply(
             query, key, value, pos_key, pos_query, index, layouts, attention_mask, self.scaling,

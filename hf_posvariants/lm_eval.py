@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from .training.hub import read_json
+from .training.run_folder import RUN_RECORD_FILE
 
 # transformers' model_max_length of a tokenizer that sets none is int(1e30): no length at all.
 UNSET_LENGTH = int(1e29)
@@ -61,7 +62,7 @@ def model_args(argv: list[str]) -> dict[str, str]:
 def trained_length(folder: Path) -> int | None:
     """The block size a folder was trained at: its run record's `block_size`, else its tokenizer's
     `model_max_length` (None where neither says)."""
-    record, tokenizer = (read_json(folder / name) for name in ("run_args.json", "tokenizer_config.json"))
+    record, tokenizer = (read_json(folder / name) for name in (RUN_RECORD_FILE, "tokenizer_config.json"))
     length = record.get("block_size") or tokenizer.get("model_max_length")
     return int(length) if isinstance(length, (int, float)) and length < UNSET_LENGTH else None
 

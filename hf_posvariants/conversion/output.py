@@ -10,12 +10,11 @@ beside the output and renamed into place (`folder_written_whole`), so a killed c
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..training.hub import MODEL_FILES, code_files
+from ..training.hub import MODEL_FILES, code_files, matches
 from ..training.run_folder import folder_written_whole
 
 
@@ -35,9 +34,8 @@ def check_destination(source: str | Path | None, destination: str | Path, overwr
     if destination.exists() and not destination.is_dir():
         raise ValueError(f"{field}={str(destination)!r} is a file, not a folder.")
     contents = sorted(destination.iterdir()) if destination.is_dir() else []
-    allowed = MODEL_FILES + (code_files(destination) if contents else [])
-    foreign = [path.name for path in contents
-               if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in allowed)]
+    allowed = MODEL_FILES + code_files(destination)
+    foreign = [path.name for path in contents if not path.is_file() or not matches(path.name, allowed)]
     if foreign:
         raise ValueError(f"{field}={str(destination)!r} holds more than model files ({_listed(foreign)}): a "
                          "conversion never replaces it. Choose an empty or new folder.")  # fmt: skip

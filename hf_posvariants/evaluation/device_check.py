@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_posvariants import FAMILIES, POSITION_ENCODINGS
 from hf_posvariants.configuration_deberta import INPUT_POSITION_KINDS
+from hf_posvariants.evaluation.bench.measurement import describe
 from hf_posvariants.position_encodings import selectable_position_encodings
 
 VOCAB = 61
@@ -161,7 +162,7 @@ def run_case(case: CheckCase, device: str, new_tokens: int = 6) -> CheckResult:
         if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
             result.failures.append("bf16 training step: non-finite loss or gradient")
     except Exception as error:  # report and go on: one broken case must not hide the others
-        result.failures.append(f"{stage}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+        result.failures.append(f"{stage}: {describe(error)}")
         traceback.print_exc(limit=4)
     result.seconds = time.perf_counter() - begin
     return result

@@ -351,6 +351,11 @@ def task_inputs(model_args, data_args, training_args, splits, text_column, token
 AUTO_BACKEND = "auto"
 
 
+def build_backend(requested: str) -> str:
+    """The backend a model is built on for a requested `attn_implementation`: `auto` builds on SDPA."""
+    return "sdpa" if requested == AUTO_BACKEND else requested
+
+
 def learned_score_bias(model) -> bool:
     """Whether any layer's position encoding adds a score bias with trainable parameters (T5, KERPLE, FIRE, the MLP
     bias); ALiBi's slopes are fixed."""
@@ -380,7 +385,7 @@ def build_model(model_args: ModelArguments, config: PosVarConfig, output_dir: st
     has a `distributed:` mapping. `attn_implementation: auto` builds on SDPA, then moves to `training_backend`."""
     head = _head(model_args)
     requested = model_args.attn_implementation
-    backend = "sdpa" if requested == AUTO_BACKEND else requested
+    backend = build_backend(requested)
     distributed_config = distributed_config_from(model_args.distributed)
     if distributed_config is not None:
         model = load_distributed(head, config, model_args.model_name_or_path, distributed_config, output_dir,
@@ -516,8 +521,7 @@ def _train(model_args, data_args, training_args, model_fields, plan: RunPlan, se
     check_block_size(config, data_args.block_size)
     # `auto` trains on flex only for a learned score bias, which no split sequence carries: SDPA for the rest.
     check_context_parallel_request(config, (model_args.objective, model_args.task) == ("clm", "lm"),
-                                   "sdpa" if model_args.attn_implementation == AUTO_BACKEND
-                                   else model_args.attn_implementation, training_args)  # fmt: skip
+                                   build_backend(model_args.attn_implementation), training_args)
 
     datasets_, collator, compute_metrics, preprocess = task_inputs(
         model_args, data_args, training_args, splits, text_column, tokenizer, config

@@ -245,8 +245,8 @@ def suite_ratios(ratios: list[PointRatio], timings: list[PointTiming], peak_tflo
             "name": ratio.name, "numerator": ratio.numerator.label, "denominator": ratio.denominator.label,
             "time": quotient(top.median_ms, bottom.median_ms),
             "memory": quotient(top.peak_memory_mib, bottom.peak_memory_mib),
-            "numerator_mfu": quotient(top.achieved_tflops(), peak_tflops),
-            "denominator_mfu": quotient(bottom.achieved_tflops(), peak_tflops),
+            "numerator_mfu": top.mfu(peak_tflops),
+            "denominator_mfu": bottom.mfu(peak_tflops),
             "numerator_error": top.error, "denominator_error": bottom.error,
         })
     return rows

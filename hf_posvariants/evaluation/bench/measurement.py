@@ -225,6 +225,11 @@ class Timing:
             return None
         return self.flops / statistics.median(self.seconds) / 1e12
 
+    def mfu(self, peak_tflops: float | None) -> float | None:
+        """Model FLOPs utilisation against `peak_tflops`; None without FLOPs, time or a peak."""
+        achieved = self.achieved_tflops()
+        return achieved / peak_tflops if achieved is not None and peak_tflops else None
+
     def as_dict(self, peak_tflops: float | None = None) -> dict:
         spread = (1000 * (max(self.seconds) - min(self.seconds))) if self.seconds else None
         achieved = self.achieved_tflops()
@@ -232,8 +237,14 @@ class Timing:
             "label": self.case.label, "case": asdict(self.case), "task": self.task, "length": self.length,
             "median_ms": self.median_ms, "spread_ms": spread, "rounds": len(self.seconds),
             "peak_memory_mib": self.peak_memory_mib, "flops_per_step": self.flops, "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops if achieved is not None and peak_tflops else None, "error": self.error,
+            "mfu": self.mfu(peak_tflops), "error": self.error,
         }
+
+
+def describe(error: BaseException) -> str:
+    """An error as one short line for a result table: its type and the first line of its message."""
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}"
 
 
 def time_cases(cases: list[Case], shape: BenchShape, length: int, task: str, warmup: int, rounds: int,
@@ -253,7 +264,7 @@ def time_cases(cases: list[Case], shape: BenchShape, length: int, task: str, war
                 flops[eager] = model_flops(eager, shape, length, task, device, amp)
             timing.flops = flops.get(eager)
         except Exception as error:  # noqa: BLE001 — a backend that does not work here is a result
-            timing.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            timing.error = describe(error)
             runners.pop(index, None)
     order = list(runners)
     for round_index in range(rounds):
@@ -548,7 +559,7 @@ def run_kernel_benchmark(backends: list[str], batch: int, heads: int, lengths: l
                              blocks=len(measurement.times))
                 by_case[case] = entry["median_ms"]
             except Exception as error:  # noqa: BLE001 — a backend that does not work here is a result
-                entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                entry["error"] = describe(error)
             results.append(entry)
         pairs = [("SDPA speed-up over eager (causal)", KernelCase("eager"), KernelCase("sdpa")),
                  ("SDPA speed-up over eager (bias mask)", KernelCase("eager", "mask"), KernelCase("sdpa", "mask"))]

@@ -39,6 +39,7 @@ from hf_posvariants.evaluation.bench.cases import Case, KernelCase, Point
 from hf_posvariants.evaluation.bench.measurement import (
     Runner,
     Timing,
+    describe,
     eager_scores_fit,
     kernel_step,
     model_flops,
@@ -182,11 +183,6 @@ def compile_cache_state(since: dict | None = None) -> dict:
     counts = {name: counters[group][counter] - (since or {}).get(name, 0)
               for name, (group, counter) in CACHE_COUNTERS.items()}
     return {"dir": cache_dir(), "triton_dir": os.environ.get("TRITON_CACHE_DIR")} | counts
-
-
-def describe(error: BaseException) -> str:
-    text = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{type(error).__name__}: {text}"
 
 
 def _point_process(point: Point, settings: dict, connection) -> None:
@@ -420,13 +416,9 @@ class _SuiteRun:
         timing.compile_cache = result.get("compile_cache", {})
 
     def spend_budget(self) -> None:
-        """The deadline: every point still running is stopped, every point waiting is not measured."""
-        for index, child in list(self.running.items()):
-            child.stop()
-            self.timings[index].process_s = child.elapsed()
-            self.timings[index].error = f"{NOT_MEASURED_BUDGET} (stopped after {child.elapsed():.0f} s)"
-            self.log(f"stopped for the budget: {self.points[index].label}")
-        self.running.clear()
+        """The deadline: every point still running is stopped (past every time limit, `collect_points` stops them,
+        keeping what they sent), every point waiting is not measured."""
+        self.collect_points()
         for index in self.waiting:
             self.timings[index].error = f"{NOT_MEASURED_BUDGET} (not started)"
         self.log(f"budget spent: {len(self.waiting)} points not started")

@@ -37,7 +37,7 @@ def markdown_report(result: dict) -> str:
                           "", "", "", "", ""])
             continue
         gflops = timing["flops_per_step"] / 1e9 if timing["flops_per_step"] else None
-        mfu = f"{100 * timing['mfu']:.1f}%" if timing["mfu"] is not None else ""
+        mfu = _percent(timing["mfu"])
         cases.append([timing["label"], timing["task"], timing["length"], f"{timing['median_ms']:.1f}",
                       f"{timing['spread_ms']:.1f}", _number(timing["peak_memory_mib"], 0), _number(gflops, 2),
                       _number(timing["achieved_tflops"], 3), mfu])
@@ -129,7 +129,7 @@ def suite_markdown_report(result: dict) -> str:
     )
     points = []
     for timing in result["timings"]:
-        mfu = f"{100 * timing['mfu']:.1f}%" if timing["mfu"] is not None else ""
+        mfu = _percent(timing["mfu"])
         note = f"failed: {timing['error']}" if timing["error"] else (
             f"{timing['per_token_ms']:.2f} ms/token" if timing["per_token_ms"] else "")
         points.append([timing["label"], _number(timing["median_ms"], 2), _number(timing["peak_memory_mib"], 0),
